@@ -1,0 +1,31 @@
+"""Build the compiled cores of kbhash and kbstream.
+
+Cython is a build requirement (pyproject.toml); generated C files are never
+committed.  ``KB_ANNOTATE=1`` writes Cython's HTML annotation next to each
+``.pyx``; ``KB_LINETRACE=1`` enables line tracing for coverage runs.
+"""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DIRECTIVES = {
+    "language_level": 3,
+    "embedsignature": True,
+    "linetrace": os.environ.get("KB_LINETRACE") == "1",
+}
+macros = [("CYTHON_TRACE_NOGIL", "1")] if DIRECTIVES["linetrace"] else []
+
+extensions = [
+    Extension("kbhash._codec", ["src/kbhash/_codec.pyx"], define_macros=macros),
+    Extension("kbstream._codec", ["src/kbstream/_codec.pyx"], define_macros=macros),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=DIRECTIVES,
+        include_path=["src"],
+        annotate=os.environ.get("KB_ANNOTATE") == "1",
+    ),
+)
