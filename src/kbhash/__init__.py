@@ -1,0 +1,83 @@
+"""kbhash: the Karabo Hash and its binary format, with a zero-copy compiled codec.
+
+The codec is byte-identical with Karabo's C++ serializer ("Bin").  Encoding
+returns a list of buffers whose array payloads are the arrays' own memory
+(split as Karabo's BufferSet splits it); decoding returns numpy views on the
+input.
+
+Implementation selection: the compiled codec (``kbhash._codec``) is used by
+default; set ``KB_IMPL=pure`` to use the pure-Python twin (``kbhash._pure``).
+There is no silent fallback: if the extension is missing, importing kbhash
+fails and says how to build it.  ``kbhash.backend`` names the one in use.
+"""
+
+import os as _os
+
+from ._types import Encoding, HashType
+from ._values import MAX_DEPTH, infer_type
+from .errors import DecodeError, EncodeError, KbHashError, TruncatedError, UnknownTypeError
+from .hash import Attributes, Hash, ImageData, Schema, Timestamp
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("kbstream")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+_impl = _os.environ.get("KB_IMPL", "cython").lower()
+if _impl == "pure":
+    from . import _pure as _backend_module
+
+    backend = "pure"
+elif _impl in ("cython", "compiled", ""):
+    try:
+        from . import _codec as _backend_module
+    except ImportError as _e:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "kbhash's compiled codec (kbhash._codec) is not built: install the package with "
+            "'pip install .' (or 'python setup.py build_ext --inplace' in a source tree), "
+            "or set KB_IMPL=pure to use the pure-Python implementation explicitly"
+        ) from _e
+    backend = "cython"
+else:
+    raise ImportError(f"KB_IMPL={_impl!r}: use 'cython' (default) or 'pure'")
+
+encode = _backend_module.encode
+encode_bytes = _backend_module.encode_bytes
+decode = _backend_module.decode
+
+
+def bufferset_layout(buffers):
+    """Sizes and BufferSet types of the buffers :func:`encode` returned.
+
+    Returns ``(sizes, types)`` where type 0 is ordinary bytes (Karabo's COPY)
+    and 1 a BYTE_ARRAY payload (NO_COPY_BYTEARRAY_CONTENTS): the payloads are at
+    the odd positions.
+    """
+    sizes = [memoryview(b).nbytes for b in buffers]
+    return sizes, [i % 2 for i in range(len(buffers))]
+
+
+__all__ = [
+    "Hash",
+    "Attributes",
+    "HashType",
+    "Encoding",
+    "ImageData",
+    "Schema",
+    "Timestamp",
+    "encode",
+    "encode_bytes",
+    "decode",
+    "bufferset_layout",
+    "infer_type",
+    "MAX_DEPTH",
+    "backend",
+    "KbHashError",
+    "DecodeError",
+    "TruncatedError",
+    "UnknownTypeError",
+    "EncodeError",
+    "__version__",
+]

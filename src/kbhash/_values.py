@@ -1,0 +1,390 @@
+"""Value rules shared by both codecs: type inference and value checks on encode.
+
+Both the compiled codec and the pure-Python twin call these functions for
+everything off their fast paths, so the two cannot disagree on which type a
+Python value gets or on which values a type accepts.
+
+Type inference follows Karabo's C++ binding (karabind, ``castPyToAny``):
+bool -> BOOL; int -> the first of INT32, UINT32, INT64, UINT64 that holds it;
+float -> DOUBLE; complex -> COMPLEX_DOUBLE; str -> STRING; bytes and
+bytearray -> VECTOR_CHAR; None -> NONE; numpy scalars -> their own type; any
+numpy array -> NDArray; list -> by its first element (ints: the widest type any
+element needs), empty list -> VECTOR_STRING; Hash or dict -> HASH; Schema ->
+SCHEMA; ImageData -> ImageData.  Extensions where karabind refuses: memoryview
+-> BYTE_ARRAY (as karabo.native does), np.bool_ -> BOOL, np.complex64 ->
+COMPLEX_FLOAT.
+"""
+
+import math
+import operator
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._types import (
+    IMAGEDATA,
+    INT_RANGE,
+    NDARRAY,
+    NDARRAY_DTYPE,
+    VECTOR_DTYPE,
+    HashType,
+    dtype_type,
+    int_type,
+    type_name,
+)
+from .errors import EncodeError
+from .hash import Hash, ImageData, Schema
+
+T = HashType
+_FLT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
+
+#: Nesting limit of encoder and decoder (a Hash inside a Hash counts one level).
+MAX_DEPTH = 100
+
+
+def infer_type(value):
+    """Karabo type id a value is written as when no type was given.
+
+    Returns a wire id, or the internal ``NDARRAY`` / ``IMAGEDATA`` kinds.
+    Raises EncodeError for values Karabo has no type for.
+    """
+    if value is None:
+        return int(T.NONE)
+    cls = type(value)
+    if cls is bool:
+        return int(T.BOOL)
+    if cls is int or (isinstance(value, int) and not isinstance(value, bool)):
+        t = int_type(value, value)
+        if t is None:
+            raise EncodeError(f"integer {value} does not fit in 64 bits")
+        return t
+    if cls is float:
+        return int(T.DOUBLE)
+    if cls is str:
+        return int(T.STRING)
+    if isinstance(value, np.ndarray):
+        if value.dtype.newbyteorder("<") not in _NDARRAY_TYPE:
+            raise EncodeError(f"numpy dtype {value.dtype} has no Karabo NDArray type")
+        return NDARRAY
+    if isinstance(value, Hash) or isinstance(value, Mapping):
+        return int(T.HASH)
+    if isinstance(value, (list, tuple)):
+        return _infer_list(value)
+    if isinstance(value, np.generic):
+        if isinstance(value, np.bool_):
+            return int(T.BOOL)
+        t = dtype_type(value.dtype)
+        if t is None:
+            raise EncodeError(f"numpy scalar of dtype {value.dtype} has no Karabo type")
+        return t
+    if isinstance(value, (bool, np.bool_)):
+        return int(T.BOOL)
+    if isinstance(value, float):
+        return int(T.DOUBLE)
+    if isinstance(value, complex):
+        return int(T.COMPLEX_DOUBLE)
+    if isinstance(value, str):
+        return int(T.STRING)
+    if isinstance(value, (bytes, bytearray)):
+        return int(T.VECTOR_CHAR)
+    if isinstance(value, memoryview):
+        return int(T.BYTE_ARRAY)
+    if isinstance(value, ImageData):
+        return IMAGEDATA
+    if isinstance(value, Schema):
+        return int(T.SCHEMA)
+    raise EncodeError(f"no Karabo type for a value of type {type(value).__name__}")
+
+
+def _infer_list(value):
+    if not value:
+        return int(T.VECTOR_STRING)
+    first = value[0]
+    if isinstance(first, (bool, np.bool_)):
+        return int(T.VECTOR_BOOL)
+    if isinstance(first, int):
+        lo = hi = 0
+        for v in value:
+            if isinstance(v, int) and not isinstance(v, bool):
+                lo = min(lo, v)
+                hi = max(hi, v)
+        t = int_type(lo, hi)
+        if t is None:
+            raise EncodeError("list of integers that do not fit in 64 bits")
+        return t + 1
+    if isinstance(first, float):
+        return int(T.VECTOR_DOUBLE)
+    if isinstance(first, complex):
+        return int(T.VECTOR_COMPLEX_DOUBLE)
+    if isinstance(first, str):
+        return int(T.VECTOR_STRING)
+    if isinstance(first, (Hash, Mapping)):
+        return int(T.VECTOR_HASH)
+    if first is None:
+        return int(T.VECTOR_NONE)
+    if isinstance(first, np.generic):
+        t = infer_type(first)
+        if t in VECTOR_DTYPE or t + 1 in VECTOR_DTYPE:
+            return t + 1
+    raise EncodeError(f"no Karabo vector type for a list of {type(first).__name__}")
+
+
+_NDARRAY_TYPE = {dt: t for t, dt in NDARRAY_DTYPE.items()}
+# Single-byte dtypes compare equal whatever their byte-order character.
+
+
+def ndarray_parts(arr):
+    """(C-contiguous array, element type id, shape, big-endian flag) of an NDArray value.
+
+    The array is returned as is when it is C-contiguous (no copy), otherwise as
+    a C-ordered copy.
+    """
+    dt = arr.dtype
+    t = _NDARRAY_TYPE.get(dt.newbyteorder("<"))
+    if t is None:
+        raise EncodeError(f"numpy dtype {dt} has no Karabo NDArray type")
+    big = dt.byteorder == ">" or (dt.byteorder == "=" and not _LITTLE)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr, t, [int(n) for n in arr.shape], big
+
+
+_LITTLE = np.little_endian
+
+
+def check_int(value, t, key):
+    """``value`` as a Python int in the range of integer type ``t``."""
+    if isinstance(value, (float, np.floating, complex, str, bytes)):
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} {value!r} as {type_name(t)}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}") from None
+    lo, hi = INT_RANGE[t]
+    if not lo <= v <= hi:
+        raise EncodeError(f"{key!r}: {v} is out of range for {type_name(t)}")
+    return v
+
+
+def check_bool(value, key):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    raise EncodeError(f"{key!r}: cannot write {value!r} as BOOL")
+
+
+def check_float(value, t, key):
+    if isinstance(value, (str, bytes, complex, np.complexfloating)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
+    v = float(value)
+    if t == T.FLOAT and math.isfinite(v) and abs(v) > _FLT_MAX:
+        # Values that round to the largest float32 are fine, larger ones are not.
+        if abs(v) >= 2.0**128 - 2.0**103:
+            raise EncodeError(f"{key!r}: {v} is out of range for FLOAT")
+    return v
+
+
+def check_complex(value, t, key):
+    if isinstance(value, (str, bytes)) or not isinstance(value, (int, float, complex, np.number)):
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
+    v = complex(value)
+    if t == T.COMPLEX_FLOAT:
+        check_float(v.real, T.FLOAT, key)
+        check_float(v.imag, T.FLOAT, key)
+    return v
+
+
+def check_char(value, key):
+    """A CHAR value as an int 0..255: str or bytes of length 1, or an int."""
+    if isinstance(value, str) and len(value) == 1 and ord(value) < 256:
+        return ord(value)
+    if isinstance(value, (bytes, bytearray)) and len(value) == 1:
+        return value[0]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < 256:
+        return int(value)
+    raise EncodeError(f"{key!r}: cannot write {value!r} as CHAR")
+
+
+def encode_str(value, key):
+    if not isinstance(value, str):
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as STRING")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EncodeError(f"{key!r}: string is not valid UTF-8 ({e.reason})") from None
+
+
+def vector_array(value, t, key):
+    """A numeric vector value as a 1-D C-contiguous little-endian array of type ``t``."""
+    dt = VECTOR_DTYPE[t]
+    if isinstance(value, np.ndarray):
+        if value.ndim > 1:
+            raise EncodeError(f"{key!r}: {type_name(t)} needs a 1-D array, got shape {value.shape}")
+        if value.dtype == dt:
+            return np.ascontiguousarray(value)
+        src = value
+    elif isinstance(value, (list, tuple)):
+        src = value
+    elif isinstance(value, (bytes, bytearray, memoryview)) and t in (T.VECTOR_INT8, T.VECTOR_UINT8):
+        return np.frombuffer(value, dtype=dt)
+    else:
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
+    try:
+        if dt.kind == "b":
+            out = np.array([check_bool(v, key) for v in src], dtype=dt)
+        elif dt.kind in "iu":
+            out = np.array([check_int(v, t - 1, key) for v in src], dtype=dt)
+        elif dt.kind == "f":
+            out = np.array([check_float(v, t - 1, key) for v in src], dtype=dt)
+        else:
+            out = np.array([check_complex(v, t - 1, key) for v in src], dtype=dt)
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, EncodeError):
+            raise
+        raise EncodeError(f"{key!r}: cannot write the values as {type_name(t)}: {e}") from None
+    return out.reshape(-1)
+
+
+def string_list(value, key):
+    if not isinstance(value, (list, tuple)):
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as VECTOR_STRING")
+    return [encode_str(v, key) for v in value]
+
+
+def hash_list(value, key, t):
+    if not isinstance(value, (list, tuple)):
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
+    out = []
+    for v in value:
+        if isinstance(v, Hash):
+            out.append(v)
+        elif isinstance(v, Mapping):
+            out.append(Hash(v))
+        else:
+            raise EncodeError(f"{key!r}: {type_name(t)} elements must be Hashes, not {type(v).__name__}")
+    return out
+
+
+def as_hash(value, key, t):
+    if isinstance(value, Hash):
+        return value
+    if isinstance(value, Mapping):
+        return Hash(value)
+    raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
+
+
+def none_count(value, key):
+    if not isinstance(value, (list, tuple)) or any(v is not None for v in value):
+        raise EncodeError(f"{key!r}: VECTOR_NONE needs a list of None")
+    return len(value)
+
+
+def byte_buffer(value, key, t):
+    """A bytes-like value as a flat unsigned-byte memoryview (no copy)."""
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)
+    try:
+        mv = memoryview(value)
+    except TypeError:
+        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}") from None
+    if not mv.c_contiguous:
+        raise EncodeError(f"{key!r}: {type_name(t)} needs a contiguous buffer")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+
+
+def imagedata_children(img):
+    """The ImageData children in C++ order, as (key, value, type) triples."""
+    f = img.fields()
+    return [
+        ("pixels", img.pixels, None),
+        ("encoding", f["encoding"], int(T.INT32)),
+        ("dims", f["dims"], int(T.VECTOR_UINT64)),
+        ("bitsPerPixel", f["bitsPerPixel"], int(T.INT32)),
+        ("roiOffsets", f["roiOffsets"], int(T.VECTOR_UINT64)),
+        ("binning", f["binning"], int(T.VECTOR_UINT64)),
+        ("rotation", f["rotation"], int(T.INT32)),
+        ("flipX", f["flipX"], int(T.BOOL)),
+        ("flipY", f["flipY"], int(T.BOOL)),
+    ]
+
+
+#: ImageData children and the type each must have on the wire.
+IMAGEDATA_FIELDS = {
+    "encoding": int(T.INT32),
+    "dims": int(T.VECTOR_UINT64),
+    "bitsPerPixel": int(T.INT32),
+    "roiOffsets": int(T.VECTOR_UINT64),
+    "binning": int(T.VECTOR_UINT64),
+    "rotation": int(T.INT32),
+    "flipX": int(T.BOOL),
+    "flipY": int(T.BOOL),
+}
+
+
+def make_imagedata(h):
+    """An ImageData from a decoded ``__classId="ImageData"`` Hash, or None.
+
+    None means the Hash does not have exactly ImageData's shape (unknown or
+    mistyped children, pixels not an NDArray); the caller then keeps the plain
+    Hash, so nothing is lost.
+    """
+    pixels = h._v.get("pixels")
+    if not isinstance(pixels, np.ndarray) or "pixels" in h._t or h._a.get("pixels"):
+        return None
+    kw = {}
+    for k, v in h._v.items():
+        if k == "pixels":
+            continue
+        if IMAGEDATA_FIELDS.get(k) != h._t.get(k) or h._a.get(k):
+            return None
+        kw[k] = v
+    try:
+        return ImageData(pixels, **kw)
+    except (ValueError, TypeError):
+        return None
+
+
+_NDARRAY_KEYS = {"data": int(T.BYTE_ARRAY), "type": int(T.INT32), "shape": int(T.VECTOR_UINT64), "isBigEndian": int(T.BOOL)}
+
+
+def make_ndarray(h, off):
+    """The numpy array of a decoded ``__classId="NDArray"`` Hash (a view on its data).
+
+    Raises DecodeError (naming ``off``, the offset of the node's content) when
+    the children are not exactly data/type/shape[/isBigEndian] with their
+    types, the element type is unknown, or shape x itemsize != data length.
+    """
+    from .errors import DecodeError
+
+    v = h._v
+    for k in v:
+        want = _NDARRAY_KEYS.get(k)
+        if want is None:
+            raise DecodeError(f"NDArray at offset {off} has an unexpected child {k!r}", off)
+        if h._t.get(k) != want:
+            raise DecodeError(f"NDArray at offset {off}: {k!r} has the wrong type", off)
+    if "data" not in v or "type" not in v or "shape" not in v:
+        raise DecodeError(f"NDArray at offset {off} lacks data, type or shape", off)
+    et = v["type"]
+    dt = NDARRAY_DTYPE.get(et)
+    if dt is None:
+        raise DecodeError(f"NDArray at offset {off} has unsupported element type {et}", off)
+    if v.get("isBigEndian", False):
+        dt = dt.newbyteorder(">")
+    data = v["data"]
+    shape = [int(d) for d in v["shape"]]
+    n = 1
+    for d in shape:
+        n *= d
+    if n * dt.itemsize != len(data):
+        raise DecodeError(
+            f"NDArray at offset {off}: shape {tuple(shape)} x {dt.itemsize} bytes != {len(data)} data bytes", off
+        )
+    try:
+        return np.frombuffer(data, dtype=dt).reshape(shape)
+    except (ValueError, OverflowError) as e:
+        raise DecodeError(f"NDArray at offset {off}: shape {tuple(shape)} not supported ({e})", off) from None

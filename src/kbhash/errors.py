@@ -1,0 +1,55 @@
+"""Exceptions of kbhash.
+
+Every class also derives from the builtin that fits, so callers that only know
+the builtins (``ValueError``, ``TypeError``) still catch them.  Decoding errors
+carry the absolute byte offset in the archive (across all buffers when a list of
+buffers is decoded) where the problem was found.
+"""
+
+__all__ = [
+    "KbHashError",
+    "DecodeError",
+    "TruncatedError",
+    "UnknownTypeError",
+    "EncodeError",
+]
+
+
+class KbHashError(Exception):
+    """Base class of every error raised by kbhash."""
+
+
+class DecodeError(KbHashError, ValueError):
+    """The bytes are not a valid Karabo Hash archive.
+
+    Attributes
+    ----------
+    offset : int
+        Absolute byte offset at which the problem was detected.
+    """
+
+    def __init__(self, message, offset=None):
+        super().__init__(message)
+        self.offset = offset
+
+
+class TruncatedError(DecodeError):
+    """The archive ends before a value, or a length prefix points past the end."""
+
+
+class UnknownTypeError(DecodeError):
+    """A type id that is not part of the format (or not allowed at that place).
+
+    Attributes
+    ----------
+    type_code : int
+        The offending type id.
+    """
+
+    def __init__(self, message, offset=None, type_code=None):
+        super().__init__(message, offset)
+        self.type_code = type_code
+
+
+class EncodeError(KbHashError, TypeError, ValueError):
+    """A value cannot be written as the requested (or inferred) Karabo type."""

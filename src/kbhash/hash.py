@@ -1,0 +1,696 @@
+"""The Karabo Hash container and the small value classes that travel in it.
+
+A :class:`Hash` is an ordered tree: each node has a key, a value, an optional
+explicit Karabo type and an ordered set of attributes (each with a value and
+an optional explicit type).  Nested nodes are reached with dotted paths
+(``h["a.b.c"]``); the separator is :attr:`Hash.sep` (``"."``), and the
+path-taking methods accept ``sep=`` to use another one for one call.
+
+Types: a node whose type was not given explicitly gets the type Karabo's own
+Python binding (karabind) would give its value (see :func:`kbhash.infer_type`);
+:meth:`Hash.set` with ``type=`` or decoding an archive records the type
+explicitly, so that re-encoding reproduces the same bytes.  Assigning with
+``h[key] = value`` replaces the node's value and forgets an explicit type, as
+karabind's ``__setitem__`` does.
+
+Special values
+--------------
+- numpy arrays are NDArray nodes (any rank); decoded NDArrays are numpy views
+  on the decoded buffer (no copy),
+- :class:`ImageData` is an image (an NDArray plus encoding, dims, ...),
+- :class:`Schema` carries a schema opaquely (root name + parameter Hash),
+- :class:`Timestamp` is read from / written to the ``sec``, ``frac`` and
+  ``tid`` attributes of a node (:meth:`Hash.get_timestamp`,
+  :meth:`Hash.set_timestamp`).
+"""
+
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._types import Encoding, HashType
+
+__all__ = ["Hash", "Attributes", "ImageData", "Schema", "Timestamp"]
+
+_MISSING = object()
+
+
+def _to_node_value(value):
+    """Normalise a value on assignment: dicts become Hashes (recursively)."""
+    if isinstance(value, Hash):
+        return value
+    if isinstance(value, Mapping):
+        return Hash(value)
+    if type(value) is list and value and isinstance(value[0], Mapping):
+        return [v if isinstance(v, Hash) else Hash(v) if isinstance(v, Mapping) else v for v in value]
+    return value
+
+
+def _values_equal(a, b):
+    """Equality used by Hash comparison: arrays by dtype/shape/content, NaN == NaN."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+            return False
+        if a.shape != b.shape or a.dtype.newbyteorder("=") != b.dtype.newbyteorder("="):
+            return False
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        return bool(np.array_equal(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, complex) and isinstance(b, complex):
+        return _values_equal(a.real, b.real) and _values_equal(a.imag, b.imag)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, (memoryview, bytes, bytearray)) and isinstance(b, (memoryview, bytes, bytearray)):
+        return bytes(a) == bytes(b)
+    if type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+        return False
+    return a == b
+
+
+def _effective_type(value, explicit):
+    if explicit is not None:
+        return explicit
+    from ._values import infer_type
+
+    try:
+        return infer_type(value)
+    except Exception:  # an unencodable value: compare by value only
+        return None
+
+
+class Attributes:
+    """Ordered attributes of one node: name -> value, each with an optional explicit type.
+
+    Behaves like a mutable mapping.  Attribute names are not paths: a name may
+    contain dots.
+    """
+
+    __slots__ = ("_v", "_t")
+
+    def __init__(self, items=None):
+        self._v = {}
+        self._t = {}
+        if items:
+            for k, v in (items.items() if isinstance(items, Mapping) else items):
+                self[k] = v
+
+    def __getitem__(self, name):
+        return self._v[name]
+
+    def __setitem__(self, name, value):
+        if not isinstance(name, str):
+            raise TypeError(f"attribute names are str, not {type(name).__name__}")
+        self._v[name] = value
+        self._t.pop(name, None)
+
+    def set(self, name, value, type=None):
+        """Set an attribute, optionally with an explicit Karabo type."""
+        self[name] = value
+        if type is not None:
+            self._t[name] = HashType(type)
+
+    def get_type(self, name):
+        """The attribute's Karabo type (explicit, or inferred from its value)."""
+        t = self._t.get(name)
+        if t is not None:
+            return HashType(t)
+        from ._values import infer_type
+
+        return HashType(infer_type(self._v[name]))
+
+    def __delitem__(self, name):
+        del self._v[name]
+        self._t.pop(name, None)
+
+    def __contains__(self, name):
+        return name in self._v
+
+    def __iter__(self):
+        return iter(self._v)
+
+    def __len__(self):
+        return len(self._v)
+
+    def keys(self):
+        return self._v.keys()
+
+    def values(self):
+        return self._v.values()
+
+    def items(self):
+        return self._v.items()
+
+    def get(self, name, default=None):
+        return self._v.get(name, default)
+
+    def to_dict(self):
+        return dict(self._v)
+
+    def __eq__(self, other):
+        if isinstance(other, Attributes):
+            if list(self._v) != list(other._v):
+                return False
+            for k, v in self._v.items():
+                w = other._v[k]
+                if _effective_type(v, self._t.get(k)) != _effective_type(w, other._t.get(k)):
+                    return False
+                if not _values_equal(v, w):
+                    return False
+            return True
+        if isinstance(other, Mapping):
+            return self == Attributes(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Attributes({self._v!r})"
+
+
+class Hash:
+    """Ordered, nested mapping with typed nodes and per-node attributes.
+
+    Parameters
+    ----------
+    *args
+        Nothing, one mapping (a dict, possibly nested, or another Hash, which
+        is copied shallowly with types and attributes), or alternating keys
+        and values as in Karabo: ``Hash("a", 1, "b.c", 2.5)``.
+
+    Examples
+    --------
+    >>> h = Hash("det.image", np.zeros((2, 3), np.uint16))
+    >>> h.set("det.count", 7, type=HashType.UINT32)
+    >>> h.set_attribute("det.count", "unit", "counts")
+    >>> list(h.paths())
+    ['det.image', 'det.count']
+    """
+
+    __slots__ = ("_v", "_t", "_a")
+
+    #: Path separator used by ``h[path]`` and by default in the path methods.
+    sep = "."
+
+    def __init__(self, *args):
+        self._v = {}
+        self._t = {}
+        self._a = {}
+        if len(args) == 1:
+            src = args[0]
+            if isinstance(src, Hash):
+                self._v.update(src._v)
+                self._t.update(src._t)
+                for k, a in src._a.items():
+                    c = Attributes()
+                    c._v.update(a._v)
+                    c._t.update(a._t)
+                    self._a[k] = c
+            elif isinstance(src, Mapping):
+                for k, v in src.items():
+                    self[k] = v
+            else:
+                raise TypeError(f"Hash() takes a mapping or key/value pairs, not {type(src).__name__}")
+        elif args:
+            if len(args) % 2:
+                raise TypeError("Hash() needs an even number of key/value arguments")
+            for i in range(0, len(args), 2):
+                self[args[i]] = args[i + 1]
+
+    # -- navigation -------------------------------------------------------
+
+    def _parent(self, path, sep, create):
+        """Return (parent Hash, leaf key) for a path, or (None, None) if absent."""
+        if not isinstance(path, str):
+            raise TypeError(f"Hash keys are str, not {type(path).__name__}")
+        if sep not in path or path in self._v:
+            return self, path
+        parts = path.split(sep)
+        node = self
+        for i, part in enumerate(parts[:-1]):
+            child = node._v.get(part, _MISSING)
+            if child is _MISSING:
+                if not create:
+                    return None, None
+                child = Hash()
+                node._v[part] = child
+            elif not isinstance(child, Hash):
+                if create:
+                    raise TypeError(f"cannot set {path!r}: {sep.join(parts[: i + 1])!r} is not a Hash")
+                return None, None
+            node = child
+        return node, parts[-1]
+
+    def _node(self, path, sep):
+        parent, key = self._parent(path, sep, False)
+        if parent is None or key not in parent._v:
+            raise KeyError(path)
+        return parent, key
+
+    def __getitem__(self, path):
+        if type(path) is tuple:
+            path, name = path
+            return self.get_attribute(path, name)
+        try:
+            return self._v[path]
+        except KeyError:
+            pass
+        parent, key = self._node(path, self.sep)
+        return parent._v[key]
+
+    def __setitem__(self, path, value):
+        if type(path) is tuple:
+            path, name = path
+            self.set_attribute(path, name, value)
+            return
+        parent, key = self._parent(path, self.sep, True)
+        self._check_key(key)
+        parent._v[key] = _to_node_value(value)
+        parent._t.pop(key, None)
+
+    @staticmethod
+    def _check_key(key):
+        if len(key.encode("utf-8", "surrogatepass")) > 255:
+            raise KeyError(f"Hash keys are at most 255 bytes of UTF-8: {key[:40]!r}...")
+
+    def __delitem__(self, path):
+        parent, key = self._node(path, self.sep)
+        del parent._v[key]
+        parent._t.pop(key, None)
+        parent._a.pop(key, None)
+
+    def __contains__(self, path):
+        if not isinstance(path, str):
+            return False
+        if path in self._v:
+            return True
+        parent, key = self._parent(path, self.sep, False)
+        return parent is not None and key in parent._v
+
+    def __iter__(self):
+        return iter(self._v)
+
+    def __len__(self):
+        return len(self._v)
+
+    def __bool__(self):
+        return bool(self._v)
+
+    def keys(self):
+        """Keys of the top level, in insertion order."""
+        return self._v.keys()
+
+    def values(self):
+        return self._v.values()
+
+    def items(self):
+        """(key, value) pairs of the top level, in insertion order."""
+        return self._v.items()
+
+    def get(self, path, default=None, *, sep=None):
+        """Value at ``path``, or ``default`` if there is none."""
+        parent, key = self._parent(path, sep or self.sep, False)
+        if parent is None:
+            return default
+        return parent._v.get(key, default)
+
+    def set(self, path, value, type=None, *, sep=None, attrs=None):
+        """Set ``path`` to ``value``, optionally as an explicit Karabo type.
+
+        Parameters
+        ----------
+        type : HashType or int, optional
+            Karabo type to write the value as (``HashType.UINT32``,
+            ``HashType.VECTOR_INT64``, ``HashType.BYTE_ARRAY``, ...).  The value
+            is checked against the type when the Hash is encoded.
+        attrs : mapping, optional
+            Attributes to set on the node (added to the existing ones).
+        """
+        parent, key = self._parent(path, sep or self.sep, True)
+        self._check_key(key)
+        parent._v[key] = _to_node_value(value)
+        if type is None:
+            parent._t.pop(key, None)
+        else:
+            parent._t[key] = HashType(type)
+        if attrs:
+            a = parent._a.get(key)
+            if a is None:
+                a = parent._a[key] = Attributes()
+            for n, v in attrs.items():
+                a[n] = v
+
+    def setdefault(self, path, default=None):
+        if path not in self:
+            self[path] = default
+        return self[path]
+
+    def pop(self, path, default=_MISSING):
+        try:
+            value = self[path]
+        except KeyError:
+            if default is _MISSING:
+                raise
+            return default
+        del self[path]
+        return value
+
+    def get_type(self, path, *, sep=None):
+        """Karabo type of the node (explicit, or what its value is written as).
+
+        NDArray and ImageData nodes are ``HashType.HASH`` on the wire.
+        """
+        parent, key = self._node(path, sep or self.sep)
+        t = parent._t.get(key)
+        if t is not None:
+            return HashType(t)
+        from ._types import IMAGEDATA, NDARRAY
+        from ._values import infer_type
+
+        t = infer_type(parent._v[key])
+        return HashType.HASH if t in (NDARRAY, IMAGEDATA) else HashType(t)
+
+    def has_explicit_type(self, path, *, sep=None):
+        parent, key = self._node(path, sep or self.sep)
+        return key in parent._t
+
+    # -- attributes -------------------------------------------------------
+
+    def attrs(self, path, *, sep=None):
+        """The node's :class:`Attributes` (live: changes apply to the node)."""
+        parent, key = self._node(path, sep or self.sep)
+        a = parent._a.get(key)
+        if a is None:
+            a = parent._a[key] = Attributes()
+        return a
+
+    def get_attribute(self, path, name, default=_MISSING, *, sep=None):
+        parent, key = self._node(path, sep or self.sep)
+        a = parent._a.get(key)
+        if a is None or name not in a._v:
+            if default is _MISSING:
+                raise KeyError(f"{path!r} has no attribute {name!r}")
+            return default
+        return a._v[name]
+
+    def set_attribute(self, path, name, value, type=None, *, sep=None):
+        """Set attribute ``name`` of the node at ``path`` (optionally typed)."""
+        self.attrs(path, sep=sep).set(name, value, type)
+
+    def get_attribute_type(self, path, name, *, sep=None):
+        return self.attrs(path, sep=sep).get_type(name)
+
+    def has_attribute(self, path, name, *, sep=None):
+        parent, key = self._node(path, sep or self.sep)
+        a = parent._a.get(key)
+        return a is not None and name in a._v
+
+    # -- timestamps -------------------------------------------------------
+
+    def get_timestamp(self, path, *, sep=None):
+        """The :class:`Timestamp` stored in the node's sec/frac/tid attributes.
+
+        Raises KeyError if the node has no ``sec`` attribute.
+        """
+        a = self.attrs(path, sep=sep)
+        if "sec" not in a._v:
+            raise KeyError(f"{path!r} has no timestamp attributes")
+        return Timestamp(int(a._v["sec"]), int(a._v.get("frac", 0)), int(a._v.get("tid", 0)))
+
+    def set_timestamp(self, path, ts, *, sep=None):
+        """Write ``ts`` as UINT64 attributes ``sec``, ``frac``, ``tid`` (C++ order)."""
+        a = self.attrs(path, sep=sep)
+        a.set("sec", ts.sec, HashType.UINT64)
+        a.set("frac", ts.frac, HashType.UINT64)
+        a.set("tid", ts.tid, HashType.UINT64)
+
+    # -- flattened views and dict conversion --------------------------------
+
+    def paths(self, *, sep=None, intermediate=False):
+        """Iterate over the paths of all leaves (depth first, in order).
+
+        A leaf is any node whose value is not a Hash (NDArray, ImageData and
+        empty Hashes count as leaves).  With ``intermediate=True`` the paths of
+        the Hash nodes themselves are produced too, before their children.
+        """
+        sep = sep or self.sep
+        for key, value in self._v.items():
+            if isinstance(value, Hash) and value._v:
+                if intermediate:
+                    yield key
+                for sub in value.paths(sep=sep, intermediate=intermediate):
+                    yield key + sep + sub
+            else:
+                yield key
+
+    def flat_items(self, *, sep=None):
+        """Iterate over (path, value) of all leaves, like :meth:`paths`."""
+        sep = sep or self.sep
+        for key, value in self._v.items():
+            if isinstance(value, Hash) and value._v:
+                for sub, v in value.flat_items(sep=sep):
+                    yield key + sep + sub, v
+            else:
+                yield key, value
+
+    def to_dict(self, *, flat=False, sep=None):
+        """Convert to plain dicts: nested (default) or flat with dotted keys.
+
+        Types and attributes are dropped; lists of Hashes become lists of dicts.
+        """
+        if flat:
+            return {k: _plain(v) for k, v in self.flat_items(sep=sep)}
+        return {k: _plain(v) for k, v in self._v.items()}
+
+    @classmethod
+    def from_dict(cls, mapping, *, flat=False, sep=None):
+        """Build a Hash from a nested dict, or from a flat one with separator paths."""
+        h = cls()
+        if flat:
+            for k, v in mapping.items():
+                h.set(k, v, sep=sep)
+        else:
+            for k, v in mapping.items():
+                h._check_key(k)
+                h._v[k] = _to_node_value(v)
+        return h
+
+    def copy(self):
+        """Shallow copy (values shared, node types and attributes copied)."""
+        return Hash(self)
+
+    def fully_equal(self, other):
+        """Same keys in the same order, same types, same attributes, equal values."""
+        return self == other
+
+    def __eq__(self, other):
+        if not isinstance(other, Hash):
+            return NotImplemented
+        if list(self._v) != list(other._v):
+            return False
+        for k, v in self._v.items():
+            w = other._v[k]
+            if _effective_type(v, self._t.get(k)) != _effective_type(w, other._t.get(k)):
+                return False
+            if isinstance(v, Hash):
+                if v != w:
+                    return False
+            elif not _values_equal(v, w):
+                return False
+            a, b = self._a.get(k), other._a.get(k)
+            if (len(a) if a else 0) or (len(b) if b else 0):
+                if (a or Attributes()) != (b or Attributes()):
+                    return False
+        return True
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Hash({self.to_dict()!r})"
+
+    def pretty(self, indent=0):
+        """Multi-line text with types and attributes, for humans."""
+        lines = []
+        pad = "  " * indent
+        for k, v in self._v.items():
+            t = self.get_type(k).name
+            a = self._a.get(k)
+            attrs = f" {a.to_dict()}" if a else ""
+            if isinstance(v, Hash):
+                lines.append(f"{pad}{k}{attrs} => HASH")
+                lines.append(v.pretty(indent + 1))
+            elif isinstance(v, np.ndarray) and k not in self._t:
+                lines.append(f"{pad}{k}{attrs} => NDArray {v.dtype} {v.shape}")
+            else:
+                r = repr(v)
+                lines.append(f"{pad}{k}{attrs} => {r if len(r) < 60 else r[:57] + '...'} {t}")
+        return "\n".join(x for x in lines if x)
+
+
+def _plain(v):
+    if isinstance(v, Hash):
+        return v.to_dict()
+    if type(v) is list and v and isinstance(v[0], Hash):
+        return [x.to_dict() if isinstance(x, Hash) else x for x in v]
+    return v
+
+
+class Schema:
+    """A Karabo Schema, carried opaquely: its root name and parameter Hash."""
+
+    __slots__ = ("root_name", "parameters")
+
+    def __init__(self, root_name="", parameters=None):
+        self.root_name = root_name
+        self.parameters = Hash() if parameters is None else parameters
+
+    def __eq__(self, other):
+        if not isinstance(other, Schema):
+            return NotImplemented
+        return self.root_name == other.root_name and self.parameters == other.parameters
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Schema({self.root_name!r}, {list(self.parameters.paths())!r})"
+
+
+_CHANNELS = {
+    Encoding.GRAY: 1,
+    Encoding.RGB: 3,
+    Encoding.BGR: 3,
+    Encoding.RGBA: 4,
+    Encoding.BGRA: 4,
+    Encoding.BAYER_RG: 1,
+    Encoding.BAYER_BG: 1,
+    Encoding.BAYER_GR: 1,
+    Encoding.BAYER_GB: 1,
+}
+
+
+def _guess_encoding(shape):
+    if len(shape) == 2:
+        return Encoding.GRAY
+    if len(shape) == 3:
+        return {1: Encoding.GRAY, 3: Encoding.RGB, 4: Encoding.RGBA}.get(shape[2], Encoding.GRAY)
+    return Encoding.UNDEFINED
+
+
+class ImageData:
+    """A Karabo ImageData: pixels plus their description.
+
+    Field names are Karabo's (they are also the keys on the wire).  Defaults
+    follow Karabo's C++ ImageData: the encoding is guessed from the shape
+    (2-D GRAY; 3-D with last dimension 1/3/4 GRAY/RGB/RGBA; other 3-D GRAY;
+    otherwise UNDEFINED), ``dims`` is the shape, ``bitsPerPixel`` is
+    8 x itemsize x channels (0 when unknown), ``roiOffsets`` zeros,
+    ``binning`` ones, ``rotation`` 0, no flips.
+    """
+
+    __slots__ = ("pixels", "encoding", "dims", "bitsPerPixel", "roiOffsets", "binning", "rotation", "flipX", "flipY")
+
+    def __init__(
+        self,
+        pixels,
+        encoding=None,
+        dims=None,
+        bitsPerPixel=None,
+        roiOffsets=None,
+        binning=None,
+        rotation=0,
+        flipX=False,
+        flipY=False,
+    ):
+        if not isinstance(pixels, np.ndarray):
+            pixels = np.asarray(pixels)
+        self.pixels = pixels
+        shape = pixels.shape
+        self.encoding = _guess_encoding(shape) if encoding is None else Encoding(encoding)
+        self.dims = [int(x) for x in (shape if dims is None else dims)]
+        if bitsPerPixel is None:
+            ch = _CHANNELS.get(self.encoding)
+            bitsPerPixel = 8 * pixels.dtype.itemsize * ch if ch else 0
+        self.bitsPerPixel = int(bitsPerPixel)
+        n = len(self.dims)
+        self.roiOffsets = [0] * n if roiOffsets is None else [int(x) for x in roiOffsets]
+        self.binning = [1] * n if binning is None else [int(x) for x in binning]
+        self.rotation = int(rotation)
+        self.flipX = bool(flipX)
+        self.flipY = bool(flipY)
+
+    def fields(self):
+        """The non-pixel fields as an ordered dict (wire order)."""
+        return {
+            "encoding": int(self.encoding),
+            "dims": list(self.dims),
+            "bitsPerPixel": self.bitsPerPixel,
+            "roiOffsets": list(self.roiOffsets),
+            "binning": list(self.binning),
+            "rotation": self.rotation,
+            "flipX": self.flipX,
+            "flipY": self.flipY,
+        }
+
+    def __eq__(self, other):
+        if not isinstance(other, ImageData):
+            return NotImplemented
+        return _values_equal(self.pixels, other.pixels) and self.fields() == other.fields()
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"ImageData({self.pixels.dtype} {self.pixels.shape}, encoding={self.encoding.name})"
+
+
+class Timestamp:
+    """A Karabo timestamp: seconds, attoseconds and train id.
+
+    Parameters
+    ----------
+    sec : int
+        Seconds since the Unix epoch.
+    frac : int
+        Fraction of the second in attoseconds (10**-18 s).
+    tid : int
+        Train id.
+    """
+
+    __slots__ = ("sec", "frac", "tid")
+
+    def __init__(self, sec=0, frac=0, tid=0):
+        self.sec = int(sec)
+        self.frac = int(frac)
+        self.tid = int(tid)
+        if not 0 <= self.frac < 10**18:
+            raise ValueError(f"frac is in attoseconds, 0 <= frac < 10**18, got {self.frac}")
+
+    @classmethod
+    def now(cls, tid=0):
+        """The current time (nanosecond resolution) with the given train id."""
+        ns = time.time_ns()
+        return cls(ns // 10**9, (ns % 10**9) * 10**9, tid)
+
+    @classmethod
+    def from_time(cls, seconds, tid=0):
+        """From a float of seconds since the epoch (microsecond resolution)."""
+        us = round(seconds * 1e6)
+        return cls(us // 10**6, (us % 10**6) * 10**12, tid)
+
+    @property
+    def time(self):
+        """Seconds since the epoch as a float."""
+        return self.sec + self.frac * 1e-18
+
+    def __eq__(self, other):
+        if not isinstance(other, Timestamp):
+            return NotImplemented
+        return (self.sec, self.frac, self.tid) == (other.sec, other.frac, other.tid)
+
+    def __hash__(self):
+        return hash((self.sec, self.frac, self.tid))
+
+    def __repr__(self):
+        return f"Timestamp(sec={self.sec}, frac={self.frac}, tid={self.tid})"
