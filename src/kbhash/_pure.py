@@ -82,9 +82,12 @@ class _Writer:
 
 
 def _key(out, key):
-    b = key.encode("utf-8") if isinstance(key, str) else None
-    if b is None:
+    if not isinstance(key, str):
         raise EncodeError(f"Hash keys must be str, not {type(key).__name__}")
+    try:
+        b = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EncodeError(f"key {key!r} is not valid UTF-8") from None
     if len(b) > 255:
         raise EncodeError(f"key {key[:40]!r}... is longer than 255 bytes")
     out.append(len(b))
