@@ -1,0 +1,39 @@
+"""Replay saved European XFEL runs over the Karabo bridge protocol.
+
+- :mod:`.runs`: find a run (proposal + run number, directory, single file);
+- :mod:`.reader`: our h5py-based reader with zero-copy fast paths and a
+  bounded prefetch thread;
+- :mod:`.select`: ``SRC`` / ``SRC[key]`` include and exclude patterns;
+- :mod:`.demo`: write a realistic JUNGFRAU 4M demo run;
+- :mod:`.serve`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
+
+h5py is needed (``pip install 'kbstream[replay]'``); it is imported when a
+file is opened, not at package import.
+"""
+
+from .errors import (NoMatchError, PatternError, ReplayError, RunFileError,
+                     RunNotFoundError, TruncatedFileError)
+from .reader import Prefetcher, RunFile, RunReader, TrainData
+from .runs import data_root, files_for_run, find_proposal, find_run, run_files
+from .select import parse_pattern, select_sources
+
+__all__ = [
+    "ReplayError", "RunNotFoundError", "RunFileError", "TruncatedFileError",
+    "PatternError", "NoMatchError",
+    "RunFile", "RunReader", "Prefetcher", "TrainData",
+    "data_root", "find_proposal", "find_run", "run_files", "files_for_run",
+    "parse_pattern", "select_sources",
+    "make_demo_run", "open_run",
+]
+
+
+def make_demo_run(*args, **kwargs):
+    """See :func:`kbstream.replay.demo.make_demo_run`."""
+    from .demo import make_demo_run as impl
+    return impl(*args, **kwargs)
+
+
+def open_run(proposal, run, data="all", skip_bad_files=False):
+    """A :class:`RunReader` on ``proposal``/``run`` (raw + proc by default)."""
+    files, override = files_for_run(proposal, run, data)
+    return RunReader(files, override=override, skip_bad_files=skip_bad_files)
