@@ -1,0 +1,19 @@
+"""Stubs of the compiled Karabo Bridge codec (same API as kbstream._pure)."""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+ENCODE_VERSIONS: tuple[str, ...]
+MAX_DEPTH: int
+MAX_NDIM: int
+
+def make_dummy_timestamps() -> dict[str, Any]: ...
+def packb(obj: Any) -> bytes: ...
+def unpackb(buf: Any) -> Any: ...
+def serialize(
+    data: Mapping[Any, Mapping[str, Any]],
+    metadata: Mapping[Any, Mapping[str, Any]] | None = None,
+    protocol_version: str = "2.2",
+    dummy_timestamps: bool = False,
+) -> list[bytes | memoryview]: ...
+def deserialize(frames: Iterable[Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]: ...

@@ -1,0 +1,1114 @@
+# cython: language_level=3
+"""Karabo Bridge codec, compiled: train dict <-> list of ZeroMQ frames.  No sockets here.
+
+Wire format (``specs/karabo-bridge-protocol.md``; the executable spec is ``_pure.py``, which
+this module must match in results, exception types and messages):
+
+* **2.2**: (header, payload) frame pairs.  Per source, sorted by name: header map
+  ``{source, content: 'msgpack', metadata}`` + payload map of the non-array values; per
+  numpy array, in insertion order: header ``{source, content: 'array', path, dtype:
+  str(dtype), shape}`` + the array's own memory as a flat ``memoryview`` (zero-copy).
+* **1.0**: one msgpack frame ``{source: {..., 'metadata': {...}}}`` with msgpack_numpy maps
+  (bin keys ``nd, type, kind, shape, data``); built in one preallocated ``bytes`` object of
+  the exact size, so every array is copied exactly once.
+* **2.0 / 2.1**: decode only; metadata recovered from the payload into ``meta``.
+
+msgpack is written and read by the small C-level writer and reader below, with the choices
+of msgpack-python ``Packer(use_bin_type=True)`` / ``unpackb(raw=False)`` (bytes identical to
+``karabo_bridge.serialize``).  The reader checks the bytes left before every read and before
+trusting a container size; decoded arrays are ``numpy.ndarray`` views on the frames (the
+frame stays alive as the array's base).  Errors are the classes of ``kbstream.errors``.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_Next, PyDict_SetItem
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy
+from libc.stdint cimport INT64_MAX
+
+cdef extern from *:
+    Py_ssize_t PY_SSIZE_T_MAX
+
+import time
+import warnings
+
+import numpy as np
+
+from .errors import (
+    EncodeError,
+    EncodeOverflowError,
+    ProtocolError,
+    ServerError,
+    ShapeMismatchError,
+    TruncatedError,
+    UnknownContentError,
+    UnsupportedDtypeError,
+)
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
+    long long PyLong_AsLongLongAndOverflow(object, int*) except? -1
+    unsigned long long PyLong_AsUnsignedLongLong(object) except? -1
+    double PyFloat_AS_DOUBLE(object)
+    object PyMemoryView_FromObject(object)
+    Py_buffer* PyMemoryView_GET_BUFFER(object)
+    int PyBuffer_IsContiguous(const Py_buffer*, char)
+    object PyFloat_FromDouble(double)
+    bint PyMemoryView_Check(object)
+    object _PyDict_NewPresized(Py_ssize_t)
+    bint PyUnicode_IS_COMPACT_ASCII(PyObject*)
+    Py_ssize_t PyUnicode_GET_LENGTH(PyObject*)
+    void* PyUnicode_DATA(PyObject*)
+    void Py_XDECREF(PyObject*)
+
+__all__ = [
+    "serialize",
+    "deserialize",
+    "packb",
+    "unpackb",
+    "make_dummy_timestamps",
+    "ENCODE_VERSIONS",
+    "MAX_DEPTH",
+    "MAX_NDIM",
+]
+
+ENCODE_VERSIONS = ("1.0", "2.2")
+MAX_DEPTH = 512
+MAX_NDIM = 64
+DEF C_MAX_DEPTH = 512
+cdef Py_ssize_t MAX_DTYPE_LEN = 64
+cdef str _ARRAY_KINDS = "biufcSUmM"
+cdef bytes _ERROR_PREFIX = b"Error: "
+cdef Py_ssize_t _COPY_NOGIL = 1 << 16
+
+cdef object _ndarray = np.ndarray
+cdef object _np_scalar = (np.bool_, np.number)
+cdef object _np_bool = np.bool_
+cdef object _np_generic = np.generic
+cdef object _uint8 = np.uint8
+cdef object _frombuffer = np.frombuffer
+cdef object _ascontiguousarray = np.ascontiguousarray
+cdef dict _dtype_cache = {}
+
+
+# ---------------------------------------------------------------------------------------
+# helpers (same messages as _pure)
+
+cdef str _tname(obj):
+    t = type(obj)
+    if t.__module__ == "builtins":
+        return t.__qualname__
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def make_dummy_timestamps():
+    """Timestamp fields from the current time, as ``karabo_bridge`` makes them."""
+    epoch = time.time()
+    sec, _, frac = repr(epoch).partition(".")
+    return {"timestamp": epoch, "timestamp.sec": sec, "timestamp.frac": frac.ljust(18, "0")}
+
+
+cdef dict _wire_dtypes = {}   # np.dtype -> packed str(dtype), for dtypes that may be sent
+
+
+cdef bytes _wire_dtype(dt, key, src):
+    """Packed ``str(dtype)`` of a sendable dtype; EncodeError for object / structured."""
+    b = _wire_dtypes.get(dt)
+    if b is not None:
+        return <bytes>b
+    kind = dt.kind
+    if kind not in _ARRAY_KINDS or dt.hasobject:
+        what = "array" if key is None else f"array {key!r} of source {src!r}"
+        raise EncodeError(
+            f"cannot serialize {what}: dtype {dt} (kind {kind!r}) has no raw "
+            f"byte representation"
+        )
+    b = packb(str(dt))
+    if len(_wire_dtypes) < 256:
+        _wire_dtypes[dt] = b
+    return <bytes>b
+
+
+cdef tuple _array_frame(arr, key, src):
+    """(C-contiguous array, zero-copy frame on it, packed dtype) for an array value."""
+    dtb = _wire_dtype(arr.dtype, key, src)
+    try:
+        mv = PyMemoryView_FromObject(arr)
+    except ValueError:
+        # datetime64 / timedelta64 do not export a buffer format: view the bytes
+        if not arr.flags.c_contiguous:
+            arr = _ascontiguousarray(arr)
+        return arr, memoryview(arr.reshape(-1).view(_uint8)), dtb
+    if not PyBuffer_IsContiguous(PyMemoryView_GET_BUFFER(mv), b'C'):
+        arr = _ascontiguousarray(arr)
+        mv = PyMemoryView_FromObject(arr)
+    return arr, mv, dtb
+
+
+cdef object _dtype(name, Py_ssize_t index):
+    dt = _dtype_cache.get(name)
+    if dt is not None:
+        return dt
+    if isinstance(name, bytes):
+        try:
+            text = (<bytes>name).decode("ascii")
+        except UnicodeDecodeError:
+            text = None
+    else:
+        text = name
+    if not isinstance(text, str) or len(text) > MAX_DTYPE_LEN:
+        raise UnsupportedDtypeError(
+            f"frame {index}: dtype must be a short string, got {name!r}", index, dtype=name
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dt = np.dtype(text)
+    except Exception:
+        raise UnsupportedDtypeError(
+            f"frame {index}: unknown dtype {name!r}", index, dtype=name
+        ) from None
+    if dt.kind not in _ARRAY_KINDS or dt.hasobject or dt.itemsize == 0 or dt.shape:
+        raise UnsupportedDtypeError(
+            f"frame {index}: dtype {name!r} cannot be built from raw bytes", index, dtype=name
+        )
+    if len(_dtype_cache) < 256:
+        _dtype_cache[name] = dt
+    return dt
+
+
+cdef tuple _shape_count(shape, Py_ssize_t index):
+    """Validate a wire shape; return (tuple shape, number of items as a Python int)."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        raise ShapeMismatchError(
+            f"frame {index}: shape must be a list of at most {MAX_NDIM} ints, got {shape!r}",
+            index,
+        )
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ShapeMismatchError(
+                f"frame {index}: shape must be a list of at most {MAX_NDIM} ints, "
+                f"got {shape!r}",
+                index,
+            )
+        count *= d
+    return tuple(shape), count
+
+
+cdef tuple _shape_c(shape, Py_ssize_t index, Py_ssize_t* count):
+    """Fast path of _shape_count: tuple shape, *count = number of items or -1 if it does
+    not fit a Py_ssize_t (then the frame length check fails)."""
+    cdef Py_ssize_t n, j, c = 1
+    cdef long long d
+    cdef int overflow
+    if type(shape) is not list or len(<list>shape) > MAX_NDIM:
+        t, _ = _shape_count(shape, index)   # raises unless a tuple
+        count[0] = -1
+        return t
+    n = len(<list>shape)
+    for j in range(n):
+        v = (<list>shape)[j]
+        if type(v) is not int:
+            return _shape_count(shape, index)[0]   # raises
+        d = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow < 0 or (overflow == 0 and d < 0):
+            return _shape_count(shape, index)[0]   # raises
+        if overflow > 0 or c < 0:
+            c = -1
+        elif d != 0 and c > PY_SSIZE_T_MAX // d:
+            c = -1
+        else:
+            c *= <Py_ssize_t>d
+    # a zero dimension after an overflowing one makes the product 0 again
+    if c < 0:
+        for j in range(n):
+            if (<list>shape)[j] == 0:
+                c = 0
+    count[0] = c
+    return tuple(<list>shape)
+
+
+cdef int _check_nbytes(shape, count, dt, Py_ssize_t nbytes, Py_ssize_t index,
+                       what) except -1:
+    if count * dt.itemsize != nbytes:
+        raise ShapeMismatchError(
+            f"frame {index}: {what} declares shape {list(shape)} of {dt.str} "
+            f"({count * dt.itemsize} bytes) but carries {nbytes} bytes",
+            index,
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# msgpack writer: a growable C buffer owned by one call (never shared between threads)
+
+cdef struct Writer:
+    char* buf
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef int w_init(Writer* w, Py_ssize_t cap) except -1:
+    w.buf = <char*>PyMem_Malloc(cap)
+    if w.buf == NULL:
+        raise MemoryError()
+    w.len = 0
+    w.cap = cap
+    return 0
+
+
+cdef void w_free(Writer* w) noexcept:
+    PyMem_Free(w.buf)
+    w.buf = NULL
+
+
+cdef int w_grow(Writer* w, Py_ssize_t n) except -1:
+    cdef Py_ssize_t cap = w.cap * 2
+    if cap < w.len + n:
+        cap = w.len + n
+    cdef char* nb = <char*>PyMem_Realloc(w.buf, cap)
+    if nb == NULL:
+        raise MemoryError()
+    w.buf = nb
+    w.cap = cap
+    return 0
+
+
+cdef inline int w_raw(Writer* w, const void* p, Py_ssize_t n) except -1:
+    if w.len + n > w.cap:
+        w_grow(w, n)
+    memcpy(w.buf + w.len, p, n)
+    w.len += n
+    return 0
+
+
+cdef inline int w_lit(Writer* w, bytes b) except -1:
+    return w_raw(w, PyBytes_AS_STRING(b), len(b))
+
+
+cdef inline int w_byte(Writer* w, uint8_t b) except -1:
+    if w.len + 1 > w.cap:
+        w_grow(w, 1)
+    w.buf[w.len] = <char>b
+    w.len += 1
+    return 0
+
+
+cdef inline int w_be(Writer* w, uint8_t code, uint64_t v, int n) except -1:
+    """code byte followed by the n low bytes of v, big-endian."""
+    cdef int i
+    if w.len + 1 + n > w.cap:
+        w_grow(w, 1 + n)
+    cdef uint8_t* p = <uint8_t*>(w.buf + w.len)
+    p[0] = code
+    for i in range(n):
+        p[n - i] = <uint8_t>(v >> (8 * i))
+    w.len += 1 + n
+    return 0
+
+
+cdef int w_size_header(Writer* w, uint64_t n, int fix_base, uint64_t fix_max,
+                       int c8, int c16, int c32) except -1:
+    if fix_base >= 0 and n <= fix_max:
+        return w_byte(w, <uint8_t>(fix_base | n))
+    if c8 >= 0 and n < 0x100:
+        return w_be(w, <uint8_t>c8, n, 1)
+    if n < 0x10000:
+        return w_be(w, <uint8_t>c16, n, 2)
+    if n < 0x100000000:
+        return w_be(w, <uint8_t>c32, n, 4)
+    raise EncodeError(f"object too long for msgpack ({n} elements or bytes)")
+
+
+cdef inline int w_array_header(Writer* w, Py_ssize_t n) except -1:
+    return w_size_header(w, n, 0x90, 15, -1, 0xDC, 0xDD)
+
+
+cdef inline int w_map_header(Writer* w, Py_ssize_t n) except -1:
+    return w_size_header(w, n, 0x80, 15, -1, 0xDE, 0xDF)
+
+
+cdef inline int w_bin_header(Writer* w, Py_ssize_t n) except -1:
+    return w_size_header(w, n, -1, 0, 0xC4, 0xC5, 0xC6)
+
+
+cdef int w_ll(Writer* w, long long v) except -1:
+    if v < 0:
+        if v >= -32:
+            return w_byte(w, <uint8_t>(v & 0xFF))
+        if v >= -0x80:
+            return w_be(w, 0xD0, <uint64_t>v, 1)
+        if v >= -0x8000:
+            return w_be(w, 0xD1, <uint64_t>v, 2)
+        if v >= -0x80000000:
+            return w_be(w, 0xD2, <uint64_t>v, 4)
+        return w_be(w, 0xD3, <uint64_t>v, 8)
+    return w_ull(w, <unsigned long long>v)
+
+
+cdef int w_ull(Writer* w, unsigned long long v) except -1:
+    if v < 0x80:
+        return w_byte(w, <uint8_t>v)
+    if v < 0x100:
+        return w_be(w, 0xCC, v, 1)
+    if v < 0x10000:
+        return w_be(w, 0xCD, v, 2)
+    if v < 0x100000000:
+        return w_be(w, 0xCE, v, 4)
+    return w_be(w, 0xCF, v, 8)
+
+
+cdef int w_int(Writer* w, obj) except -1:
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(obj, &overflow)
+    if overflow == 0:
+        return w_ll(w, v)
+    if overflow > 0:
+        try:
+            return w_ull(w, PyLong_AsUnsignedLongLong(obj))
+        except OverflowError:
+            pass
+    raise EncodeOverflowError(f"integer {int(obj)} is out of msgpack's range")
+
+
+cdef int w_double(Writer* w, double d) except -1:
+    cdef uint64_t bits
+    memcpy(&bits, &d, 8)
+    return w_be(w, 0xCB, bits, 8)
+
+
+cdef int w_str(Writer* w, obj) except -1:
+    cdef Py_ssize_t n
+    cdef const char* p
+    try:
+        p = PyUnicode_AsUTF8AndSize(obj, &n)
+    except UnicodeEncodeError:
+        raise EncodeError("cannot encode a str with lone surrogates as UTF-8") from None
+    w_size_header(w, n, 0xA0, 31, 0xD9, 0xDA, 0xDB)
+    return w_raw(w, p, n)
+
+
+cdef int w_buffer_bin(Writer* w, obj) except -1:
+    cdef Py_buffer view
+    PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
+    try:
+        w_bin_header(w, view.len)
+        w_raw(w, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
+cdef class _Chunks:
+    """Protocol 1.0 assembly: cut points in the writer and the array views between them."""
+    cdef list cuts      # writer offsets
+    cdef list arrays    # flat byte memoryviews, one after each cut
+
+    def __cinit__(self):
+        self.cuts = []
+        self.arrays = []
+
+
+cdef int w_numpy_map(Writer* w, obj, _Chunks chunks) except -1:
+    """msgpack_numpy's representation (protocol 1.0) of an array or a numpy scalar."""
+    cdef Py_ssize_t d
+    if isinstance(obj, _ndarray):
+        arr, frame, _ = _array_frame(obj, None, None)
+        w_lit(w, b"\x85\xc4\x02nd\xc3\xc4\x04type")
+        w_str(w, arr.dtype.str)
+        w_lit(w, b"\xc4\x04kind\xc4\x00\xc4\x05shape")
+        shape = arr.shape
+        w_array_header(w, len(shape))
+        for d in shape:
+            w_ll(w, d)
+        w_lit(w, b"\xc4\x04data")
+        w_bin_header(w, arr.nbytes)
+        # the array bytes are copied once, straight into the final frame
+        chunks.cuts.append(w.len)
+        chunks.arrays.append(frame)
+    else:
+        w_lit(w, b"\x83\xc4\x02nd\xc2\xc4\x04type")
+        w_str(w, obj.dtype.str)
+        w_lit(w, b"\xc4\x04data")
+        w_buffer_bin(w, np.asarray(obj).reshape(1).view(_uint8))
+    return 0
+
+
+cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
+    cdef type t = type(obj)
+    cdef Py_ssize_t pos
+    cdef PyObject* k
+    cdef PyObject* v
+    # exact types first (the common case), then the subclass checks in _pure's order
+    if t is str:
+        return w_str(w, obj)
+    if t is int:
+        return w_int(w, obj)
+    if t is float:
+        return w_double(w, PyFloat_AS_DOUBLE(obj))
+    if obj is None:
+        return w_byte(w, 0xC0)
+    if obj is True:
+        return w_byte(w, 0xC3)
+    if obj is False:
+        return w_byte(w, 0xC2)
+    if isinstance(obj, int):
+        return w_int(w, obj)
+    if isinstance(obj, float):
+        return w_double(w, PyFloat_AS_DOUBLE(obj))
+    if isinstance(obj, (bytes, bytearray)):
+        return w_buffer_bin(w, obj)
+    if isinstance(obj, str):
+        return w_str(w, obj)
+    if PyMemoryView_Check(obj):
+        if not obj.c_contiguous:
+            raise EncodeError("cannot serialize a non-contiguous memoryview")
+        return w_buffer_bin(w, obj)
+    if isinstance(obj, dict):
+        if depth >= C_MAX_DEPTH:
+            raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
+        w_map_header(w, len(obj))
+        if t is dict:
+            pos = 0
+            while PyDict_Next(obj, &pos, &k, &v):
+                w_obj(w, <object>k, v1, depth + 1, chunks)
+                w_obj(w, <object>v, v1, depth + 1, chunks)
+        else:
+            for key, value in obj.items():
+                w_obj(w, key, v1, depth + 1, chunks)
+                w_obj(w, value, v1, depth + 1, chunks)
+        return 0
+    if isinstance(obj, (list, tuple)):
+        if depth >= C_MAX_DEPTH:
+            raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
+        w_array_header(w, len(obj))
+        for value in obj:
+            w_obj(w, value, v1, depth + 1, chunks)
+        return 0
+    if isinstance(obj, _np_scalar):
+        if v1:
+            return w_numpy_map(w, obj, chunks)
+        if isinstance(obj, _np_bool):
+            return w_byte(w, 0xC3 if obj else 0xC2)
+        item = obj.item()
+        if isinstance(item, _np_generic):
+            raise EncodeError(f"cannot serialize object of type {_tname(obj)}")
+        return w_obj(w, item, v1, depth, chunks)
+    if v1 and isinstance(obj, _ndarray):
+        return w_numpy_map(w, obj, chunks)
+    raise EncodeError(f"cannot serialize object of type {_tname(obj)}")
+
+
+cdef inline bytes w_bytes(Writer* w, Py_ssize_t start):
+    return PyBytes_FromStringAndSize(w.buf + start, w.len - start)
+
+
+def packb(obj):
+    """msgpack bytes of *obj*, as ``msgpack.packb(obj, use_bin_type=True)`` writes them.
+
+    numpy scalars are converted with ``.item()``, ``np.bool_`` to bool; arrays are refused.
+    """
+    cdef Writer w
+    w_init(&w, 256)
+    try:
+        w_obj(&w, obj, False, 0, None)
+        return w_bytes(&w, 0)
+    finally:
+        w_free(&w)
+
+
+# ---------------------------------------------------------------------------------------
+# msgpack reader
+
+cdef class _Bin:
+    """A bin value inside a protocol 1.0 frame, kept as (offset, length) until its map is
+    complete, so that a msgpack_numpy ``data`` field becomes a view instead of a copy."""
+    cdef Py_ssize_t start
+    cdef Py_ssize_t length
+
+
+cdef struct Reader:
+    const uint8_t* buf
+    Py_ssize_t pos
+    Py_ssize_t end
+    Py_ssize_t index
+    bint v1
+
+
+cdef int r_truncated(Reader* r, Py_ssize_t n, Py_ssize_t at) except -1:
+    raise TruncatedError(
+        f"frame {r.index}: msgpack data truncated at offset {at}: "
+        f"{n} bytes needed, {r.end - r.pos} left",
+        r.index,
+        at,
+    )
+
+
+cdef inline int r_need(Reader* r, Py_ssize_t n, Py_ssize_t at) except -1:
+    if r.end - r.pos < n:
+        r_truncated(r, n, at)
+    return 0
+
+
+cdef inline uint64_t r_be(Reader* r, int n, Py_ssize_t at) except? 0xFFFFFFFFFFFFFFFF:
+    """n big-endian bytes as an unsigned int, bounds checked."""
+    cdef uint64_t v = 0
+    cdef int i
+    if r.end - r.pos < n:
+        r_truncated(r, n, at)
+    for i in range(n):
+        v = (v << 8) | r.buf[r.pos + i]
+    r.pos += n
+    return v
+
+
+cdef int r_container_size(Reader* r, uint64_t n, int per_item, Py_ssize_t at,
+                          str what) except -1:
+    if n * per_item > <uint64_t>(r.end - r.pos):
+        raise TruncatedError(
+            f"frame {r.index}: msgpack {what} at offset {at} declares {n} items, "
+            f"only {r.end - r.pos} bytes left",
+            r.index,
+            at,
+        )
+    return 0
+
+
+# Interning cache for short ASCII strings (keys repeat in every train): a direct-mapped
+# table of str objects indexed by a hash of the raw bytes.  A hit returns the cached object
+# (no allocation, and its hash is already computed for the dict insert).  Only touched with
+# the GIL held and without calling back into Python, so it needs no lock.
+DEF STR_CACHE_SIZE = 4096
+DEF STR_CACHE_MAXLEN = 48
+cdef PyObject* _str_cache[STR_CACHE_SIZE]
+
+
+cdef object r_text(Reader* r, Py_ssize_t n, Py_ssize_t at):
+    r_need(r, n, at)
+    cdef Py_ssize_t p = r.pos, j
+    cdef const uint8_t* src = r.buf + p
+    cdef uint32_t h = 2166136261u
+    cdef PyObject* cached
+    r.pos = p + n
+    if n <= STR_CACHE_MAXLEN:
+        for j in range(n):
+            h = (h ^ src[j]) * 16777619u
+        h = (h ^ (h >> 15)) % STR_CACHE_SIZE
+        cached = _str_cache[h]
+        if (cached != NULL and PyUnicode_GET_LENGTH(cached) == n
+                and memcmp(PyUnicode_DATA(cached), src, n) == 0):
+            return <object>cached
+    try:
+        s = PyUnicode_DecodeUTF8(<const char*>src, n, NULL)
+    except UnicodeDecodeError:
+        raise ProtocolError(
+            f"frame {r.index}: invalid UTF-8 in msgpack str at offset {at}", r.index, at
+        ) from None
+    if n <= STR_CACHE_MAXLEN and PyUnicode_IS_COMPACT_ASCII(<PyObject*>s):
+        Py_INCREF(s)
+        Py_XDECREF(_str_cache[h])
+        _str_cache[h] = <PyObject*>s
+    return s
+
+
+cdef object r_binary(Reader* r, Py_ssize_t n, Py_ssize_t at):
+    r_need(r, n, at)
+    cdef Py_ssize_t p = r.pos
+    r.pos = p + n
+    cdef _Bin b
+    if r.v1:
+        b = _Bin.__new__(_Bin)
+        b.start = p
+        b.length = n
+        return b
+    return PyBytes_FromStringAndSize(<const char*>r.buf + p, n)
+
+
+cdef int r_depth(Reader* r, int depth, Py_ssize_t at) except -1:
+    if depth >= C_MAX_DEPTH:
+        raise ProtocolError(
+            f"frame {r.index}: msgpack nesting deeper than {MAX_DEPTH} at offset {at}",
+            r.index,
+            at,
+        )
+    return 0
+
+
+cdef object r_value(Reader* r, int depth, object frame):
+    cdef Py_ssize_t at = r.pos
+    cdef uint8_t b
+    cdef uint64_t bits
+    cdef uint32_t bits32
+    cdef double d
+    cdef float f
+    cdef int n
+    if r.end - r.pos < 1:
+        r_truncated(r, 1, at)
+    b = r.buf[at]
+    r.pos = at + 1
+    if b <= 0x7F:
+        return <long>b
+    if b >= 0xE0:
+        return <long>b - 0x100
+    if b >= 0xA0 and b <= 0xBF:
+        return r_text(r, b & 0x1F, at)
+    if b >= 0x80 and b <= 0x8F:
+        return r_map(r, b & 0x0F, depth, at, frame)
+    if b >= 0x90 and b <= 0x9F:
+        return r_array(r, b & 0x0F, depth, at, frame)
+    if b == 0xC0:
+        return None
+    if b == 0xC2:
+        return False
+    if b == 0xC3:
+        return True
+    if b == 0xCA:
+        bits32 = <uint32_t>r_be(r, 4, at)
+        memcpy(&f, &bits32, 4)
+        return PyFloat_FromDouble(f)
+    if b == 0xCB:
+        bits = r_be(r, 8, at)
+        memcpy(&d, &bits, 8)
+        return PyFloat_FromDouble(d)
+    if b >= 0xCC and b <= 0xCF:
+        return PyLong_FromUnsignedLongLong(r_be(r, 1 << (b - 0xCC), at))
+    if b >= 0xD0 and b <= 0xD3:
+        n = 1 << (b - 0xD0)
+        bits = r_be(r, n, at)
+        if n < 8 and (bits >> (8 * n - 1)) & 1:
+            bits |= (<uint64_t>0xFFFFFFFFFFFFFFFF) << (8 * n)
+        return PyLong_FromLongLong(<int64_t>bits)
+    if b >= 0xD9 and b <= 0xDB:
+        return r_text(r, <Py_ssize_t>r_be(r, 1 << (b - 0xD9), at), at)
+    if b >= 0xC4 and b <= 0xC6:
+        return r_binary(r, <Py_ssize_t>r_be(r, 1 << (b - 0xC4), at), at)
+    if b == 0xDC or b == 0xDD:
+        return r_array(r, r_be(r, 2 if b == 0xDC else 4, at), depth, at, frame)
+    if b == 0xDE or b == 0xDF:
+        return r_map(r, r_be(r, 2 if b == 0xDE else 4, at), depth, at, frame)
+    if b == 0xC1:
+        raise ProtocolError(
+            f"frame {r.index}: invalid msgpack byte 0xc1 at offset {at}", r.index, at
+        )
+    raise ProtocolError(
+        f"frame {r.index}: unsupported msgpack ext type (byte 0x{b:02x}) at offset {at}",
+        r.index,
+        at,
+    )
+
+
+cdef object r_materialize(Reader* r, _Bin b):
+    return PyBytes_FromStringAndSize(<const char*>r.buf + b.start, b.length)
+
+
+cdef object r_array(Reader* r, uint64_t n, int depth, Py_ssize_t at, object frame):
+    r_depth(r, depth, at)
+    r_container_size(r, n, 1, at, "array")
+    cdef list out = PyList_New(<Py_ssize_t>n)
+    cdef Py_ssize_t i
+    for i in range(<Py_ssize_t>n):
+        v = r_value(r, depth + 1, frame)
+        if r.v1 and type(v) is _Bin:
+            v = r_materialize(r, <_Bin>v)
+        Py_INCREF(v)
+        PyList_SET_ITEM(out, i, v)
+    return out
+
+
+cdef object r_map(Reader* r, uint64_t n, int depth, Py_ssize_t at, object frame):
+    r_depth(r, depth, at)
+    r_container_size(r, n, 2, at, "map")
+    cdef dict out = _PyDict_NewPresized(<Py_ssize_t>n)
+    cdef Py_ssize_t i, kat
+    for i in range(<Py_ssize_t>n):
+        kat = r.pos
+        k = r_value(r, depth + 1, frame)
+        if r.v1 and type(k) is _Bin:
+            k = r_materialize(r, <_Bin>k)
+        if type(k) is not str and not isinstance(k, (str, bytes)):
+            raise ProtocolError(
+                f"frame {r.index}: msgpack map key at offset {kat} is "
+                f"{_tname(k)}, not str or bytes",
+                r.index,
+                kat,
+            )
+        PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
+    if r.v1:
+        if b"nd" in out:
+            return r_numpy_value(r, out, at, frame)
+        if b"complex" in out:
+            return r_complex_value(r, out, at)
+        for key, value in out.items():
+            if type(value) is _Bin:
+                out[key] = r_materialize(r, <_Bin>value)
+    return out
+
+
+cdef object r_numpy_value(Reader* r, dict m, Py_ssize_t at, object frame):
+    """msgpack_numpy's map -> a view on the frame (array) or a numpy scalar."""
+    nd = m[b"nd"]
+    name = m.get(b"type")
+    if type(name) is _Bin:
+        name = r_materialize(r, <_Bin>name)
+    data = m.get(b"data")
+    if type(nd) is not bool or name is None or type(data) is not _Bin:
+        raise ProtocolError(
+            f"frame {r.index}: malformed msgpack_numpy map at offset {at}", r.index, at
+        )
+    kind = m.get(b"kind", b"")
+    if type(kind) is _Bin:
+        kind = r_materialize(r, <_Bin>kind)
+    if kind != b"":
+        raise UnsupportedDtypeError(
+            f"frame {r.index}: msgpack_numpy kind {kind!r} (object or structured "
+            f"dtype) is not supported",
+            r.index,
+            at,
+            dtype=name,
+        )
+    dt = _dtype(name, r.index)
+    cdef _Bin bd = <_Bin>data
+    if nd:
+        shape, count = _shape_count(m.get(b"shape"), r.index)
+        _check_nbytes(shape, count, dt, bd.length, r.index, "numpy array")
+        return _ndarray(shape, dt, frame, bd.start)
+    _check_nbytes((), 1, dt, bd.length, r.index, "numpy scalar")
+    return _frombuffer(frame, dt, 1, bd.start)[0]
+
+
+cdef object r_complex_value(Reader* r, dict m, Py_ssize_t at):
+    data = m.get(b"data")
+    if isinstance(data, str):
+        try:
+            return complex(data)
+        except ValueError:
+            pass
+    raise ProtocolError(
+        f"frame {r.index}: malformed msgpack_numpy complex at offset {at}", r.index, at
+    )
+
+
+cdef object r_top(Reader* r, object frame):
+    v = r_value(r, 0, frame)
+    if r.v1 and type(v) is _Bin:
+        v = r_materialize(r, <_Bin>v)
+    if r.pos != r.end:
+        raise ProtocolError(
+            f"frame {r.index}: {r.end - r.pos} bytes of extra data after the "
+            f"msgpack value, at offset {r.pos}",
+            r.index,
+            r.pos,
+        )
+    return v
+
+
+cdef int get_frame_buffer(object frame, Py_buffer* view, Py_ssize_t index) except -1:
+    """Borrow the bytes of any C-contiguous buffer (bytes, zmq.Frame, memoryview...)."""
+    try:
+        PyObject_GetBuffer(frame, view, PyBUF_SIMPLE)
+    except TypeError:
+        raise TypeError(
+            f"frame {index}: expected a bytes-like object, got {_tname(frame)}"
+        ) from None
+    except (BufferError, ValueError):
+        raise TypeError(f"frame {index}: buffer is not C-contiguous") from None
+    return 0
+
+
+cdef object decode_frame(object frame, Py_ssize_t index, bint v1):
+    """Decode the single msgpack value in one frame."""
+    cdef Py_buffer view
+    cdef Reader r
+    get_frame_buffer(frame, &view, index)
+    try:
+        r.buf = <const uint8_t*>view.buf
+        r.pos = 0
+        r.end = view.len
+        r.index = index
+        r.v1 = v1
+        return r_top(&r, frame)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def unpackb(buf):
+    """Decode one msgpack value that fills *buf* exactly (``raw=False``: str -> str, bin ->
+    bytes).  Ext types are refused; map keys must be str or bytes."""
+    return decode_frame(buf, 0, False)
+
+
+# ---------------------------------------------------------------------------------------
+# protocol
+
+cdef object _source_meta(object metadata, object src, object props, object ts):
+    m = None
+    if metadata is not None:
+        m = metadata.get(src)
+    if m is None:
+        m = props.get("metadata", {})
+    if ts is not None and "timestamp" not in m:
+        m = dict(m)
+        m.update(ts)
+    elif type(m) is not dict:
+        m = dict(m)
+    return m
+
+
+cdef bytes _assemble_v1(Writer* w, _Chunks chunks):
+    """One bytes object of the exact size: writer pieces interleaved with array bytes."""
+    cdef Py_ssize_t total = w.len
+    cdef Py_ssize_t i, n = len(chunks.arrays), prev = 0, cut
+    cdef Py_buffer view
+    for a in chunks.arrays:
+        total += PyMemoryView_GET_BUFFER(a).len
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* dst = PyBytes_AS_STRING(out)
+    for i in range(n):
+        cut = chunks.cuts[i]
+        memcpy(dst, w.buf + prev, cut - prev)
+        dst += cut - prev
+        prev = cut
+        PyObject_GetBuffer(chunks.arrays[i], &view, PyBUF_SIMPLE)
+        try:
+            if view.len >= _COPY_NOGIL:
+                with nogil:
+                    memcpy(dst, view.buf, view.len)
+            else:
+                memcpy(dst, view.buf, view.len)
+            dst += view.len
+        finally:
+            PyBuffer_Release(&view)
+    memcpy(dst, w.buf + prev, w.len - prev)
+    return out
+
+
+def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=False):
+    """Encode one train as a list of frames (see the module docstring for the format).
+
+    Parameters
+    ----------
+    data : dict
+        ``{source: {flat key: value}}``; values are msgpack-able Python objects, numpy
+        scalars or numpy arrays.
+    metadata : dict, optional
+        ``{source: {...}}``; default (and for sources it lacks): each source's own
+        ``'metadata'`` entry, else ``{}``.
+    protocol_version : {'2.2', '1.0'}
+    dummy_timestamps : bool
+        Add ``timestamp``, ``timestamp.sec``, ``timestamp.frac`` from the current time to
+        the metadata of sources that have no ``timestamp``.
+
+    Returns
+    -------
+    list
+        2.2: ``bytes`` headers and payloads, ``memoryview`` array frames sharing the
+        arrays' memory (ready for ``send_multipart(frames, copy=False)``).  1.0: one
+        ``bytes`` frame holding exactly one copy of each array.
+    """
+    if protocol_version != "2.2" and protocol_version != "1.0":
+        raise ValueError(f"Unknown protocol version {protocol_version}")
+    ts = make_dummy_timestamps() if dummy_timestamps else None
+    cdef Writer w
+    cdef _Chunks chunks
+    cdef list frames, arrays
+    cdef Py_ssize_t start, end, nmain, i
+    if protocol_version == "1.0":
+        train = {}
+        for src, props in data.items():
+            if not isinstance(props, dict):
+                raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
+            d = dict(props)
+            d["metadata"] = _source_meta(metadata, src, props, ts)
+            train[src] = d
+        chunks = _Chunks()
+        w_init(&w, 4096)
+        try:
+            w_obj(&w, train, True, 0, chunks)
+            return [_assemble_v1(&w, chunks)]
+        finally:
+            w_free(&w)
+
+    frames = []
+    w_init(&w, 1024)
+    try:
+        for src in sorted(data):
+            props = data[src]
+            if not isinstance(props, dict):
+                raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
+            # header
+            w.len = 0
+            w_lit(&w, b"\x83\xa6source")
+            w_obj(&w, src, False, 1, None)
+            w_lit(&w, b"\xa7content\xa7msgpack\xa8metadata")
+            w_obj(&w, _source_meta(metadata, src, props, ts), False, 1, None)
+            frames.append(w_bytes(&w, 0))
+            # payload: non-array values; the map header is written last, in front of the
+            # entries, once their number is known (5 bytes are kept free for it)
+            arrays = []
+            nmain = 0
+            w.len = 5
+            for key, value in props.items():
+                if isinstance(value, _ndarray):
+                    arrays.append(key)
+                    arrays.append(value)
+                else:
+                    w_obj(&w, key, False, 1, None)
+                    w_obj(&w, value, False, 1, None)
+                    nmain += 1
+            end = w.len
+            if nmain <= 15:
+                start = 4
+            elif nmain < 0x10000:
+                start = 2
+            else:
+                start = 0
+            w.len = start
+            w_map_header(&w, nmain)
+            w.len = end
+            frames.append(w_bytes(&w, start))
+            for i in range(0, len(arrays), 2):
+                key = arrays[i]
+                arr, frame, dtb = _array_frame(arrays[i + 1], key, src)
+                w.len = 0
+                w_lit(&w, b"\x85\xa6source")
+                w_obj(&w, src, False, 1, None)
+                w_lit(&w, b"\xa7content\xa5array\xa4path")
+                w_obj(&w, key, False, 1, None)
+                w_lit(&w, b"\xa5dtype")
+                w_lit(&w, dtb)
+                w_lit(&w, b"\xa5shape")
+                w_obj(&w, arr.shape, False, 1, None)
+                frames.append(w_bytes(&w, 0))
+                frames.append(frame)
+    finally:
+        w_free(&w)
+    return frames
+
+
+cdef object _meta_from_payload(dict payload):
+    m = payload.get("metadata")
+    if isinstance(m, dict):
+        return dict(m)
+    return {
+        k[9:]: v for k, v in payload.items() if isinstance(k, str) and k.startswith("metadata.")
+    }
+
+
+cdef object _header_field(dict hdr, str name, Py_ssize_t index, types):
+    try:
+        v = hdr[name]
+    except KeyError:
+        raise ProtocolError(f"frame {index}: header has no {name!r}", index) from None
+    if not isinstance(v, types):
+        raise ProtocolError(f"frame {index}: header {name!r} is {_tname(v)}", index)
+    return v
+
+
+cdef tuple _deserialize_v1(frame):
+    cdef Py_buffer view
+    get_frame_buffer(frame, &view, 0)
+    try:
+        if view.len >= 7 and memcmp(view.buf, <const char*>_ERROR_PREFIX, 7) == 0:
+            text = (<const char*>view.buf)[:view.len].decode("utf-8", "replace")
+            raise ServerError(f"server replied {text!r}", 0)
+    finally:
+        PyBuffer_Release(&view)
+    train = decode_frame(frame, 0, True)
+    if not isinstance(train, dict):
+        raise ProtocolError("frame 0: a protocol 1.0 message must be a msgpack map", 0)
+    meta = {}
+    for src, props in train.items():
+        if not isinstance(props, dict):
+            raise ProtocolError(
+                f"frame 0: protocol 1.0 source {src!r} is {_tname(props)}, not a map", 0
+            )
+        m = props.get("metadata", {})
+        if not isinstance(m, dict):
+            raise ProtocolError(f"frame 0: metadata of source {src!r} is not a map", 0)
+        meta[src] = m
+    return train, meta
+
+
+def deserialize(frames):
+    """Decode one message (list of frames) into ``(data, meta)``, both keyed by source.
+
+    Accepts protocol 1.0 (one frame) and 2.0 / 2.1 / 2.2 (header / payload pairs).  Frames
+    may be ``zmq.Frame``, ``bytes``, ``bytearray``, ``memoryview`` or any C-contiguous
+    buffer.  Arrays are views on the frames (no copy); they keep the frames alive.
+
+    Raises
+    ------
+    ProtocolError
+        (a ``ValueError``) and its subclasses for every malformed message.
+    TypeError
+        if a frame is not a contiguous buffer.
+    """
+    if type(frames) is not list:
+        frames = list(frames)
+    cdef list fl = <list>frames
+    cdef Py_ssize_t n = len(fl), i
+    cdef dict data, meta, hdr, payload
+    cdef Py_buffer view
+    cdef Py_ssize_t count, nbytes, itemsize
+    if n == 0:
+        raise ProtocolError("empty message: no frames")
+    if n == 1:
+        return _deserialize_v1(fl[0])
+    if n % 2:
+        raise ProtocolError(
+            f"odd number of frames ({n}): a 2.x message is made of (header, payload) pairs"
+        )
+    data = {}
+    meta = {}
+    for i in range(0, n, 2):
+        h = decode_frame(fl[i], i, False)
+        if type(h) is not dict:
+            raise ProtocolError(f"frame {i}: header is not a msgpack map", i)
+        hdr = <dict>h
+        source = _header_field(hdr, "source", i, str)
+        content = _header_field(hdr, "content", i, (str, bytes))
+        if content == "msgpack":
+            p = decode_frame(fl[i + 1], i + 1, False)
+            if type(p) is not dict:
+                raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
+            payload = <dict>p
+            if "metadata" in hdr:
+                m = hdr["metadata"]
+                if type(m) is not dict:
+                    raise ProtocolError(f"frame {i}: header 'metadata' is not a map", i)
+            else:
+                m = _meta_from_payload(payload)
+            data[source] = payload
+            meta[source] = m
+        elif content == "array":
+            props = data.get(source)
+            if props is None:
+                raise ProtocolError(
+                    f"frame {i}: array for source {source!r} comes before its msgpack part", i
+                )
+            path = _header_field(hdr, "path", i, str)
+            dt = _dtype(_header_field(hdr, "dtype", i, (str, bytes)), i)
+            shape = _shape_c(hdr.get("shape"), i, &count)
+            frame = fl[i + 1]
+            get_frame_buffer(frame, &view, i + 1)
+            nbytes = view.len
+            PyBuffer_Release(&view)
+            itemsize = dt.itemsize
+            if count < 0 or count > nbytes or count * itemsize != nbytes:
+                _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
+                              f"array {path!r}")
+            props[path] = _ndarray(shape, dt, frame)
+        else:
+            raise UnknownContentError(
+                f"frame {i}: unknown content {content!r}", i, content=content
+            )
+    return data, meta
