@@ -81,9 +81,9 @@ __all__ = [
 ]
 
 ENCODE_VERSIONS = ("1.0", "2.2")
-MAX_DEPTH = 512
+MAX_DEPTH = 256
 MAX_NDIM = 64
-DEF C_MAX_DEPTH = 512
+DEF C_MAX_DEPTH = 256
 cdef Py_ssize_t MAX_DTYPE_LEN = 64
 cdef str _ARRAY_KINDS = "biufcSUmM"
 cdef bytes _ERROR_PREFIX = b"Error: "
@@ -245,6 +245,18 @@ cdef int _check_nbytes(shape, count, dt, Py_ssize_t nbytes, Py_ssize_t index,
             f"({count * dt.itemsize} bytes) but carries {nbytes} bytes",
             index,
         )
+    if count == 0:
+        # numpy refuses shapes whose non-zero dimensions overflow, even for empty arrays
+        nonzero = 1
+        for d in shape:
+            if d:
+                nonzero *= d
+        if nonzero * dt.itemsize >= 2**63:
+            raise ShapeMismatchError(
+                f"frame {index}: {what} declares shape {list(shape)} of {dt.str}, "
+                f"too large for numpy",
+                index,
+            )
     return 0
 
 
@@ -1103,7 +1115,7 @@ def deserialize(frames):
             nbytes = view.len
             PyBuffer_Release(&view)
             itemsize = dt.itemsize
-            if count < 0 or count > nbytes or count * itemsize != nbytes:
+            if count <= 0 or count > nbytes or count * itemsize != nbytes:
                 _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
                               f"array {path!r}")
             props[path] = _ndarray(shape, dt, frame)

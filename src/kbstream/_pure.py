@@ -62,7 +62,7 @@ __all__ = [
 #: protocol versions ``serialize`` produces
 ENCODE_VERSIONS = ("1.0", "2.2")
 #: deepest nesting of msgpack containers accepted by the packer and the unpacker
-MAX_DEPTH = 512
+MAX_DEPTH = 256
 #: most dimensions accepted for a decoded array (numpy's limit)
 MAX_NDIM = 64
 #: longest dtype string accepted on the wire
@@ -115,9 +115,9 @@ def _array_for_wire(arr, what):
 
 
 def _raw_view(arr):
-    """A flat unsigned-byte memoryview on a C-contiguous array, no copy."""
+    """A memoryview on a C-contiguous array's memory (no copy), as the peer's ``arr.data``."""
     try:
-        return memoryview(arr).cast("B")
+        return memoryview(arr)
     except ValueError:
         # datetime64 / timedelta64 do not export a buffer format: view the bytes
         return memoryview(arr.reshape(-1).view(np.uint8))
@@ -134,7 +134,7 @@ def _frame_view(frame, index):
     if not mv.c_contiguous:
         raise TypeError(f"frame {index}: buffer is not C-contiguous")
     if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
+        mv = mv.cast("B") if mv.nbytes else memoryview(b"")
     return mv
 
 
@@ -197,6 +197,18 @@ def _check_nbytes(shape, count, dt, nbytes, index, what):
             f"({count * dt.itemsize} bytes) but carries {nbytes} bytes",
             index,
         )
+    if count == 0:
+        # numpy refuses shapes whose non-zero dimensions overflow, even for empty arrays
+        nonzero = 1
+        for d in shape:
+            if d:
+                nonzero *= d
+        if nonzero * dt.itemsize >= 2**63:
+            raise ShapeMismatchError(
+                f"frame {index}: {what} declares shape {list(shape)} of {dt.str}, "
+                f"too large for numpy",
+                index,
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -490,7 +502,9 @@ class _Reader:
     def array(self, n, depth, at):
         self._depth(depth, at)
         self.container_size(n, 1, at, "array")
-        out = [self.value(depth + 1) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            out.append(self.value(depth + 1))
         if self.v1:
             for i, v in enumerate(out):
                 if type(v) is _Bin:
