@@ -52,7 +52,15 @@ def _values_equal(a, b):
     """Equality used by Hash comparison: arrays by dtype/shape/content, NaN == NaN."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
-            return False
+            # a vector given as a list vs the same vector decoded as an array
+            arr, seq = (a, b) if isinstance(a, np.ndarray) else (b, a)
+            if not isinstance(seq, (list, tuple)) or arr.ndim != 1 or len(seq) != len(arr):
+                return False
+            try:
+                b = np.asarray(seq, dtype=arr.dtype)
+            except (TypeError, ValueError, OverflowError):
+                return False
+            a = arr
         if a.shape != b.shape or a.dtype.newbyteorder("=") != b.dtype.newbyteorder("="):
             return False
         if a.dtype.kind in "fc":

@@ -1,0 +1,54 @@
+"""Fixtures of the kbhash tests: both codec implementations, the golden vectors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kbhash import _pure
+
+try:
+    from kbhash import _codec
+except ImportError:  # reported by test_package.py; here only the pure codec runs
+    _codec = None
+
+VECTORS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+
+
+def load_hash_vectors():
+    with open(VECTORS_DIR / "karabo_hash_vectors.json") as f:
+        return json.load(f)["vectors"]
+
+
+IMPLS = {"pure": _pure, "cython": _codec}
+
+
+@pytest.fixture(params=["cython", "pure"])
+def codec(request):
+    """The kbhash codec module under test: compiled or pure-Python."""
+    mod = IMPLS[request.param]
+    if mod is None:
+        pytest.fail("kbhash._codec is not built")
+    return mod
+
+
+@pytest.fixture(scope="session")
+def karabo_peer():
+    """Karabo's own codecs (karabind, karabo.native) in the Python 3.12 side environment.
+
+    Skipped loudly when the side environment is missing; with CI set, a failure.
+    """
+    import os
+
+    from peers.karabo import SETUP_HINT, KaraboPeer, karabo_python
+
+    if karabo_python() is None:
+        msg = f"the Karabo side environment is missing; {SETUP_HINT}"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(f"!!! KARABO INTEROP TESTS NOT RUN: {msg} !!!")
+    peer = KaraboPeer()
+    try:
+        yield peer
+    finally:
+        peer.close()
