@@ -202,16 +202,20 @@ class RunFile:
                     keys.append(prefix + name.replace("/", "."))
             group.visititems(visit)
 
-        if source in self.control_sources:
-            if f"CONTROL/{source}" in self.h5:
-                collect("", self.h5[f"CONTROL/{source}"])
-        elif source in self.instrument_sources:
-            for grp in sorted(self.instrument_sources[source]):
-                p = f"INSTRUMENT/{source}/{grp}"
-                if p in self.h5:
-                    collect(grp.replace("/", ".") + ".", self.h5[p])
-        else:
-            raise KeyError(source)
+        try:
+            if source in self.control_sources:
+                if f"CONTROL/{source}" in self.h5:
+                    collect("", self.h5[f"CONTROL/{source}"])
+            elif source in self.instrument_sources:
+                for grp in sorted(self.instrument_sources[source]):
+                    p = f"INSTRUMENT/{source}/{grp}"
+                    if p in self.h5:
+                        collect(grp.replace("/", ".") + ".", self.h5[p])
+            else:
+                raise KeyError(source)
+        except (RuntimeError, OSError) as e:  # corrupt or truncated metadata
+            raise RunFileError(f"{self.path}: cannot list the keys of {source}: {e}",
+                               self.path) from e
         self._keys[source] = res = sorted(keys)
         return res
 
