@@ -169,8 +169,8 @@ class Attributes:
                 if not _values_equal(v, w):
                     return False
             return True
-        if isinstance(other, Mapping):
-            return self == Attributes(other)
+        if isinstance(other, Mapping):  # a plain mapping: values only, no types
+            return list(self._v) == list(other) and all(_values_equal(v, other[k]) for k, v in self._v.items())
         return NotImplemented
 
     __hash__ = None
