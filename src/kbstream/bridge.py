@@ -6,8 +6,9 @@ fixed:
 
 * a REP server answers a bad request with ``Error: bad request <request>`` like the peer but
   keeps the train for the next good request (the peer loses it);
-* a REQ client survives a timeout: the next ``next()`` sends a fresh request and a late reply
-  to the old one is discarded (``REQ_RELAXED`` + ``REQ_CORRELATE``);
+* a REQ client survives a timeout: its socket is replaced, so the next ``next()`` sends a
+  fresh request and a late reply to the old one is never returned (the "lazy pirate"
+  pattern; ``REQ_RELAXED`` would race with the server's HWM of 1);
 * a context passed to the client is never destroyed; a malformed message raises a
   :class:`~kbstream.errors.ProtocolError` and the client stays usable;
 * an invalid ``protocol_version`` or socket type fails in the constructor, not in the thread;
@@ -464,8 +465,8 @@ class Client:
         Context to use; never terminated by the client.
 
     ``next()`` returns ``(data, meta)``; the client is an iterator and a context manager
-    (``close()`` on exit).  A REQ client recovers from a timeout: the next call sends a new
-    request and a late reply to the old one is discarded.  A malformed message raises
+    (``close()`` on exit).  A REQ client recovers from a timeout: the next call reconnects
+    and sends a new request; a late reply to the old one is never returned.  A malformed message raises
     :class:`~kbstream.ProtocolError` and the next call works.
     """
 
@@ -476,26 +477,32 @@ class Client:
             raise NotImplementedError(f"Unsupported socket: {sock}")
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
-        self._socket = self._context.socket(_CLIENT_SOCKETS[sock])
         self._endpoint = endpoint
         self._timeout = timeout
         self._pattern = sock
         self._awaiting = False
         self._closed = False
+        self._socket = None
         try:
-            self._socket.setsockopt(zmq.LINGER, 0)
-            self._socket.set_hwm(1)
-            if sock == "REQ":
-                self._socket.setsockopt(zmq.REQ_RELAXED, 1)
-                self._socket.setsockopt(zmq.REQ_CORRELATE, 1)
-            elif sock == "SUB":
-                self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-            if timeout is not None:
-                self._socket.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
-            self._socket.connect(endpoint)
+            self._socket = self._make_socket()
         except BaseException:
             self.close()
             raise
+
+    def _make_socket(self):
+        sock = self._context.socket(_CLIENT_SOCKETS[self._pattern])
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.set_hwm(1)
+            if self._pattern == "SUB":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            if self._timeout is not None:
+                sock.setsockopt(zmq.RCVTIMEO, int(self._timeout * 1000))
+            sock.connect(self._endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
 
     def next(self):
         """Receive the next train: ``(data, meta)``, both keyed by source.
@@ -509,6 +516,8 @@ class Client:
         """
         if self._closed:
             raise ServerStateError("next() on a closed client")
+        if self._socket is None:
+            self._socket = self._make_socket()
         sock = self._socket
         if self._pattern == "REQ" and not self._awaiting:
             sock.send(b"next")
@@ -516,9 +525,12 @@ class Client:
         try:
             frames = sock.recv_multipart(copy=False)
         except zmq.Again:
-            # REQ_RELAXED: the next call sends a fresh request; REQ_CORRELATE drops a late
-            # reply to this one
-            self._awaiting = False
+            if self._pattern == "REQ":
+                # The request stays outstanding at the server: drop this socket so its
+                # late reply goes nowhere; the next call connects afresh and asks again.
+                sock.close(linger=0)
+                self._socket = None
+                self._awaiting = False
             raise ChannelTimeout(
                 f"No data received from {self._endpoint} in the last "
                 f"{int(self._timeout * 1000)} ms",
@@ -533,7 +545,9 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        self._socket.close(linger=0)
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
         if self._own_context:
             self._context.term()
 
