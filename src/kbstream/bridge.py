@@ -101,19 +101,19 @@ def deserialize(frames):
 
 
 def _flatten_train(data, metadata):
+    """Flatten kbhash.Hash sources; return (flat data, explicit metadata for every source)."""
     flat = {}
-    meta = dict(metadata) if metadata is not None else None
+    meta = {}
     for src, props in data.items():
+        given = None if metadata is None else metadata.get(src)
         if isinstance(props, dict):
             flat[src] = props
+            meta[src] = given if given is not None else props.get("metadata", {})
             continue
         values, src_meta = flatten_hash(props)
         src_meta["source"] = src
         flat[src] = values
-        if meta is not None and src not in meta:
-            meta[src] = src_meta
-        elif meta is None:
-            values["metadata"] = src_meta
+        meta[src] = given if given is not None else src_meta
     return flat, meta
 
 
