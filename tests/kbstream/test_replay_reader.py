@@ -28,6 +28,7 @@ from kbstream.replay import reader as reader_mod
 from kbstream.replay.demo import make_demo_run
 
 SHAPE = (4, 16, 32)
+SRC1 = "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
 
 
 def assert_same_train(got, ref, tid):
@@ -49,11 +50,13 @@ def assert_same_train(got, ref, tid):
                 assert type(a) is type(b) and a == b, (src, k, a, b)
 
 
-@pytest.fixture(params=[0, reader_mod.SMALL_DATASET_BYTES], ids=["direct", "memory"])
+@pytest.fixture(params=[(0, True), (0, False), (reader_mod.SMALL_DATASET_BYTES, True)],
+                ids=["direct-mmap", "direct-pread", "memory"])
 def threshold(request, monkeypatch):
-    # 0 forces every numeric dataset through the direct (pread / mmap) paths.
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", request.param)
-    return request.param
+    # 0 forces every numeric dataset through the direct (mmap / pread / tiles) paths.
+    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", request.param[0])
+    monkeypatch.setattr(RunReader, "use_mmap", request.param[1])
+    return request.param[0]
 
 
 @pytest.mark.parametrize("chunking", ["train", "small", "contiguous"])
@@ -164,8 +167,10 @@ def test_unreadable_file(tmp_path):
         assert len(r.train_ids) == 2
 
 
-def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("use_mmap", [False, True])
+def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch, use_mmap):
     monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(RunReader, "use_mmap", use_mmap)
     d = make_demo_run(tmp_path, 8, frame_shape=SHAPE, modules=2)
     with RunReader(run_files(d)) as r:
         sel = select_sources(r, ["*JNGFR*[data.adc]"])
@@ -177,12 +182,22 @@ def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch):
             held.append(item)
             # Never more than depth + 1 trains unreleased: the reader waits for a slot.
             assert len(held) <= 3
+            if use_mmap:
+                # The arrays are the file's pages, mapped per train.
+                assert len(item.slot.maps) == 2 and not item.slot.buffers
+                assert not item.data[SRC1]["data.adc"].flags.writeable
             if len(held) == 3:
                 pf.release(held.pop(0))
+        assert all(not i.slot.maps for i in held[:0])
         pf.close()
         assert got == list(range(10100, 10108))
         assert len(pf.pool.slots) == 3
-        assert all(s.nbytes == 2 * 4 * 16 * 32 * 2 for s in pf.pool.slots)
+        if not use_mmap:
+            # Reused buffers: one adc array per module and slot, nothing more.
+            assert all(s.nbytes == 2 * 4 * 16 * 32 * 2 for s in pf.pool.slots)
+        for item in held:
+            pf.release(item)
+        assert all(not s.maps for s in pf.pool.slots)
 
 
 def test_prefetcher_reports_bad_train_and_goes_on(tmp_path, monkeypatch):

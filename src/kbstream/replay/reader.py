@@ -15,8 +15,12 @@ Reading strategy per dataset (decided once, when first used):
 ``rows``
     Unfiltered contiguous datasets, and unfiltered chunked datasets whose
     chunk holds whole rows (e.g. one chunk per train): the rows of a train are
-    contiguous bytes in the file, read with ``os.preadv`` straight into the
-    output buffer.  This is what ``H5Dread_chunk`` (``read_direct_chunk``)
+    contiguous bytes in the file.  By default (:attr:`RunReader.use_mmap`)
+    they are mapped read-only (``mmap`` with ``MAP_POPULATE``, in the reader
+    thread) and the mapping itself goes to ZeroMQ: no copy in user space at
+    all, and the mapping is dropped once libzmq has released the frame.
+    Otherwise they are read with ``os.preadv`` straight into the output
+    buffer.  This is what ``H5Dread_chunk`` (``read_direct_chunk``)
     would return, minus the HDF5 call: no filter pipeline, no extra copy, and
     the GIL is released during the read so the sender thread keeps running.
 ``tiles``
@@ -108,7 +112,6 @@ class RunFile:
             raise RunFileError(f"{self.path} is not a readable EuXFEL run file: {e}",
                                self.path) from e
         self._fd = None
-        self._mmap = None
         self._index = {}
         self._keys = {}
         self._datasets = {}
@@ -243,23 +246,37 @@ class RunFile:
             self.size = os.fstat(self._fd).st_size
         return self._fd
 
-    def mapped(self):
-        """The whole file as a read-only uint8 array (mmap)."""
-        if self._mmap is None:
-            fd = self.fd()
-            self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            self._mapped = np.frombuffer(self._mmap, np.uint8)
-        return self._mapped
+    def map_region(self, addr, nbytes, populate=False):
+        """A read-only uint8 array over file bytes ``addr:addr+nbytes`` (mmap).
+
+        The mapping is undone when the array and every view of it are gone.
+        ``populate`` faults the pages in now (``MAP_POPULATE``), in the
+        calling thread with the GIL released, instead of in whoever touches
+        them first (the ZeroMQ I/O thread).
+
+        Raises
+        ------
+        TruncatedFileError
+            The region lies beyond the current end of the file (checked with
+            ``fstat`` at each call: touching a mapping past the end of a file
+            would kill the process with SIGBUS).
+        """
+        fd = self.fd()
+        size = os.fstat(fd).st_size
+        if addr + nbytes > size:
+            raise TruncatedFileError(
+                f"{self.path}: data at byte {addr}+{nbytes} lies beyond the end of the file "
+                f"({size} bytes); the file is truncated", self.path)
+        start = addr - addr % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED
+        if populate and hasattr(mmap, "MAP_POPULATE"):
+            flags |= mmap.MAP_POPULATE
+        m = mmap.mmap(fd, addr - start + nbytes, flags=flags, prot=mmap.PROT_READ,
+                      offset=start)
+        return np.frombuffer(m, np.uint8, nbytes, addr - start)
 
     def close(self):
         self._datasets.clear()
-        if self._mmap is not None:
-            self._mapped = None
-            try:
-                self._mmap.close()
-            except BufferError:  # an array still views the map: leave it to gc
-                pass
-            self._mmap = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -403,8 +420,6 @@ class _Dataset:
 
     def _read_tiles(self, first, count, out):
         cmap = self._chunk_map()
-        mapped = self.rf.mapped()
-        size = self.rf.size
         chunks = self.chunks
         c0 = chunks[0]
         cbytes = int(np.prod(chunks, dtype=np.int64)) * self.dtype.itemsize
@@ -415,32 +430,70 @@ class _Dataset:
             k = (r // c0) * c0
             stop = min(end, k + c0)
             dst_rows = out[r - first:stop - first]
+            located = []
             for starts, crop, dest in tiles:
                 loc = cmap.get((k,) + starts)
                 target = dst_rows[(slice(None),) + dest]
-                if loc is None:
+                if loc is None:  # never written: the fill value
                     fv = self.ds.fillvalue
                     target[...] = fv if fv is not None else 0
-                    continue
-                addr = loc[0]
-                if addr + cbytes > size:
-                    raise TruncatedFileError(
-                        f"{self.rf.path}: {self.name} chunk at byte {addr}+{cbytes} lies "
-                        f"beyond the end of the file ({size} bytes); the file is truncated",
-                        self.rf.path)
-                chunk = mapped[addr:addr + cbytes].view(self.dtype).reshape(chunks)
-                np.copyto(target, chunk[(slice(r - k, stop - k),) + crop])
+                else:
+                    located.append((loc[0], crop, target))
+            if located:
+                # Map the chunks of this row block only, and unmap them right
+                # after copying, so that resident memory does not grow with
+                # the file (pages of a whole-file map would all count).
+                lo = min(a for a, _, _ in located)
+                hi = max(a for a, _, _ in located) + cbytes
+                region = self.rf.map_region(lo, hi - lo)
+                rows = (slice(r - k, stop - k),)
+                for addr, crop, target in located:
+                    chunk = region[addr - lo:addr - lo + cbytes].view(self.dtype).reshape(chunks)
+                    np.copyto(target, chunk[rows + crop])
+                del region, chunk
             r = stop
+
+    def map_rows(self, first, count):
+        """Rows ``first:first+count`` as a read-only array mapped from the file, or None.
+
+        Only for mode ``rows`` when the rows are contiguous in the file (one
+        chunk, or contiguous storage): then the array *is* the page cache,
+        and ZeroMQ sends it with no copy in user space at all.
+        """
+        if self.mode != "rows" or count == 0:
+            return None
+        if first + count > self.shape[0]:
+            raise TruncatedFileError(
+                f"{self.rf.path}: {self.name} has {self.shape[0]} rows, index refers to "
+                f"{first}:{first + count}", self.rf.path)
+        rb = self.row_bytes
+        if self.chunks is None:
+            addr = self.offset + first * rb
+        else:
+            c0 = self.chunks[0]
+            k = (first // c0) * c0
+            if (first + count - 1) // c0 != first // c0:
+                return None
+            loc = self._chunk_map().get((k,) + (0,) * len(self.entry_shape))
+            if loc is None:
+                return None
+            addr = loc[0] + (first - k) * rb
+        try:
+            region = self.rf.map_region(addr, count * rb, populate=True)
+        except TruncatedFileError as e:
+            raise TruncatedFileError(f"{self.rf.path}: {self.name}: {e}", self.rf.path) from None
+        return region.view(self.dtype).reshape((count,) + self.entry_shape)
 
 
 class Slot:
     """The output buffers of one train, reused from train to train."""
 
-    __slots__ = ("index", "buffers")
+    __slots__ = ("index", "buffers", "maps")
 
     def __init__(self, index):
         self.index = index
         self.buffers = {}
+        self.maps = []  # file-mapped arrays of the current train, dropped on release
 
     def buffer(self, name, shape, dtype):
         buf = self.buffers.get(name)
@@ -479,6 +532,7 @@ class SlotPool:
                     return None
 
     def release(self, slot):
+        slot.maps.clear()  # unmaps once nothing else (zmq) holds the arrays
         self._free.put(slot)
 
     @property
@@ -603,6 +657,14 @@ class RunReader:
         return table.get(int(tid), (None, None))
 
     @staticmethod
+    def _map(dsr, first, count, source, key, tid):
+        try:
+            return dsr.map_rows(first, count)
+        except TruncatedFileError as e:
+            e.source, e.key, e.train_id = source, key, int(tid)
+            raise
+
+    @staticmethod
     def key_group(key):
         return key.partition(".")[0]
 
@@ -657,6 +719,9 @@ class RunReader:
                 return res
         return {}
 
+    #: Send unfiltered contiguous rows straight from a file mapping (no copy).
+    use_mmap = True
+
     def read_train(self, tid, selection, slot=None, send_tid=None, timestamps=True):
         """Read train ``tid`` for ``selection`` ({source: [keys]}).
 
@@ -700,6 +765,11 @@ class RunReader:
                 if dsr.mode == "memory":
                     cache = dsr.get(first, count)
                     value = cache[first] if (control or count == 1) else cache[first:first + count]
+                elif self.use_mmap and dsr.mode == "rows" and (
+                        mapped := self._map(dsr, first, count, source, key, tid)) is not None:
+                    if slot is not None:
+                        slot.maps.append(mapped)
+                    value = mapped[0] if (control or count == 1) else mapped
                 else:
                     shape = (count,) + dsr.entry_shape
                     if slot is not None:

@@ -490,6 +490,8 @@ def _common_options(ap):
     ap.add_argument("--prefetch", type=int, default=4, metavar="N",
                     help="trains read ahead of the sender (default 4)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="read into reused buffers instead of sending from file mappings")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -545,6 +547,7 @@ def _main(prog, argv, out, err):
             files, override = run_files(args.path), []
             require = "all" if args.require_all else None
         reader = RunReader(files, override=override, skip_bad_files=True)
+        reader.use_mmap = not args.no_mmap
     except (RunNotFoundError, RunFileError) as e:
         print(f"{prog}: error: {e}", file=err)
         return 2
