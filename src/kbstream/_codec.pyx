@@ -25,6 +25,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_Next, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
@@ -1050,6 +1051,165 @@ cdef tuple _deserialize_v1(frame):
     return train, meta
 
 
+
+# ---------------------------------------------------------------------------------------
+# fast path for the 2.x headers karabo_bridge writes: a fixmap with fixstr keys among
+# source, content, metadata, path, dtype, shape.  It builds no dict.  On anything else,
+# valid or not, it gives up (returns 0) and the generic path decodes the frame, so every
+# error is raised by the generic path with the same message as in _pure.
+
+cdef class _Hdr:
+    cdef object source
+    cdef object metadata
+    cdef object path
+    cdef object dtype
+    cdef object shape
+    cdef int content          # 1 msgpack, 2 array
+    cdef Py_ssize_t count     # items of the shape, -1 if it overflows
+
+
+cdef inline bint _key_is(const uint8_t* p, Py_ssize_t n, const char* name, Py_ssize_t m):
+    return n == m and memcmp(p, name, m) == 0
+
+
+cdef int _fast_header(object frame, Py_ssize_t index, _Hdr h) except -1:
+    cdef Py_buffer view
+    cdef Reader r
+    cdef const uint8_t* p
+    cdef Py_ssize_t nkeys, k, klen, j, nd
+    cdef uint8_t b
+    cdef int seen = 0, bit
+    cdef uint64_t d
+    cdef Py_ssize_t c
+    cdef int ok = 0
+    get_frame_buffer(frame, &view, index)
+    try:
+        r.buf = <const uint8_t*>view.buf
+        r.pos = 0
+        r.end = view.len
+        r.index = index
+        r.v1 = False
+        if r.end < 1 or (r.buf[0] & 0xF0) != 0x80:
+            return 0
+        nkeys = r.buf[0] & 0x0F
+        r.pos = 1
+        if nkeys * 2 > r.end - r.pos:
+            return 0
+        h.metadata = None
+        h.path = None
+        h.dtype = None
+        h.shape = None
+        h.content = 0
+        for k in range(nkeys):
+            if r.pos >= r.end:
+                return 0
+            b = r.buf[r.pos]
+            if (b & 0xE0) != 0xA0:
+                return 0
+            klen = b & 0x1F
+            if r.end - r.pos - 1 < klen + 1:
+                return 0
+            p = r.buf + r.pos + 1
+            r.pos += 1 + klen
+            b = r.buf[r.pos]       # first byte of the value (bounds checked above)
+            if _key_is(p, klen, "source", 6):
+                bit = 1
+                if (b & 0xE0) != 0xA0 and b != 0xD9:
+                    return 0
+            elif _key_is(p, klen, "content", 7):
+                bit = 2
+                if (b & 0xE0) != 0xA0:
+                    return 0
+            elif _key_is(p, klen, "metadata", 8):
+                bit = 4
+                if (b & 0xF0) != 0x80 and b != 0xDE and b != 0xDF:
+                    return 0
+            elif _key_is(p, klen, "path", 4):
+                bit = 8
+                if (b & 0xE0) != 0xA0 and b != 0xD9:
+                    return 0
+            elif _key_is(p, klen, "dtype", 5):
+                bit = 16
+                if (b & 0xE0) != 0xA0:
+                    return 0
+            elif _key_is(p, klen, "shape", 5):
+                bit = 32
+                if (b & 0xF0) != 0x90:
+                    return 0
+            else:
+                return 0
+            if seen & bit:
+                return 0
+            seen |= bit
+            if bit == 2:
+                klen = b & 0x1F
+                if r.end - r.pos - 1 < klen:
+                    return 0
+                p = r.buf + r.pos + 1
+                if _key_is(p, klen, "msgpack", 7):
+                    h.content = 1
+                elif _key_is(p, klen, "array", 5):
+                    h.content = 2
+                else:
+                    return 0
+                r.pos += 1 + klen
+            elif bit == 32:
+                nd = b & 0x0F
+                r.pos += 1
+                shape = PyTuple_New(nd)
+                c = 1
+                for j in range(nd):
+                    if r.pos >= r.end:
+                        return 0
+                    b = r.buf[r.pos]
+                    if b <= 0x7F:
+                        d = b
+                        r.pos += 1
+                    elif b >= 0xCC and b <= 0xCF:
+                        r.pos += 1
+                        if r.end - r.pos < (1 << (b - 0xCC)):
+                            return 0
+                        d = r_be(&r, 1 << (b - 0xCC), r.pos)
+                        if d >= (<uint64_t>1 << 62):
+                            return 0
+                    else:
+                        return 0
+                    v = PyLong_FromUnsignedLongLong(d)
+                    Py_INCREF(v)
+                    PyTuple_SET_ITEM(shape, j, v)
+                    if c >= 0:
+                        if d != 0 and <uint64_t>c > <uint64_t>PY_SSIZE_T_MAX // d:
+                            c = -1
+                        else:
+                            c *= <Py_ssize_t>d
+                if c < 0:
+                    return 0
+                h.shape = shape
+                h.count = c
+            else:
+                try:
+                    v = r_value(&r, 1, frame)
+                except ProtocolError:
+                    return 0
+                if bit == 1:
+                    h.source = v
+                elif bit == 4:
+                    h.metadata = v
+                elif bit == 8:
+                    h.path = v
+                else:
+                    h.dtype = v
+        if r.pos != r.end or not (seen & 1) or not (seen & 2):
+            return 0
+        if h.content == 1:
+            ok = (seen & ~7) == 0
+        else:
+            ok = seen == (1 | 2 | 8 | 16 | 32)
+        return ok
+    finally:
+        PyBuffer_Release(&view)
+
+
 def deserialize(frames):
     """Decode one message (list of frames) into ``(data, meta)``, both keyed by source.
 
@@ -1081,7 +1241,39 @@ def deserialize(frames):
         )
     data = {}
     meta = {}
+    cdef _Hdr fh = _Hdr.__new__(_Hdr)
     for i in range(0, n, 2):
+        if _fast_header(fl[i], i, fh):
+            source = fh.source
+            if fh.content == 1:
+                p = decode_frame(fl[i + 1], i + 1, False)
+                if type(p) is not dict:
+                    raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
+                m = fh.metadata
+                if m is None:
+                    m = _meta_from_payload(<dict>p)
+                data[source] = p
+                meta[source] = m
+            else:
+                props = data.get(source)
+                if props is None:
+                    raise ProtocolError(
+                        f"frame {i}: array for source {source!r} comes before its msgpack "
+                        f"part", i
+                    )
+                dt = _dtype(fh.dtype, i)
+                shape = fh.shape
+                count = fh.count
+                frame = fl[i + 1]
+                get_frame_buffer(frame, &view, i + 1)
+                nbytes = view.len
+                PyBuffer_Release(&view)
+                itemsize = dt.itemsize
+                if count <= 0 or count > nbytes or count * itemsize != nbytes:
+                    _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
+                                  f"array {fh.path!r}")
+                props[fh.path] = _ndarray(shape, dt, frame)
+            continue
         h = decode_frame(fl[i], i, False)
         if type(h) is not dict:
             raise ProtocolError(f"frame {i}: header is not a msgpack map", i)

@@ -1,0 +1,52 @@
+"""Payload fixtures for the benchmarks (run: ``pytest benchmarks/bench_bridge.py``).
+
+"module" = one JUNGFRAU module train: ``data.adc`` uint16 (16, 512, 1024) (random) + 20
+scalar keys; "jf4m" = 8 such sources (134 MB per train), as in the bridge spec section 16.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+
+def _module_source(rng):
+    d = {"data.adc": rng.integers(0, 16384, (16, 512, 1024), dtype=np.uint16)}
+    for i in range(8):
+        d[f"header.int{i}"] = i * 1000 + 7
+    for i in range(6):
+        d[f"header.float{i}"] = i * 0.5 + 0.25
+    for i in range(4):
+        d[f"header.str{i}"] = f"value-{i}"
+    d["data.trainId"] = 10_000_000_000
+    d["data.valid"] = True
+    return d
+
+
+def _meta(src, tid=10_000_000_000):
+    return {"source": src, "timestamp": 1.7e9, "timestamp.sec": "1700000000",
+            "timestamp.frac": "250000000000000000", "timestamp.tid": tid}
+
+
+def make_train(nsources, seed=0):
+    rng = np.random.default_rng(seed)
+    srcs = [f"SPB_IRDA_JF4M/DET/JNGFR{i:02d}:daqOutput" for i in range(1, nsources + 1)]
+    return {s: _module_source(rng) for s in srcs}, {s: _meta(s) for s in srcs}
+
+
+@pytest.fixture(scope="session")
+def module_train():
+    return make_train(1)
+
+
+@pytest.fixture(scope="session")
+def jf4m_train():
+    return make_train(8)
+
+
+@pytest.fixture(scope="session", params=["module", "jf4m"])
+def train(request):
+    """(name, data, metadata, payload bytes) for both payloads."""
+    data, meta = request.getfixturevalue(f"{request.param}_train")
+    nbytes = sum(v.nbytes for p in data.values() for v in p.values() if isinstance(v, np.ndarray))
+    return request.param, data, meta, nbytes
