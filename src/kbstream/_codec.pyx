@@ -402,6 +402,17 @@ cdef int w_double(Writer* w, double d) except -1:
 cdef int w_str(Writer* w, obj) except -1:
     cdef Py_ssize_t n
     cdef const char* p
+    if PyUnicode_IS_COMPACT_ASCII(<PyObject*>obj):
+        # ASCII: the characters are the UTF-8 bytes
+        n = PyUnicode_GET_LENGTH(<PyObject*>obj)
+        p = <const char*>PyUnicode_DATA(<PyObject*>obj)
+        if n <= 31 and w.len + 1 + n <= w.cap:
+            w.buf[w.len] = <char>(0xA0 | n)
+            memcpy(w.buf + w.len + 1, p, n)
+            w.len += 1 + n
+            return 0
+        w_size_header(w, n, 0xA0, 31, 0xD9, 0xDA, 0xDB)
+        return w_raw(w, p, n)
     try:
         p = PyUnicode_AsUTF8AndSize(obj, &n)
     except UnicodeEncodeError:
@@ -953,7 +964,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     frames = []
     w_init(&w, 1024)
     try:
-        for src in sorted(data):
+        for src in (sorted(data) if len(data) > 1 else list(data)):
             props = data[src]
             if not isinstance(props, dict):
                 raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
