@@ -24,7 +24,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport isfinite, fabs
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp
 
 from kbhash._types cimport *
 from kbhash._wire cimport rd_u16, rd_u32, rd_u64, rd_f32, rd_f64, wr_u32, wr_u64, wr_f32, wr_f64
@@ -34,7 +34,7 @@ import numpy as np
 from kbhash import _values as V
 from kbhash._types import HashType, VECTOR_DTYPE, WIRE_TYPES
 from kbhash.errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
-from kbhash.hash import Attributes, Hash, ImageData, Schema
+from kbhash.hash import Hash, ImageData, Schema
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -67,11 +67,49 @@ cdef object _frombuffer = np.frombuffer
 cdef object _ndarray = np.ndarray
 cdef object _infer_type = V.infer_type
 cdef object _HashNew = Hash.__new__
-cdef object _AttrsNew = Attributes.__new__
 cdef float _FLT_MAX_F = 3.4028234663852886e38
 cdef bytes _NDARRAY_ATTR = b"\x09__classId" + bytes([T_STRING, 0, 0, 0, 7, 0, 0, 0]) + b"NDArray"
 cdef bytes _IMAGEDATA_ATTR = b"\x09__classId" + bytes([T_STRING, 0, 0, 0, 9, 0, 0, 0]) + b"ImageData"
 cdef bytes _EMPTY = b""
+
+# Valid wire type ids (index < 44), as a C table.
+cdef char _VALID[44]
+for _i in range(44):
+    _VALID[_i] = 1 if _i in WIRE_TYPES else 0
+
+# Decoded keys are mostly the same few names over and over ("unit", "sec",
+# "data", ...).  A small direct-mapped cache of str objects, looked up by the
+# key's bytes, avoids creating (and hashing) a new str for each of them; a str
+# from the cache already carries its hash, which makes the dict inserts cheaper
+# too.  Only ASCII keys of up to 64 bytes are cached.  The cache is only
+# touched with the GIL held.
+cdef enum:
+    _KEY_CACHE_SIZE = 1024
+cdef object _key_cache = [None] * _KEY_CACHE_SIZE
+
+
+cdef inline str _cached_key(const unsigned char* q, Py_ssize_t n):
+    cdef uint32_t h = 2166136261U
+    cdef Py_ssize_t k
+    cdef const char* s
+    cdef Py_ssize_t sn
+    if n > 64:
+        return None
+    for k in range(n):
+        if q[k] >= 0x80:
+            return None
+        h = (h ^ q[k]) * 16777619U
+    cdef Py_ssize_t slot = h & (_KEY_CACHE_SIZE - 1)
+    cdef object cand = (<list>_key_cache)[slot]
+    if cand is not None:
+        s = PyUnicode_AsUTF8AndSize(cand, &sn)
+        if sn == n and memcmp(s, q, n) == 0:
+            return <str>cand
+    key = PyUnicode_DecodeUTF8(<const char*>q, n, NULL)
+    hash(key)
+    (<list>_key_cache)[slot] = key
+    return key
+
 
 # Size in bytes of the fixed-size scalar types (0 = not a fixed-size scalar).
 cdef int _scalar_size(int t) noexcept:
@@ -195,11 +233,145 @@ cdef int _fast_type(object value) except -2:
         return T_STRING
     if cls is Hash:
         return T_HASH
-    if cls is _ndarray:
-        return -1
+    if cls is list:
+        return _fast_list_type(<list>value)
     if value is None:
         return T_NONE
     return -1
+
+
+cdef int _fast_list_type(list value) except -2:
+    """karabind's vector type for a list of exact bools/ints/floats/strs; -1: ask V.infer_type."""
+    cdef Py_ssize_t n = len(value), k
+    cdef int overflow = 0
+    cdef long long v, lo = 0, hi = 0
+    if n == 0:
+        return T_VECTOR_STRING
+    cdef type c = type(value[0])
+    if c is bool:
+        return T_VECTOR_BOOL
+    if c is float:
+        return T_VECTOR_DOUBLE
+    if c is str:
+        return T_VECTOR_STRING
+    if c is int:
+        for k in range(n):
+            x = value[k]
+            if type(x) is not int:
+                return -1
+            v = PyLong_AsLongLongAndOverflow(x, &overflow)
+            if overflow:
+                return -1
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+        if lo >= -2147483648 and hi <= 2147483647:
+            return T_VECTOR_INT32
+        if lo >= 0 and hi <= 4294967295:
+            return T_VECTOR_UINT32
+        return T_VECTOR_INT64
+    return -1
+
+
+cdef bint _int_in_range(long long v, int t) noexcept:
+    if t == T_INT8:
+        return -128 <= v <= 127
+    if t == T_UINT8:
+        return 0 <= v <= 255
+    if t == T_INT16:
+        return -32768 <= v <= 32767
+    if t == T_UINT16:
+        return 0 <= v <= 65535
+    if t == T_INT32:
+        return -2147483648 <= v <= 2147483647
+    if t == T_UINT32:
+        return 0 <= v <= 4294967295
+    if t == T_INT64:
+        return True
+    return v >= 0
+
+
+cdef inline void _wr_sized(unsigned char* p, unsigned long long u, int size) noexcept:
+    if size == 1:
+        p[0] = <unsigned char>(u & 0xff)
+    elif size == 2:
+        p[0] = <unsigned char>(u & 0xff)
+        p[1] = <unsigned char>((u >> 8) & 0xff)
+    elif size == 4:
+        wr_u32(p, <uint32_t>(u & 0xffffffffU))
+    else:
+        wr_u64(p, <uint64_t>u)
+
+
+cdef int _write_list_fast(_Writer w, list value, int t) except -1:
+    """Write a list vector in C when every element is plain; 0 = not done (nothing written)."""
+    cdef Py_ssize_t n = len(value), k, sn
+    cdef int et = t - 1, size, overflow = 0
+    cdef long long v
+    cdef double d
+    cdef unsigned char* p
+    cdef const char* s
+    if n > 0xFFFFFFFF:
+        return 0
+    if T_INT8 <= et <= T_UINT64 and et % 2 == 0:
+        for k in range(n):
+            x = value[k]
+            if type(x) is not int:
+                return 0
+            v = PyLong_AsLongLongAndOverflow(x, &overflow)
+            if overflow or not _int_in_range(v, et):
+                return 0
+        size = _scalar_size(et)
+        w.u32(<uint32_t>n)
+        p = w.reserve(size * n)
+        for k in range(n):
+            v = PyLong_AsLongLongAndOverflow(value[k], &overflow)
+            _wr_sized(p + size * k, <unsigned long long>v, size)
+        return 1
+    if et == T_DOUBLE or et == T_FLOAT:
+        for k in range(n):
+            x = value[k]
+            if type(x) is not float:
+                return 0
+            if et == T_FLOAT and isfinite(<double>x) and fabs(<double>x) > _FLT_MAX_F:
+                return 0
+        w.u32(<uint32_t>n)
+        if et == T_DOUBLE:
+            p = w.reserve(8 * n)
+            for k in range(n):
+                wr_f64(p + 8 * k, <double>value[k])
+        else:
+            p = w.reserve(4 * n)
+            for k in range(n):
+                wr_f32(p + 4 * k, <float><double>value[k])
+        return 1
+    if et == T_BOOL:
+        for k in range(n):
+            x = value[k]
+            if x is not True and x is not False:
+                return 0
+        w.u32(<uint32_t>n)
+        p = w.reserve(n)
+        for k in range(n):
+            p[k] = 1 if value[k] is True else 0
+        return 1
+    if t == T_VECTOR_STRING:
+        for k in range(n):
+            x = value[k]
+            if type(x) is not str:
+                return 0
+            try:
+                PyUnicode_AsUTF8AndSize(x, &sn)
+            except UnicodeEncodeError:
+                return 0
+        w.u32(<uint32_t>n)
+        for k in range(n):
+            s = PyUnicode_AsUTF8AndSize(value[k], &sn)
+            w.u32(<uint32_t>sn)
+            w.put(s, sn)
+        return 1
+    return 0
 
 
 cdef int _write_hash(_Writer w, object h, int depth) except -1:
@@ -210,7 +382,8 @@ cdef int _write_hash(_Writer w, object h, int depth) except -1:
     cdef dict vals = h._v
     cdef dict types = h._t
     cdef dict attrs = h._a
-    cdef object t
+    cdef dict atypes = h._at
+    cdef object t, a
     cdef int ti
     w.u32(<uint32_t>len(vals))
     for key, value in vals.items():
@@ -221,51 +394,54 @@ cdef int _write_hash(_Writer w, object h, int depth) except -1:
                 ti = _infer_type(value)
         else:
             ti = t
-        _write_node(w, key, value, ti, attrs.get(key) if attrs else None, depth)
+        a = attrs.get(key) if attrs else None
+        _write_node(w, key, value, ti, a, atypes.get(key) if a else None, depth)
     return 0
 
 
-cdef int _write_node(_Writer w, object key, object value, int t, object attrs, int depth) except -1:
+cdef int _write_node(_Writer w, object key, object value, int t, dict avals, dict atypes,
+                     int depth) except -1:
     _key(w, key)
     if t == T_NDARRAY:
         if not isinstance(value, _ndarray):
             raise EncodeError(f"{key!r}: NDArray needs a numpy array")
         w.u32(T_HASH)
-        _write_attrs(w, attrs, _NDARRAY_ATTR, depth)
+        _write_attrs(w, avals, atypes, _NDARRAY_ATTR, depth)
         _write_ndarray(w, value)
     elif t == T_IMAGEDATA:
         if not isinstance(value, ImageData):
             raise EncodeError(f"{key!r}: not an ImageData")
         w.u32(T_HASH)
-        _write_attrs(w, attrs, _IMAGEDATA_ATTR, depth)
+        _write_attrs(w, avals, atypes, _IMAGEDATA_ATTR, depth)
         children = V.imagedata_children(value)
         w.u32(<uint32_t>len(children))
         for k, v, ct in children:
-            _write_node(w, k, v, T_NDARRAY if ct is None else ct, None, depth + 1)
+            _write_node(w, k, v, T_NDARRAY if ct is None else ct, None, None, depth + 1)
     else:
         if t not in _WIRE_TYPES:
             raise EncodeError(f"{key!r}: {t} is not a Karabo type id")
         w.u32(<uint32_t>t)
-        _write_attrs(w, attrs, _EMPTY, depth)
+        _write_attrs(w, avals, atypes, _EMPTY, depth)
         _write_value(w, key, value, t, depth)
     return 0
 
 
-cdef int _write_attrs(_Writer w, object attrs, bytes prefix, int depth) except -1:
-    cdef Py_ssize_t n = 1 if len(prefix) else 0
-    cdef list items = []
-    cdef dict avals, atypes
+cdef int _write_attrs(_Writer w, dict avals, dict atypes, bytes prefix, int depth) except -1:
+    cdef bint has_prefix = len(prefix) != 0
+    cdef Py_ssize_t n = 1 if has_prefix else 0
     cdef int ti
-    if attrs is not None and len(attrs._v):
-        avals = attrs._v
-        atypes = attrs._t
-        for name, value in avals.items():
-            if n and name == "__classId":
-                continue
-            items.append((name, value, atypes.get(name)))
-    w.u32(<uint32_t>(n + len(items)))
+    if avals:
+        n += len(avals)
+        if has_prefix and "__classId" in avals:
+            n -= 1
+    w.u32(<uint32_t>n)
     w.put(<const char*>prefix, len(prefix))
-    for name, value, t in items:
+    if not avals:
+        return 0
+    for name, value in avals.items():
+        if has_prefix and name == "__classId":
+            continue
+        t = atypes.get(name) if atypes else None
         if t is None:
             ti = _fast_type(value)
             if ti == -1:
@@ -398,8 +574,14 @@ cdef int _write_value(_Writer w, object key, object value, int t, int depth) exc
             b = V.encode_str(value, key)
             _count(w, len(b), key)
             w.put(<const char*>b, len(b))
+    elif type(value) is list and (t == T_VECTOR_STRING or t in _VECTOR_DTYPE) and _write_list_fast(w, <list>value, t):
+        pass
     elif t in _VECTOR_DTYPE:
-        arr = V.vector_array(value, t, key)
+        dt = _VECTOR_DTYPE[t]
+        if type(value) is _ndarray and value.ndim == 1 and value.dtype == dt and value.flags.c_contiguous:
+            arr = value  # a decoded vector going out again: no conversion
+        else:
+            arr = V.vector_array(value, t, key)
         _count(w, arr.size, key)
         if arr.size:
             _put_buffer(w, arr)
@@ -523,6 +705,7 @@ cdef class _Reader:
     cdef Py_ssize_t left
     cdef const unsigned char* p
     cdef Py_ssize_t seglen
+    cdef dict attr_types
 
     def __cinit__(self):
         self.views = NULL
@@ -602,6 +785,9 @@ cdef class _Reader:
         cdef Py_ssize_t off = self.offset()
         cdef Py_ssize_t n = self.take(1, "key length")[0]
         cdef const unsigned char* q = self.take(n, "key")
+        cdef str cached = _cached_key(q, n)
+        if cached is not None:
+            return cached
         try:
             return PyUnicode_DecodeUTF8(<const char*>q, n, NULL)
         except UnicodeDecodeError:
@@ -610,7 +796,7 @@ cdef class _Reader:
     cdef int type_id(self) except -1:
         cdef Py_ssize_t off = self.offset()
         cdef uint32_t t = self.u32("type id")
-        if t > 43 or t not in _WIRE_TYPES:
+        if t > 43 or not _VALID[t]:
             raise UnknownTypeError(f"unknown type id {t} at offset {off}", off, t)
         return <int>t
 
@@ -637,8 +823,10 @@ cdef object _read_hash(_Reader r, int depth):
     cdef dict vals = {}
     cdef dict types = {}
     cdef dict attrs = {}
+    cdef dict attr_types = {}
+    cdef dict avals, atypes
     cdef int t
-    cdef object a, value, key
+    cdef object value, key, cls
     h = _HashNew(Hash)
     for k in range(n):
         off = r.offset()
@@ -646,36 +834,40 @@ cdef object _read_hash(_Reader r, int depth):
         if key in vals:
             raise DecodeError(f"duplicate key {key!r} at offset {off}", off)
         t = r.type_id()
-        a = _read_attrs(r, depth)
+        avals = _read_attrs(r, depth)
+        atypes = r.attr_types
         voff = r.offset()
         value = _read_value(r, t, depth)
-        if a is not None:
-            avals = (<object>a)._v
-            cls = avals.get("__classId")
-            if t == T_HASH and cls is not None and (<object>a)._t.get("__classId") == T_STRING \
-                    and (cls == "NDArray" or cls == "ImageData"):
-                if cls == "NDArray":
-                    value = V.make_ndarray(value, voff)
-                    del a["__classId"]
-                    t = -1
-                else:
-                    img = V.make_imagedata(value)
-                    if img is not None:
-                        value = img
-                        del a["__classId"]
+        if avals is not None:
+            if t == T_HASH:
+                cls = avals.get("__classId")
+                if cls is not None and atypes.get("__classId") == T_STRING \
+                        and (cls == "NDArray" or cls == "ImageData"):
+                    if cls == "NDArray":
+                        value = V.make_ndarray(value, voff)
+                        del avals["__classId"], atypes["__classId"]
                         t = -1
+                    else:
+                        img = V.make_imagedata(value)
+                        if img is not None:
+                            value = img
+                            del avals["__classId"], atypes["__classId"]
+                            t = -1
             if avals:
-                attrs[key] = a
+                attrs[key] = avals
+                attr_types[key] = atypes
         vals[key] = value
         if t >= 0:
             types[key] = t
     h._v = vals
     h._t = types
     h._a = attrs
+    h._at = attr_types
     return h
 
 
-cdef object _read_attrs(_Reader r, int depth):
+cdef dict _read_attrs(_Reader r, int depth):
+    """The attribute values (None if there are none); their types go to r.attr_types."""
     cdef Py_ssize_t n = r.count("attribute count", 6)
     if n == 0:
         return None
@@ -683,7 +875,6 @@ cdef object _read_attrs(_Reader r, int depth):
     cdef dict vals = {}
     cdef dict types = {}
     cdef int t
-    a = _AttrsNew(Attributes)
     for k in range(n):
         off = r.offset()
         name = r.key()
@@ -692,9 +883,8 @@ cdef object _read_attrs(_Reader r, int depth):
         t = r.type_id()
         vals[name] = _read_value(r, t, depth)
         types[name] = t
-    a._v = vals
-    a._t = types
-    return a
+    r.attr_types = types
+    return vals
 
 
 cdef object _read_value(_Reader r, int t, int depth):

@@ -36,7 +36,7 @@ import numpy as np
 from . import _values as V
 from ._types import IMAGEDATA, NDARRAY, VECTOR_DTYPE, WIRE_TYPES, HashType
 from .errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
-from .hash import Attributes, Hash, ImageData, Schema
+from .hash import Hash, ImageData, Schema
 
 __all__ = ["encode", "encode_bytes", "decode", "MAX_DEPTH"]
 
@@ -102,14 +102,17 @@ def _write_hash(w, h, depth):
     w.cur += _U32.pack(len(h._v))
     types = h._t
     attrs = h._a
+    atypes = h._at
     for key, value in h._v.items():
         t = types.get(key)
         if t is None:
             t = V.infer_type(value)
-        _write_node(w, key, value, int(t), attrs.get(key), depth)
+        a = attrs.get(key)
+        _write_node(w, key, value, int(t), (a, atypes.get(key)) if a else None, depth)
 
 
 def _write_node(w, key, value, t, attrs, depth):
+    """Write one node; ``attrs`` is None or (values dict, explicit types dict)."""
     out = w.cur
     _key(out, key)
     if t == NDARRAY:
@@ -139,10 +142,12 @@ def _write_attrs(w, attrs, prefix, depth):
     n = 1 if prefix else 0
     items = []
     if attrs:
-        for name, value in attrs._v.items():
+        avals, atypes = attrs
+        atypes = atypes or {}
+        for name, value in avals.items():
             if prefix and name == "__classId":
                 continue
-            items.append((name, value, attrs._t.get(name)))
+            items.append((name, value, atypes.get(name)))
     w.cur += _U32.pack(n + len(items))
     w.cur += prefix
     for name, value, t in items:
@@ -383,6 +388,7 @@ def _read_hash(r, depth):
     vals = {}
     types = {}
     attrs = {}
+    attr_types = {}
     for _ in range(n):
         off = r.offset
         key = r.key()
@@ -393,26 +399,29 @@ def _read_hash(r, depth):
         voff = r.offset
         value = _read_value(r, t, depth)
         if a is not None:
-            cls = a._v.get("__classId")
-            if t == T.HASH and a._t.get("__classId") == T.STRING and cls in ("NDArray", "ImageData"):
+            avals, atypes = a
+            cls = avals.get("__classId")
+            if t == T.HASH and atypes.get("__classId") == T.STRING and cls in ("NDArray", "ImageData"):
                 if cls == "NDArray":
                     value = V.make_ndarray(value, voff)
-                    del a["__classId"]
+                    del avals["__classId"], atypes["__classId"]
                     t = None
                 else:
                     img = V.make_imagedata(value)
                     if img is not None:
                         value = img
-                        del a["__classId"]
+                        del avals["__classId"], atypes["__classId"]
                         t = None
-            if a._v:
-                attrs[key] = a
+            if avals:
+                attrs[key] = avals
+                attr_types[key] = atypes
         vals[key] = value
         if t is not None:
             types[key] = t
     h._v = vals
     h._t = types
     h._a = attrs
+    h._at = attr_types
     return h
 
 
@@ -420,7 +429,6 @@ def _read_attrs(r, depth):
     n = r.count("attribute count", 6)
     if n == 0:
         return None
-    a = Attributes.__new__(Attributes)
     vals = {}
     types = {}
     for _ in range(n):
@@ -431,9 +439,7 @@ def _read_attrs(r, depth):
         t = r.type_id()
         vals[name] = _read_value(r, t, depth)
         types[name] = t
-    a._v = vals
-    a._t = types
-    return a
+    return vals, types
 
 
 def _read_value(r, t, depth):

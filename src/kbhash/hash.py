@@ -94,12 +94,16 @@ class Attributes:
     """Ordered attributes of one node: name -> value, each with an optional explicit type.
 
     Behaves like a mutable mapping.  Attribute names are not paths: a name may
-    contain dots.
+    contain dots.  ``Hash.attrs(path)`` returns a live view: changes apply to
+    the node.
     """
 
     __slots__ = ("_v", "_t")
 
-    def __init__(self, items=None):
+    def __init__(self, items=None, *, _dicts=None):
+        if _dicts is not None:
+            self._v, self._t = _dicts
+            return
         self._v = {}
         self._t = {}
         if items:
@@ -119,7 +123,7 @@ class Attributes:
         """Set an attribute, optionally with an explicit Karabo type."""
         self[name] = value
         if type is not None:
-            self._t[name] = HashType(type)
+            self._t[name] = int(HashType(type))
 
     def get_type(self, name):
         """The attribute's Karabo type (explicit, or inferred from its value)."""
@@ -198,7 +202,10 @@ class Hash:
     ['det.image', 'det.count']
     """
 
-    __slots__ = ("_v", "_t", "_a")
+    # _v: key -> value; _t: key -> explicit type id; _a: key -> dict of
+    # attribute values; _at: key -> dict of explicit attribute type ids.  Plain
+    # dicts, so that the decoder creates no per-node objects.
+    __slots__ = ("_v", "_t", "_a", "_at")
 
     #: Path separator used by ``h[path]`` and by default in the path methods.
     sep = "."
@@ -207,16 +214,15 @@ class Hash:
         self._v = {}
         self._t = {}
         self._a = {}
+        self._at = {}
         if len(args) == 1:
             src = args[0]
             if isinstance(src, Hash):
                 self._v.update(src._v)
                 self._t.update(src._t)
                 for k, a in src._a.items():
-                    c = Attributes()
-                    c._v.update(a._v)
-                    c._t.update(a._t)
-                    self._a[k] = c
+                    self._a[k] = dict(a)
+                    self._at[k] = dict(src._at.get(k, ()))
             elif isinstance(src, Mapping):
                 for k, v in src.items():
                     self[k] = v
@@ -289,6 +295,7 @@ class Hash:
         del parent._v[key]
         parent._t.pop(key, None)
         parent._a.pop(key, None)
+        parent._at.pop(key, None)
 
     def __contains__(self, path):
         if not isinstance(path, str):
@@ -343,11 +350,9 @@ class Hash:
         if type is None:
             parent._t.pop(key, None)
         else:
-            parent._t[key] = HashType(type)
+            parent._t[key] = int(HashType(type))
         if attrs:
-            a = parent._a.get(key)
-            if a is None:
-                a = parent._a[key] = Attributes()
+            a = parent._attrs(key)
             for n, v in attrs.items():
                 a[n] = v
 
@@ -387,22 +392,28 @@ class Hash:
 
     # -- attributes -------------------------------------------------------
 
+    def _attrs(self, key):
+        a = self._a.get(key)
+        if a is None:
+            a = self._a[key] = {}
+        t = self._at.get(key)
+        if t is None:
+            t = self._at[key] = {}
+        return Attributes(_dicts=(a, t))
+
     def attrs(self, path, *, sep=None):
         """The node's :class:`Attributes` (live: changes apply to the node)."""
         parent, key = self._node(path, sep or self.sep)
-        a = parent._a.get(key)
-        if a is None:
-            a = parent._a[key] = Attributes()
-        return a
+        return parent._attrs(key)
 
     def get_attribute(self, path, name, default=_MISSING, *, sep=None):
         parent, key = self._node(path, sep or self.sep)
         a = parent._a.get(key)
-        if a is None or name not in a._v:
+        if a is None or name not in a:
             if default is _MISSING:
                 raise KeyError(f"{path!r} has no attribute {name!r}")
             return default
-        return a._v[name]
+        return a[name]
 
     def set_attribute(self, path, name, value, type=None, *, sep=None):
         """Set attribute ``name`` of the node at ``path`` (optionally typed)."""
@@ -414,7 +425,7 @@ class Hash:
     def has_attribute(self, path, name, *, sep=None):
         parent, key = self._node(path, sep or self.sep)
         a = parent._a.get(key)
-        return a is not None and name in a._v
+        return a is not None and name in a
 
     # -- timestamps -------------------------------------------------------
 
@@ -509,8 +520,10 @@ class Hash:
             elif not _values_equal(v, w):
                 return False
             a, b = self._a.get(k), other._a.get(k)
-            if (len(a) if a else 0) or (len(b) if b else 0):
-                if (a or Attributes()) != (b or Attributes()):
+            if a or b:
+                if Attributes(_dicts=(a or {}, self._at.get(k) or {})) != Attributes(
+                    _dicts=(b or {}, other._at.get(k) or {})
+                ):
                     return False
         return True
 
@@ -526,7 +539,7 @@ class Hash:
         for k, v in self._v.items():
             t = self.get_type(k).name
             a = self._a.get(k)
-            attrs = f" {a.to_dict()}" if a else ""
+            attrs = f" {a}" if a else ""
             if isinstance(v, Hash):
                 lines.append(f"{pad}{k}{attrs} => HASH")
                 lines.append(v.pretty(indent + 1))

@@ -79,12 +79,14 @@ def value_to_content(value, t):
 
 
 def _attrs_content(attrs, prefix=()):
+    """``attrs``: None or (values dict, explicit types dict) as a Hash stores them."""
     out = list(prefix)
     if attrs:
-        for name, v in attrs.items():
+        avals, atypes = attrs
+        for name, v in avals.items():
             if prefix and name == "__classId":
                 continue
-            t = attrs._t.get(name)
+            t = (atypes or {}).get(name)
             t = infer_type(v) if t is None else t
             out.append({"key": name, "type": T(t).name, "value": value_to_content(v, t)})
     return out
@@ -126,7 +128,8 @@ def hash_to_content(h):
     for key, value in h.items():
         t = h._t.get(key)
         t = infer_type(value) if t is None else t
-        out.append(node_to_content(key, value, t, h._a.get(key)))
+        a = h._a.get(key)
+        out.append(node_to_content(key, value, t, (a, h._at.get(key)) if a else None))
     return out
 
 
