@@ -809,6 +809,9 @@ cdef str _read_str(_Reader r, what):
     cdef Py_ssize_t off = r.offset()
     cdef Py_ssize_t n = r.count(what, 1)
     cdef const unsigned char* q = r.take(n, what)
+    cdef str cached = _cached_key(q, n)  # short strings repeat too (units, states)
+    if cached is not None:
+        return cached
     try:
         return PyUnicode_DecodeUTF8(<const char*>q, n, NULL)
     except UnicodeDecodeError:
