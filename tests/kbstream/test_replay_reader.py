@@ -233,3 +233,49 @@ def test_prefetcher_close_stops_reader_thread(tmp_path):
         pf.close()
         assert not pf._thread.is_alive()
         assert threading.active_count() >= 1
+
+
+@pytest.mark.parametrize("case", ["regular", "reversed", "edges"])
+def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
+    """Small chunks: the strided one-copy path (chunks back to back) and the per-chunk path."""
+    import h5py
+    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    shape = (6, 4, 16, 32) if case != "edges" else (6, 5, 17, 30)
+    data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("d", shape, np.uint16, chunks=(4, 2, 8, 16))
+        if case == "reversed":  # chunks allocated in reverse grid order
+            for a in range(shape[1] - 2, -1, -2):
+                for b in range(shape[2] - 8, -1, -8):
+                    for c in range(shape[3] - 16, -1, -16):
+                        ds[:, a:a + 2, b:b + 8, c:c + 16] = data[:, a:a + 2, b:b + 8, c:c + 16]
+        else:
+            ds[:4] = data[:4]
+            ds[4:] = data[4:]
+    seen = []
+    real = reader_mod._Dataset._regular_grid
+
+    def spy(self, *a):
+        res = real(self, *a)
+        seen.append(res is not None)
+        return res
+
+    monkeypatch.setattr(reader_mod._Dataset, "_regular_grid", spy)
+
+    class FakeFile:
+        def __init__(self, h5):
+            self.h5, self.path, self._fd = h5, str(path), None
+
+        fd = reader_mod.RunFile.fd
+        map_region = reader_mod.RunFile.map_region
+
+    with h5py.File(path, "r") as h5:
+        dsr = reader_mod._Dataset(FakeFile(h5), h5["d"])
+        assert dsr.mode == "tiles"
+        for first, count in [(0, 1), (3, 2), (5, 1), (0, 6)]:
+            out = np.empty((count,) + shape[1:], np.uint16)
+            dsr.read(first, count, out)
+            np.testing.assert_array_equal(out, data[first:first + count])
+        os.close(dsr.rf._fd)
+    assert set(seen) == {case == "regular"}

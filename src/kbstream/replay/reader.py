@@ -443,15 +443,44 @@ class _Dataset:
                 # Map the chunks of this row block only, and unmap them right
                 # after copying, so that resident memory does not grow with
                 # the file (pages of a whole-file map would all count).
-                lo = min(a for a, _, _ in located)
-                hi = max(a for a, _, _ in located) + cbytes
+                addrs = [a for a, _, _ in located]
+                lo = min(addrs)
+                hi = max(addrs) + cbytes
                 region = self.rf.map_region(lo, hi - lo)
                 rows = (slice(r - k, stop - k),)
-                for addr, crop, target in located:
-                    chunk = region[addr - lo:addr - lo + cbytes].view(self.dtype).reshape(chunks)
-                    np.copyto(target, chunk[rows + crop])
-                del region, chunk
+                grid = self._regular_grid(addrs, len(located), lo, cbytes)
+                if grid is not None:
+                    # Chunks stored back to back in grid order (how HDF5
+                    # allocates them when a row block is written at once): one
+                    # strided numpy copy per row instead of one per chunk.
+                    nd = len(chunks) - 1
+                    blocks = region.view(self.dtype).reshape(grid + tuple(chunks))
+                    # src axes: grid (nd), then chunk dims (nd); interleave them
+                    order = [a for d in range(nd) for a in (d, nd + d)]
+                    split = tuple(x for d in range(nd) for x in (grid[d], chunks[1 + d]))
+                    for i in range(stop - r):
+                        src = blocks[(Ellipsis, r - k + i) + (slice(None),) * nd]
+                        np.copyto(dst_rows[i].reshape(split), src.transpose(order))
+                    del blocks, src
+                else:
+                    for addr, crop, target in located:
+                        chunk = region[addr - lo:addr - lo + cbytes].view(self.dtype).reshape(chunks)
+                        np.copyto(target, chunk[rows + crop])
+                    del chunk
+                del region
             r = stop
+
+    def _regular_grid(self, addrs, n, lo, cbytes):
+        """Chunk grid shape if this row block's chunks are back to back in grid order."""
+        if any(e % c for e, c in zip(self.entry_shape, self.chunks[1:])):
+            return None  # edge chunks: crops needed
+        grid = tuple(e // c for e, c in zip(self.entry_shape, self.chunks[1:]))
+        if n != int(np.prod(grid)):
+            return None
+        a = np.fromiter(addrs, np.int64, n)
+        if a[0] != lo or np.any(np.diff(a) != cbytes):
+            return None
+        return grid
 
     def map_rows(self, first, count):
         """Rows ``first:first+count`` as a read-only array mapped from the file, or None.
@@ -889,6 +918,8 @@ class Prefetcher:
             yield item
 
     def release(self, item):
+        # Drop the arrays first: file mappings are unmapped with their last reference.
+        item.data = item.metadata = None
         if item.slot is not None:
             self.pool.release(item.slot)
             item.slot = None

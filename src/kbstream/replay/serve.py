@@ -445,6 +445,8 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
                 s.send_multipart(frames, copy=False)
                 tracker = zmq.MessageTracker(*tracked) if tracked else None
                 inflight.append((tracker, item))
+                # Only the in-flight queue may keep this train's arrays alive.
+                del frames, tracked
                 release_done()
                 stats.sent_train(item.train_id, item.nbytes)
             # libzmq may hold the last message until the socket closes; its
