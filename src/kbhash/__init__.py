@@ -46,6 +46,7 @@ else:
 encode = _backend_module.encode
 encode_bytes = _backend_module.encode_bytes
 decode = _backend_module.decode
+decode_prefix = _backend_module.decode_prefix
 
 
 def bufferset_layout(buffers):
@@ -70,6 +71,7 @@ __all__ = [
     "encode",
     "encode_bytes",
     "decode",
+    "decode_prefix",
     "bufferset_layout",
     "infer_type",
     "MAX_DEPTH",

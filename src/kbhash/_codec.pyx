@@ -40,7 +40,7 @@ cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
 
-__all__ = ["encode", "encode_bytes", "decode", "MAX_DEPTH"]
+__all__ = ["encode", "encode_bytes", "decode", "decode_prefix", "MAX_DEPTH"]
 
 MAX_DEPTH = V.MAX_DEPTH
 cdef int _MAX_DEPTH = V.MAX_DEPTH
@@ -1029,3 +1029,14 @@ def decode(data, *, copy=False):
     if r.left:
         raise DecodeError(f"{r.left} bytes of trailing data at offset {r.offset()}", r.offset())
     return h
+
+
+def decode_prefix(data):
+    """Decode the archive at the start of ``data``; return ``(Hash, bytes consumed)``.
+
+    Same contract as ``kbhash._pure.decode_prefix``: trailing data is left alone.
+    """
+    cdef _Reader r = _Reader()
+    r.open(_segments(data))
+    h = _read_hash(r, 0)
+    return h, r.offset()

@@ -38,7 +38,7 @@ from ._types import IMAGEDATA, NDARRAY, VECTOR_DTYPE, WIRE_TYPES, HashType
 from .errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
 from .hash import Hash, ImageData, Schema
 
-__all__ = ["encode", "encode_bytes", "decode", "MAX_DEPTH"]
+__all__ = ["encode", "encode_bytes", "decode", "decode_prefix", "MAX_DEPTH"]
 
 T = HashType
 MAX_DEPTH = V.MAX_DEPTH
@@ -554,3 +554,15 @@ def decode(data, *, copy=False):
     if r.left:
         raise DecodeError(f"{r.left} bytes of trailing data at offset {r.offset}", r.offset)
     return h
+
+
+def decode_prefix(data):
+    """Decode the archive at the start of ``data``; return ``(Hash, bytes consumed)``.
+
+    For payloads that carry several archives back to back (Karabo's broker
+    messages: header Hash then body Hash).  Same errors as :func:`decode`;
+    trailing data is left alone.
+    """
+    r = _Reader(_segments(data))
+    h = _read_hash(r, 0)
+    return h, r.offset

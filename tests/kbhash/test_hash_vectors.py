@@ -108,3 +108,15 @@ def test_tv6_schema(codec):
     assert s.root_name == "MyRoot"
     assert s.parameters.get_attribute("x", "valueType") == "INT32"
     assert s.parameters.get_attribute_type("x", "accessMode") == kbhash.HashType.INT32
+
+
+def test_decode_prefix_reads_archives_back_to_back(codec):
+    """Broker messages carry a header archive immediately followed by a body archive."""
+    a = bytes.fromhex(VECTORS[0]["hex"])
+    b = bytes.fromhex(VECTORS[1]["hex"])
+    h1, n1 = codec.decode_prefix(a + b)
+    assert n1 == len(a) and h1 == codec.decode(a)
+    h2, n2 = codec.decode_prefix(memoryview(a + b)[n1:])
+    assert n2 == len(b) and h2 == codec.decode(b)
+    with pytest.raises(kbhash.TruncatedError):
+        codec.decode_prefix(a[:-1])
