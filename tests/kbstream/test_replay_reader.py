@@ -235,7 +235,7 @@ def test_prefetcher_close_stops_reader_thread(tmp_path):
         assert threading.active_count() >= 1
 
 
-@pytest.mark.parametrize("case", ["regular", "reversed", "edges"])
+@pytest.mark.parametrize("case", ["regular", "segments", "reversed", "edges"])
 def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
     """Small chunks: the strided one-copy path (chunks back to back) and the per-chunk path."""
     import h5py
@@ -257,9 +257,13 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
     real = reader_mod._Dataset._regular_grid
 
     def spy(self, *a):
-        res = real(self, *a)
+        res = None if case == "segments" else real(self, *a)
         seen.append(res is not None)
         return res
+
+    copies = []
+    real_copyto = np.copyto
+    monkeypatch.setattr(reader_mod.np, "copyto", lambda *a, **k: (copies.append(1), real_copyto(*a, **k)))
 
     monkeypatch.setattr(reader_mod._Dataset, "_regular_grid", spy)
 
@@ -279,3 +283,14 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
             np.testing.assert_array_equal(out, data[first:first + count])
         os.close(dsr.rf._fd)
     assert set(seen) == {case == "regular"}
+    # 6 row blocks are read (10 rows).  Regular: one copy per row; segments:
+    # one per run of the 2 chunks along the last grid axis (4 per block) when
+    # stored back to back; otherwise one per chunk (8 per block, 18 with edges).
+    if case == "regular":
+        assert len(copies) == 10
+    elif case == "segments":
+        assert 24 <= len(copies) < 48
+    elif case == "reversed":
+        assert len(copies) == 48
+    else:
+        assert len(copies) == 108

@@ -438,12 +438,12 @@ class _Dataset:
                     fv = self.ds.fillvalue
                     target[...] = fv if fv is not None else 0
                 else:
-                    located.append((loc[0], crop, target))
+                    located.append((loc[0], crop, target, dest))
             if located:
                 # Map the chunks of this row block only, and unmap them right
                 # after copying, so that resident memory does not grow with
                 # the file (pages of a whole-file map would all count).
-                addrs = [a for a, _, _ in located]
+                addrs = [x[0] for x in located]
                 lo = min(addrs)
                 hi = max(addrs) + cbytes
                 region = self.rf.map_region(lo, hi - lo)
@@ -463,12 +463,43 @@ class _Dataset:
                         np.copyto(dst_rows[i].reshape(split), src.transpose(order))
                     del blocks, src
                 else:
-                    for addr, crop, target in located:
-                        chunk = region[addr - lo:addr - lo + cbytes].view(self.dtype).reshape(chunks)
-                        np.copyto(target, chunk[rows + crop])
-                    del chunk
+                    self._copy_segments(located, region, lo, cbytes, rows, dst_rows)
                 del region
             r = stop
+
+    def _copy_segments(self, located, region, lo, cbytes, rows, dst_rows):
+        """Copy tiles, one numpy call per run of chunks along the last grid axis.
+
+        ``located`` follows the C order of the chunk grid.  HDF5 usually
+        stores a row block's chunks in that order with an index node here and
+        there, so the ``G`` chunks along the last axis are mostly back to
+        back: each such run is one strided copy; the others go chunk by chunk.
+        """
+        chunks = self.chunks
+        nd = len(chunks) - 1
+        last_e, last_c = self.entry_shape[-1], chunks[-1]
+        glast = -(-last_e // last_c)
+        whole = (len(located) == len(self._tiles()) and last_e % last_c == 0)
+        # src axes (G, rows, C1 .. C_{nd-1}, C_nd) -> (rows, C1 .. C_{nd-1}, G, C_nd)
+        order = (1,) + tuple(range(2, nd + 1)) + (0, nd + 1)
+        i = 0
+        n = len(located)
+        while i < n:
+            seg = located[i:i + glast] if whole else ()
+            if (len(seg) == glast and glast > 1
+                    and all(seg[j + 1][0] - seg[j][0] == cbytes for j in range(glast - 1))):
+                a0 = seg[0][0] - lo
+                src = region[a0:a0 + glast * cbytes].view(self.dtype)
+                src = src.reshape((glast,) + tuple(chunks))[(slice(None),) + rows]
+                dst = dst_rows[(slice(None),) + seg[0][3][:-1] + (slice(None),)]
+                dst = dst.reshape(dst.shape[:-1] + (glast, last_c))
+                np.copyto(dst, src.transpose(order))
+                i += glast
+                continue
+            addr, crop, target, _ = located[i]
+            chunk = region[addr - lo:addr - lo + cbytes].view(self.dtype).reshape(chunks)
+            np.copyto(target, chunk[rows + crop])
+            i += 1
 
     def _regular_grid(self, addrs, n, lo, cbytes):
         """Chunk grid shape if this row block's chunks are back to back in grid order."""
