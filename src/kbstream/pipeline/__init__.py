@@ -1,0 +1,40 @@
+"""Karabo pipeline channels over Karabo's own TCP protocol.
+
+``OutputChannel`` (a TCP server) and ``InputChannel`` (a TCP client) speak the
+protocol of Karabo's C++ ``xms`` channels byte for byte, so a kbstream channel
+connects to a real Karabo device's channel and back.  Items are kbhash Hashes;
+arrays go out from their own memory and arrive in buffers that become the
+numpy arrays handed to the handlers.
+
+Example::
+
+    from kbstream.pipeline import InputChannel, OutputChannel
+
+    out = OutputChannel("sender:output", hostname="127.0.0.1")
+    inp = InputChannel("receiver:input", onSlowness="wait")
+    inp.register_data_handler(lambda data, meta: print(meta.tid, data["image"].shape))
+    inp.connect(out.info)
+    out.wait_for_inputs(copy=["receiver:input"])
+    out.write({"image": frame}, {"tid": 1000})
+    out.update()
+    out.signal_end_of_stream()
+"""
+
+from .errors import ChannelClosed, ChannelTimeout, PipelineError, PipelineProtocolError, SchemaError
+from .input import ConnectionStatus, InputChannel
+from .output import OutputChannel
+from .schema import DataSchema
+from .wire import ChannelMetaData
+
+__all__ = [
+    "OutputChannel",
+    "InputChannel",
+    "ChannelMetaData",
+    "ConnectionStatus",
+    "DataSchema",
+    "PipelineError",
+    "PipelineProtocolError",
+    "SchemaError",
+    "ChannelClosed",
+    "ChannelTimeout",
+]

@@ -1,0 +1,302 @@
+"""Karabo pipeline TCP wire format: framing, hello/update, data and end-of-stream headers.
+
+Pure functions, no sockets.  Every Hash goes through kbhash's compiled codec.
+
+Framing (all sizes u32 little-endian)::
+
+    input -> output (control):  u32 N | Hash archive (N bytes)           hello, update
+    output -> input (data):     u32 H | header archive (H bytes) | u32 B | body (B bytes)
+
+The data header lists, per item, its metadata (``sourceInfo``), its BufferSet
+split (``_bufferSetLayout_``: sizes + types) and its archive size
+(``byteSizes``); the body is the items' archives back to back.  An end of
+stream is a header with ``endOfStream=true`` and an empty body.
+
+kbstream extension: an input may add ``kbCreditWindow`` (UINT32) to its hello.
+A kbstream output then lets that many messages be in flight on the
+connection; Karabo's output ignores unknown hello keys and keeps its one
+message in flight, and one ``update`` per received message is exactly what a
+Karabo input sends too, so both directions stay compatible.
+"""
+
+import struct
+
+import kbhash
+from kbhash import Hash, HashType, Timestamp
+
+from .errors import PipelineProtocolError
+
+__all__ = [
+    "ChannelMetaData",
+    "hello",
+    "update",
+    "data_message",
+    "eos_message",
+    "parse_control",
+    "parse_header",
+    "MAX_CONTROL_SIZE",
+    "MAX_HEADER_SIZE",
+]
+
+T = HashType
+U32 = struct.Struct("<I")
+
+#: Largest control frame (hello/update) accepted; real ones are < 300 bytes.
+MAX_CONTROL_SIZE = 64 * 1024
+#: Largest data header accepted (a header grows with the number of items).
+MAX_HEADER_SIZE = 64 * 1024 * 1024
+#: Largest number of buffers one message may declare.
+MAX_BUFFERS = 1 << 20
+
+ON_SLOWNESS = ("drop", "queueDrop", "wait")
+DISTRIBUTION = ("copy", "shared")
+
+
+class ChannelMetaData:
+    """Metadata of one pipeline item: its source and its timestamp (with train id).
+
+    Parameters
+    ----------
+    source : str
+        Source name; Karabo's default is the output's id ``"<instance>:<channel>"``.
+    timestamp : kbhash.Timestamp, optional
+        Defaults to now with train id 0.
+    """
+
+    __slots__ = ("source", "timestamp")
+
+    def __init__(self, source, timestamp=None):
+        self.source = source
+        self.timestamp = Timestamp.now() if timestamp is None else timestamp
+
+    @property
+    def tid(self):
+        return self.timestamp.tid
+
+    def to_hash(self):
+        """The wire form: ``{source: STRING, timestamp: BOOL true [sec, frac, tid]}``."""
+        h = Hash()
+        h._v["source"] = self.source
+        h._v["timestamp"] = True
+        ts = self.timestamp
+        h._a["timestamp"] = {"sec": ts.sec, "frac": ts.frac, "tid": ts.tid}
+        h._at["timestamp"] = {"sec": int(T.UINT64), "frac": int(T.UINT64), "tid": int(T.UINT64)}
+        return h
+
+    @classmethod
+    def from_hash(cls, h):
+        source = h.get("source", "")
+        try:
+            ts = h.get_timestamp("timestamp")
+        except KeyError:
+            ts = Timestamp(0, 0, 0)
+        return cls(source, ts)
+
+    @classmethod
+    def coerce(cls, meta, default_source):
+        """Accept ChannelMetaData, a dict/Hash with source/timestamp/tid, a Timestamp or None."""
+        if isinstance(meta, ChannelMetaData):
+            return meta
+        if meta is None:
+            return cls(default_source)
+        if isinstance(meta, Timestamp):
+            return cls(default_source, meta)
+        if isinstance(meta, Hash):
+            return cls.from_hash(meta)
+        if isinstance(meta, dict):
+            ts = meta.get("timestamp")
+            tid = int(meta.get("tid", meta.get("trainId", 0)))
+            if ts is None:
+                ts = Timestamp.now(tid)
+            elif not isinstance(ts, Timestamp):
+                ts = Timestamp.from_time(float(ts), tid)
+            elif "tid" in meta or "trainId" in meta:
+                ts = Timestamp(ts.sec, ts.frac, tid)
+            return cls(meta.get("source", default_source), ts)
+        raise TypeError(f"metadata must be ChannelMetaData, a dict, a Hash or a Timestamp, not {type(meta).__name__}")
+
+    def __eq__(self, other):
+        if not isinstance(other, ChannelMetaData):
+            return NotImplemented
+        return self.source == other.source and self.timestamp == other.timestamp
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"ChannelMetaData({self.source!r}, {self.timestamp!r})"
+
+
+def _frame(h):
+    data = kbhash.encode_bytes(h)
+    return U32.pack(len(data)) + data
+
+
+def hello(instance_id, data_distribution="copy", on_slowness="drop", max_queue_length=2,
+          memory_location="remote", credit_window=1):
+    """The framed hello an input sends first (keys in Karabo's order)."""
+    h = Hash()
+    h._v.update(
+        reason="hello",
+        instanceId=instance_id,
+        memoryLocation=memory_location,
+        dataDistribution=data_distribution,
+        onSlowness=on_slowness,
+        maxQueueLength=int(max_queue_length),
+    )
+    h._t["maxQueueLength"] = int(T.UINT32)
+    if credit_window > 1:
+        h._v["kbCreditWindow"] = int(credit_window)
+        h._t["kbCreditWindow"] = int(T.UINT32)
+    return _frame(h)
+
+
+def update(instance_id):
+    """The framed update (one credit) an input sends."""
+    h = Hash()
+    h._v.update(reason="update", instanceId=instance_id)
+    return _frame(h)
+
+
+def _u32_vector(values):
+    return list(values)
+
+
+def data_message(items):
+    """Buffers of one data message for ``items`` = [(data Hash, ChannelMetaData), ...].
+
+    Returns a list of buffers for ``socket.sendmsg``: the framed header first,
+    then the items' archives as kbhash.encode returned them (array payloads are
+    the arrays' own memory).
+    """
+    source_info = []
+    layouts = []
+    byte_sizes = []
+    body = []
+    for data, meta in items:
+        bufs = kbhash.encode(data)
+        sizes = [memoryview(b).nbytes for b in bufs]
+        lay = Hash()
+        lay._v["sizes"] = sizes
+        lay._t["sizes"] = int(T.VECTOR_UINT32)
+        lay._v["types"] = [i % 2 for i in range(len(bufs))]
+        lay._t["types"] = int(T.VECTOR_INT32)
+        layouts.append(lay)
+        byte_sizes.append(sum(sizes))
+        source_info.append(meta.to_hash())
+        body.extend(bufs)
+    header = Hash()
+    header._v["sourceInfo"] = source_info
+    header._t["sourceInfo"] = int(T.VECTOR_HASH)
+    header._v["_bufferSetLayout_"] = layouts
+    header._t["_bufferSetLayout_"] = int(T.VECTOR_HASH)
+    header._v["nData"] = len(items)
+    header._t["nData"] = int(T.UINT32)
+    header._v["byteSizes"] = byte_sizes
+    header._t["byteSizes"] = int(T.VECTOR_UINT32)
+    hb = kbhash.encode_bytes(header)
+    total = sum(byte_sizes)
+    if total > 0xFFFFFFFF:
+        raise PipelineProtocolError(f"message body of {total} bytes does not fit the u32 size field")
+    return [U32.pack(len(hb)) + hb + U32.pack(total)] + [b for b in body if memoryview(b).nbytes]
+
+
+def eos_message():
+    """The framed end-of-stream message (Karabo C++ form, empty body)."""
+    header = Hash()
+    header._v["endOfStream"] = True
+    header._v["_bufferSetLayout_"] = []
+    header._t["_bufferSetLayout_"] = int(T.VECTOR_HASH)
+    header._v["nData"] = 0
+    header._t["nData"] = int(T.UINT32)
+    header._v["byteSizes"] = []
+    header._t["byteSizes"] = int(T.VECTOR_UINT32)
+    hb = kbhash.encode_bytes(header)
+    return U32.pack(len(hb)) + hb + U32.pack(0)
+
+
+def parse_control(data):
+    """(reason, Hash) of a control frame's archive; raises PipelineProtocolError."""
+    try:
+        h = kbhash.decode(data)
+    except kbhash.DecodeError as e:
+        raise PipelineProtocolError(f"control frame is not a Hash archive: {e}") from None
+    reason = h.get("reason")
+    if not isinstance(reason, str):
+        raise PipelineProtocolError("control frame without a 'reason'")
+    return reason, h
+
+
+class MessageHeader:
+    """A validated data header.
+
+    Attributes
+    ----------
+    eos : bool
+        End of stream.
+    metas : list of ChannelMetaData
+    buffers : list of list of int
+        Per item, the sizes of the buffers to receive (BufferSet split when the
+        sender gave one, else one buffer per item).
+    body_size : int
+    """
+
+    __slots__ = ("eos", "metas", "buffers", "body_size")
+
+
+def parse_header(data, body_size):
+    """Validate a data header against the declared body size.
+
+    Raises PipelineProtocolError when keys are missing or mistyped, when the
+    per-item sizes disagree with each other or with the body size, or when
+    counts are absurd.
+    """
+    try:
+        h = kbhash.decode(data)
+    except kbhash.DecodeError as e:
+        raise PipelineProtocolError(f"data header is not a Hash archive: {e}") from None
+    m = MessageHeader()
+    eos = h.get("endOfStream", False)
+    if not isinstance(eos, bool):
+        raise PipelineProtocolError("endOfStream is not a BOOL")
+    m.eos = eos
+    if "channelId" in h or "chunkId" in h:
+        raise PipelineProtocolError("'local' (same-process) messages are not supported")
+    info = h.get("sourceInfo", [])
+    if not isinstance(info, list) or not all(isinstance(x, Hash) for x in info):
+        raise PipelineProtocolError("sourceInfo is not a VECTOR_HASH")
+    byte_sizes = h.get("byteSizes")
+    layout = h.get("_bufferSetLayout_")
+    buffers = []
+    if layout is not None and len(layout):
+        if not isinstance(layout, list) or len(layout) != len(info):
+            raise PipelineProtocolError(
+                f"_bufferSetLayout_ has {len(layout) if isinstance(layout, list) else '?'} entries "
+                f"for {len(info)} items")
+        for i, lay in enumerate(layout):
+            if not isinstance(lay, Hash) or "sizes" not in lay:
+                raise PipelineProtocolError(f"_bufferSetLayout_[{i}] has no sizes")
+            sizes = [int(s) for s in lay["sizes"]]
+            buffers.append(sizes)
+        if byte_sizes is not None and len(byte_sizes):
+            if len(byte_sizes) != len(info) or any(
+                    int(b) != sum(s) for b, s in zip(byte_sizes, buffers)):
+                raise PipelineProtocolError("byteSizes disagree with _bufferSetLayout_")
+    elif byte_sizes is not None and len(byte_sizes):
+        if len(byte_sizes) != len(info):
+            raise PipelineProtocolError(f"byteSizes has {len(byte_sizes)} entries for {len(info)} items")
+        buffers = [[int(b)] for b in byte_sizes]
+    elif info:
+        raise PipelineProtocolError("data header has items but neither _bufferSetLayout_ nor byteSizes")
+    nbuf = sum(len(b) for b in buffers)
+    if nbuf > MAX_BUFFERS:
+        raise PipelineProtocolError(f"message declares {nbuf} buffers")
+    total = sum(sum(b) for b in buffers)
+    if total != body_size:
+        raise PipelineProtocolError(f"item sizes add up to {total} bytes but the body has {body_size}")
+    if eos and info:
+        # Karabo's input copes with data and EOS together; so do we.
+        pass
+    m.metas = [ChannelMetaData.from_hash(x) for x in info]
+    m.buffers = buffers
+    m.body_size = body_size
+    return m
