@@ -53,7 +53,7 @@ class _Input:
 
     __slots__ = (
         "id", "sock", "addr", "shared", "on_slowness", "max_queue", "window", "credits",
-        "queue", "sent", "dropped", "alive", "send_lock", "memory_location",
+        "queue", "sent", "dropped", "alive", "send_lock", "memory_location", "eos_pending",
     )
 
     def __init__(self, sock, addr):
@@ -71,6 +71,7 @@ class _Input:
         self.alive = True
         self.send_lock = threading.Lock()
         self.memory_location = "remote"
+        self.eos_pending = None  # a shared input's end of stream, sent once all queued data is out
 
 
 def _recv_exact(sock, n):
@@ -303,6 +304,8 @@ class OutputChannel:
                     msg = peer.queue.popleft()
                 elif peer.shared and self._shared_queue:
                     msg = self._shared_queue.popleft()
+                elif peer.eos_pending is not None:
+                    msg, peer.eos_pending = peer.eos_pending, None
                 else:
                     return
                 self._take_credit(peer)
@@ -423,18 +426,19 @@ class OutputChannel:
                 with self._cond:
                     if not peer.alive:
                         continue
+                    drained = lambda: not peer.queue and not self._shared_queue  # noqa: E731
                     if self.no_input_shared == "wait":
-                        ok = self._wait_credit(lambda: peer.credits > 0, peer, deadline)
+                        ok = self._wait_credit(lambda: peer.credits > 0 and drained(), peer, deadline)
                     else:
-                        ok = peer.credits > 0 and not peer.queue
+                        ok = peer.credits > 0 and drained()
                     if ok:
                         self._take_credit(peer)
                     else:
-                        if queued is None:
-                            queued = self._materialize(msg)
-                        peer.queue.append(queued)
+                        peer.eos_pending = self._materialize(msg)
                 if ok:
                     self._send(peer, msg)
+                else:
+                    self._serve_queue(peer)
             return
         self._distribute_shared(msg, deadline)
 

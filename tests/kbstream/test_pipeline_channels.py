@@ -1,0 +1,548 @@
+"""kbstream output -> kbstream input over TCP loopback, for every channel option."""
+
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kbhash
+from kbhash import Hash, HashType, Timestamp
+from kbstream.pipeline import (
+    ChannelClosed,
+    ChannelTimeout,
+    ConnectionStatus,
+    DataSchema,
+    InputChannel,
+    OutputChannel,
+    SchemaError,
+    wire,
+)
+
+TIMEOUT = 20
+
+
+class Collector:
+    """Records what an input's handlers see."""
+
+    def __init__(self, inp, delay=0.0):
+        self.items = []
+        self.batches = []
+        self.eos = 0
+        self.delay = delay
+        self.cond = threading.Condition()
+        self.tracker = []
+        inp.register_data_handler(self.on_data)
+        inp.register_end_of_stream_handler(self.on_eos)
+        inp.register_input_handler(lambda batch: self.batches.append(batch.size()))
+        inp.register_connection_tracker(lambda oid, st: self.tracker.append((oid, st)))
+
+    def on_data(self, data, meta):
+        if self.delay:
+            time.sleep(self.delay)
+        with self.cond:
+            self.items.append((data["index"], meta.tid, meta.source, data))
+            self.cond.notify_all()
+
+    def on_eos(self, ch):
+        with self.cond:
+            self.eos += 1
+            self.cond.notify_all()
+
+    def wait_eos(self, n=1, timeout=TIMEOUT):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.eos >= n, timeout), f"EOS {self.eos} < {n}"
+
+    def indices(self):
+        return [i for i, *_ in self.items]
+
+
+@pytest.fixture
+def channels():
+    made = []
+
+    def make_output(cid="sender:output", **kw):
+        out = OutputChannel(cid, hostname="127.0.0.1", **kw)
+        made.append(out)
+        return out
+
+    def make_input(cid="receiver:input", **kw):
+        inp = InputChannel(cid, reconnect_interval=0.2, **kw)
+        made.append(inp)
+        return inp
+
+    yield make_output, make_input
+    for ch in reversed(made):
+        ch.close()
+
+
+def send(out, n, start=0, shape=(4, 8)):
+    frame = np.zeros(shape, np.uint16)
+    for i in range(start, start + n):
+        frame[...] = i
+        out.write({"index": i, "image": frame}, {"tid": 10_000 + i, "timestamp": 1700000000.0})
+        out.update(timeout=TIMEOUT)
+
+
+def test_copy_wait_delivers_everything_in_order_to_a_slow_consumer(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp, delay=0.01)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 40)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == list(range(40))
+    for i, tid, source, data in col.items:
+        assert tid == 10_000 + i and source == "sender:output"
+        assert data["image"].dtype == np.uint16 and data["image"].shape == (4, 8)
+        assert (data["image"] == i).all()
+    st = out.stats()["receiver:input"]
+    assert st["sent"] == 41 and st["dropped"] == 0  # 40 messages + EOS
+
+
+@pytest.mark.parametrize("policy", ["drop", "queueDrop"])
+def test_drop_policies_account_for_every_item(channels, policy):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness=policy, maxQueueLength=2)
+    col = Collector(inp, delay=0.02)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    n = 60
+    send(out, n)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    st = out.stats()["receiver:input"]
+    got = col.indices()
+    assert got == sorted(got) and len(set(got)) == len(got)
+    assert len(got) + st["dropped"] == n
+    assert st["dropped"] > 0  # the consumer is 20x slower than the sender
+    if policy == "queueDrop":
+        assert got[-1] == n - 1  # the oldest are dropped, the newest survive
+
+
+def test_scatter_one_output_many_copy_inputs(channels):
+    make_output, make_input = channels
+    out = make_output()
+    ids = [f"r{k}:input" for k in range(3)]
+    cols = []
+    for iid in ids:
+        inp = make_input(iid, onSlowness="wait")
+        cols.append(Collector(inp))
+        inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=ids)
+    send(out, 10)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    for col in cols:
+        col.wait_eos()
+        assert col.indices() == list(range(10))
+
+
+def test_gather_many_outputs_one_input_eos_for_every_stream(channels):
+    make_output, make_input = channels
+    outs = [make_output(f"s{k}:output") for k in range(3)]
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp)
+    for out in outs:
+        inp.connect(out.info, out.channel_id)
+    for out in outs:
+        out.wait_for_inputs(copy=["receiver:input"])
+    for stream in range(2):
+        for k, out in enumerate(outs):
+            send(out, 3, start=100 * k + 10 * stream)
+        for k, out in enumerate(outs):
+            out.signal_end_of_stream(timeout=TIMEOUT)
+            if k < 2:
+                time.sleep(0.1)
+                assert col.eos == stream  # not before every output has ended
+        col.wait_eos(stream + 1)
+    assert col.eos == 2
+    assert sorted(col.indices()) == sorted(100 * k + 10 * s + j for k in range(3) for s in range(2) for j in range(3))
+    assert {src for _, _, src, _ in col.items} == {"s0:output", "s1:output", "s2:output"}
+
+
+def _shared_setup(channels, n_inputs=2, delay=0.0, **out_kw):
+    make_output, make_input = channels
+    out = make_output(**out_kw)
+    ids = [f"w{k}:input" for k in range(n_inputs)]
+    cols = []
+    for iid in ids:
+        inp = make_input(iid, dataDistribution="shared")
+        cols.append(Collector(inp, delay=delay))
+        inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(shared=ids)
+    return out, ids, cols
+
+
+def test_shared_load_balanced_wait_splits_without_loss(channels):
+    out, ids, cols = _shared_setup(channels, noInputShared="wait", delay=0.005)
+    send(out, 40)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    for col in cols:
+        col.wait_eos()  # every shared input gets the end of stream
+    got = sorted(i for col in cols for i in col.indices())
+    assert got == list(range(40))
+    assert all(col.items for col in cols)
+
+
+def test_shared_round_robin(channels):
+    out, ids, cols = _shared_setup(channels, noInputShared="wait", distributionMode="round-robin")
+    send(out, 20)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    for col in cols:
+        col.wait_eos()
+    assert cols[0].indices() == list(range(0, 20, 2))
+    assert cols[1].indices() == list(range(1, 20, 2))
+
+
+def test_shared_custom_selector(channels):
+    out, ids, cols = _shared_setup(channels, noInputShared="wait", shared_selector=lambda ids_: "w1:input")
+    send(out, 10)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    for col in cols:
+        col.wait_eos()
+    assert cols[0].indices() == [] and cols[1].indices() == list(range(10))
+
+
+def test_shared_selector_unknown_id_drops(channels):
+    out, ids, cols = _shared_setup(channels, shared_selector=lambda ids_: "")
+    send(out, 5)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    for col in cols:
+        col.wait_eos()
+    assert out.stats()["__shared__"]["dropped"] == 5 and not any(c.items for c in cols)
+
+
+@pytest.mark.parametrize("policy", ["drop", "queueDrop"])
+def test_no_input_shared_accounting(channels, policy):
+    out, ids, cols = _shared_setup(channels, noInputShared=policy, delay=0.02, sharedQueueLength=3)
+    n = 50
+    send(out, n)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    for col in cols:
+        col.wait_eos()
+    st = out.stats()
+    got = [i for col in cols for i in col.indices()]
+    dropped = st["__shared__"]["dropped"] + sum(st[i]["dropped"] for i in ids)
+    assert len(got) == len(set(got)) and len(got) + dropped == n and dropped > 0
+
+
+def test_min_data_batches(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait", minData=3)
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 10)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.batches == [3, 3, 3, 1]  # the last round is short: end of stream
+    assert col.indices() == list(range(10))
+
+
+def test_min_data_zero_collects_until_end_of_stream(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait", minData=0)
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 12)
+    time.sleep(0.2)
+    assert col.items == []  # nothing handled before the end of stream
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.batches == [12] and col.indices() == list(range(12))
+
+
+def test_respond_to_end_of_stream_false(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait", respondToEndOfStream=False)
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 3)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while inp.eos_count < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert inp.eos_count == 1 and col.eos == 0 and col.indices() == [0, 1, 2]
+
+
+def test_delay_on_input_still_delivers(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait", delayOnInput=20)
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 5)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == list(range(5))
+
+
+def test_wait_update_times_out_on_a_stuck_consumer(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait", minData=1)
+    block = threading.Event()
+    inp.register_data_handler(lambda d, m: block.wait(TIMEOUT))
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    with pytest.raises(ChannelTimeout):
+        for i in range(50):
+            out.write({"index": i})
+            out.update(timeout=0.5)
+    block.set()
+
+
+def test_concurrent_writers(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+
+    def writer(k):
+        for j in range(25):
+            out.write({"index": 1000 * k + j})
+            out.update(timeout=TIMEOUT)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    got = col.indices()
+    assert sorted(got) == sorted(1000 * k + j for k in range(4) for j in range(25))
+    for k in range(4):  # each writer's items stay in its order
+        mine = [i for i in got if i // 1000 == k]
+        assert mine == sorted(mine)
+
+
+def test_reconnects_when_the_output_comes_back(channels):
+    make_output, make_input = channels
+    out = make_output()
+    mapping = {"sender:output": out.info}
+    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=mapping)
+    col = Collector(inp)
+    inp.start()
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 3)
+    out.close()
+    deadline = time.monotonic() + TIMEOUT
+    while inp.connection_status()["sender:output"] != ConnectionStatus.DISCONNECTED:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    out2 = make_output()
+    mapping["sender:output"] = out2.info  # new port
+    out2.wait_for_inputs(copy=["receiver:input"], timeout=TIMEOUT)
+    send(out2, 3, start=3)
+    out2.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == list(range(6))
+    statuses = [st for _, st in col.tracker]
+    assert statuses.count(ConnectionStatus.CONNECTED) >= 2 and ConnectionStatus.DISCONNECTED in statuses
+
+
+def test_input_resolver_returning_none_retries(channels):
+    make_output, make_input = channels
+    out = make_output()
+    calls = []
+
+    def resolver(oid):
+        calls.append(oid)
+        return out.info if len(calls) >= 3 else None
+
+    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=resolver)
+    col = Collector(inp)
+    inp.start()
+    out.wait_for_inputs(copy=["receiver:input"], timeout=TIMEOUT)
+    send(out, 2)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert len(calls) >= 3 and col.indices() == [0, 1]
+
+
+def _fake_output(script):
+    """A TCP server that reads the hello and then sends ``script(sock)``; returns its info."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def run():
+        srv.settimeout(TIMEOUT)
+        try:
+            while True:
+                s, _ = srv.accept()
+                accepted.append(s)
+                n = struct.unpack("<I", s.recv(4))[0]
+                s.recv(n)
+                try:
+                    script(s)
+                except OSError:
+                    pass
+                s.close()
+        except OSError:
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return {"hostname": "127.0.0.1", "port": srv.getsockname()[1]}, srv, accepted
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xff\xff\xff\xff",  # absurd header length
+        struct.pack("<I", 8) + b"garbage!" + struct.pack("<I", 0),  # not a Hash
+        wire.eos_message()[:-4] + struct.pack("<I", 0xFFFFFFF0),  # body size beyond max_message_size
+        (lambda m: m[0][:-4] + struct.pack("<I", 100))(wire.data_message([(Hash("a", 1), wire.ChannelMetaData("x"))])),
+    ],
+    ids=["header-size", "not-a-hash", "absurd-body", "sizes-disagree"],
+)
+def test_input_closes_garbage_connections_and_reconnects(channels, payload, caplog):
+    make_output, make_input = channels
+    info, srv, accepted = _fake_output(lambda s: s.sendall(payload))
+    inp = make_input(onSlowness="wait", max_message_size=1 << 30)
+    col = Collector(inp)
+    inp.connect(info, "fake:output")
+    deadline = time.monotonic() + TIMEOUT
+    while len(accepted) < 2:  # it came back after closing the bad connection
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    srv.close()
+    assert col.items == []
+    assert any("closing connection to fake:output" in r.message or "lost" in r.message for r in caplog.records)
+
+
+def test_input_survives_a_peer_that_dies_mid_message(channels):
+    make_output, make_input = channels
+    msg = b"".join(bytes(b) for b in wire.data_message(
+        [(Hash("index", 1, "arr", np.zeros(1000, np.uint8)), wire.ChannelMetaData("x"))]))
+    info, srv, accepted = _fake_output(lambda s: s.sendall(msg[: len(msg) - 500]))
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp)
+    inp.connect(info, "fake:output")
+    deadline = time.monotonic() + TIMEOUT
+    while len(accepted) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    srv.close()
+    assert col.items == []
+
+
+def test_output_closes_bad_inputs_and_keeps_serving(channels):
+    make_output, make_input = channels
+    out = make_output()
+    good = make_input(onSlowness="wait")
+    col = Collector(good)
+    good.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    for junk in (b"\xff\xff\xff\xff", struct.pack("<I", 4) + b"junk",
+                 wire.update("nobody:input"),  # update before hello
+                 wire.hello("local:input", memory_location="local")):
+        s = socket.create_connection(("127.0.0.1", out.port))
+        s.sendall(junk)
+        s.settimeout(TIMEOUT)
+        assert s.recv(1) == b""  # closed by the output
+        s.close()
+    send(out, 3)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == [0, 1, 2]
+    assert out.input_ids() == ["receiver:input"]
+
+
+def _raw_input(port, instance_id):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(TIMEOUT)
+    s.sendall(wire.hello(instance_id, "copy", "wait", 2))
+    return s
+
+
+def test_hello_with_known_id_replaces_old_connection(channels):
+    make_output, _ = channels
+    out = make_output()
+    a = _raw_input(out.port, "twin:input")
+    try:
+        out.wait_for_inputs(copy=["twin:input"])
+        b = _raw_input(out.port, "twin:input")
+        try:
+            assert a.recv(1) == b""  # the output closed the old connection
+            out.write({"index": 1})
+            out.update(timeout=TIMEOUT)
+            hlen = struct.unpack("<I", b.recv(4))[0]  # the new one gets the data
+            assert 0 < hlen < wire.MAX_HEADER_SIZE
+            assert out.input_ids() == ["twin:input"]
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_output_schema_validation(channels):
+    make_output, _ = channels
+    schema = DataSchema({"image": ("uint16", (4, 8)), "index": HashType.INT32})
+    out = make_output(schema=schema)
+    out.write({"index": 1, "image": np.zeros((4, 8), np.uint16)})
+    with pytest.raises(SchemaError, match=r"'image' has dtype float64, expected uint16"):
+        out.write({"index": 1, "image": np.zeros((4, 8))})
+    with pytest.raises(SchemaError, match=r"'index' is missing"):
+        out.write({"image": np.zeros((4, 8), np.uint16)})
+    with pytest.raises(SchemaError, match=r"'image' has shape \(2, 8\)"):
+        out.write({"index": 1, "image": np.zeros((2, 8), np.uint16)})
+
+
+def test_input_schema_reports_mismatches(channels):
+    make_output, make_input = channels
+    out = make_output()
+    seen = []
+    inp = make_input(onSlowness="wait", schema=DataSchema({"image": ("uint16", (None, 8))}),
+                     on_schema_mismatch=lambda data, problems: seen.append(problems))
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 2)  # matches
+    out.write({"index": 2, "image": np.zeros((4, 8), np.float32)})
+    out.update(timeout=TIMEOUT)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == [0, 1, 2]  # delivered, and reported
+    assert inp.schema_mismatches == 1 and seen == [["'image' has dtype float32, expected uint16"]]
+
+
+def test_closed_channels(channels):
+    make_output, _ = channels
+    out = make_output()
+    out.close()
+    with pytest.raises(ChannelClosed):
+        out.write({"a": 1})
+
+
+def test_imagedata_and_timestamps_travel(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    img = kbhash.ImageData(np.arange(12, dtype=np.uint16).reshape(3, 4))
+    h = Hash("index", 7, "data.img", img)
+    h.set("data.trainId", 2**40, type=HashType.UINT64)
+    out.write(h, wire.ChannelMetaData("custom/source", Timestamp(1700000001, 25 * 10**16, 99)))
+    out.update(timeout=TIMEOUT)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    (index, tid, source, data), = col.items
+    assert (index, tid, source) == (7, 99, "custom/source")
+    assert data["data.img"] == img and data.get_type("data.trainId") == HashType.UINT64
