@@ -1,0 +1,160 @@
+"""Output-channel resolution over the broker, for kbstream input channels.
+
+An input configured with ``connectedOutputChannels=["<instanceId>:<channel>", ...]`` asks
+each output's instance with ``slotGetOutputChannelInformation`` (broker spec, section 11):
+request ``a1 = {channelId, processId INT32, hostname}``, 3 s timeout; reply
+``a1 = {success BOOL, info {connectionType, hostname, port UINT32, memoryLocation}}``.
+
+:class:`OutputResolver` is the callable an input channel takes as ``resolver``: it returns
+the connection info (``outputChannelString`` added, host name resolved) or None while the
+output is not available; the input retries on its timer and
+:meth:`BrokerInstance.add_input_channel` triggers an immediate retry when the output's
+instance announces itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from kbhash import Hash, HashType
+
+from .errors import BrokerError, RemoteError, RequestTimeout
+
+__all__ = ["OutputResolver", "resolve_host", "split_output_id"]
+
+log = logging.getLogger("kbstream.broker.resolver")
+
+
+def split_output_id(output_id: str):
+    """``"<instanceId>:<channel>"`` (or ``@``) -> ``(instanceId, channel)``.
+
+    Raises
+    ------
+    ValueError
+        Without a separator or with an empty part.
+    """
+    for sep in (":", "@"):
+        if sep in output_id:
+            iid, _, channel = output_id.partition(sep)
+            if iid and channel:
+                return iid, channel
+    raise ValueError(f"output channel id {output_id!r} is not '<instanceId>:<channel>'")
+
+
+def resolve_host(hostname: str, *, own_hostname: str | None = None) -> str | None:
+    """The address to connect to for an output's ``hostname``, or None if unresolvable.
+
+    IP addresses are returned as they are. Names are looked up (IPv4 preferred, as the C++
+    output listens on IPv4); the own machine's name falls back to ``127.0.0.1`` when the
+    name service does not know it (common in containers). A C++ output announces its
+    machine's host name by default, so the name must resolve on the input's side.
+    """
+    if not hostname:
+        return None
+    try:
+        ipaddress.ip_address(hostname)
+        return hostname
+    except ValueError:
+        pass
+    own = own_hostname or socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        infos = []
+    v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+    v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+    if v4:
+        return v4[0]
+    if v6:
+        return v6[0]
+    if hostname in (own, own.split(".")[0], "localhost"):
+        return "127.0.0.1"
+    return None
+
+
+class OutputResolver:
+    """``resolver(output_id) -> Hash | None`` on a :class:`BrokerInstance`.
+
+    Parameters
+    ----------
+    instance : BrokerInstance
+    timeout : float
+        Request timeout (Karabo: 3 s).
+    """
+
+    def __init__(self, instance, timeout=3.0):
+        self.instance = instance
+        self.timeout = timeout
+
+    def request_info(self, output_id: str) -> Hash:
+        """The raw reply ``a1`` (``{success, info}``) for ``output_id``.
+
+        Raises
+        ------
+        RequestTimeout, RemoteError, ValueError
+        """
+        iid, channel = split_output_id(output_id)
+        arg = Hash()
+        arg.set("channelId", channel, type=HashType.STRING)
+        arg.set("processId", self.instance.pid & 0x7FFFFFFF, type=HashType.INT32)
+        arg.set("hostname", self.instance.hostname, type=HashType.STRING)
+        reply = self.instance.request(iid, "slotGetOutputChannelInformation", arg,
+                                      timeout=self.timeout)
+        if not reply or not isinstance(reply[0], Hash):
+            raise RemoteError(f"{iid}.slotGetOutputChannelInformation gave no Hash",
+                              iid, "slotGetOutputChannelInformation")
+        return reply[0]
+
+    def __call__(self, output_id: str):
+        """Connection info for ``output_id`` or None (offline, no such channel, bad reply).
+
+        The returned Hash has ``connectionType``, ``hostname`` (resolved to an address),
+        ``port`` (UINT32), ``memoryLocation`` ``"remote"`` and ``outputChannelString``.
+        """
+        try:
+            a1 = self.request_info(output_id)
+        except ValueError as e:
+            log.error("%s", e)
+            return None
+        except RequestTimeout:
+            log.info("%s: no answer yet from the instance of output %s (offline?)",
+                     self.instance.instance_id, output_id)
+            return None
+        except RemoteError as e:
+            log.warning("%s: asking for output %s failed: %s", self.instance.instance_id,
+                        output_id, e.remote_message or e)
+            return None
+        except BrokerError as e:
+            log.warning("%s: cannot ask for output %s: %s", self.instance.instance_id,
+                        output_id, e)
+            return None
+        if a1.get("success") is not True:
+            log.warning("%s: %s has no output channel %r", self.instance.instance_id,
+                        *split_output_id(output_id))
+            return None
+        info = a1.get("info")
+        if not isinstance(info, Hash) or info.get("connectionType", "tcp") != "tcp":
+            log.warning("%s: unusable connection info for %s: %r", self.instance.instance_id,
+                        output_id, info)
+            return None
+        port = info.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < int(port) < 65536:
+            log.warning("%s: bad port in the connection info of %s: %r",
+                        self.instance.instance_id, output_id, port)
+            return None
+        host = info.get("hostname", "")
+        address = resolve_host(host if isinstance(host, str) else "",
+                               own_hostname=self.instance.hostname)
+        if address is None:
+            log.warning("%s: cannot resolve host %r of output %s", self.instance.instance_id,
+                        host, output_id)
+            return None
+        out = Hash()
+        out.set("connectionType", "tcp", type=HashType.STRING)
+        out.set("hostname", address, type=HashType.STRING)
+        out.set("port", int(port), type=HashType.UINT32)
+        out.set("memoryLocation", "remote", type=HashType.STRING)
+        out.set("outputChannelString", output_id, type=HashType.STRING)
+        return out

@@ -1,0 +1,521 @@
+"""AMQP transports: pika in one dedicated thread, and an in-memory topic router for tests.
+
+A transport owns one queue with its bindings and delivers every message to one callback,
+``on_message(exchange, routing_key, body)``, **in the transport's own thread** (keep it
+short: decode the header, hand the rest to a worker). ``publish`` and ``bind`` may be
+called from any thread.
+
+Broker objects as Karabo 3 declares them (broker spec, sections 3 and 4): the three
+exchanges ``type=topic``, non-durable, auto-delete, each kept alive by a ``:none:`` binding
+of the own queue; the own queue exclusive, auto-delete, non-durable with ``x-max-length``
+10000, ``x-overflow`` ``drop-head``, ``x-message-ttl`` 120000 ms, consumed with no-ack as
+the exclusive consumer; when the name is taken, ``<name>:<hex clock>``.
+
+The pika module is imported only when a :class:`PikaTransport` is created.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue as _queue
+import threading
+import time
+
+from .errors import BrokerConnectionError, BrokerError
+
+__all__ = ["Transport", "PikaTransport", "MemoryBroker", "MemoryTransport", "topic_matches",
+           "QUEUE_ARGUMENTS", "NONE_KEY"]
+
+log = logging.getLogger("kbstream.broker.transport")
+
+QUEUE_ARGUMENTS = {"x-max-length": 10000, "x-overflow": "drop-head", "x-message-ttl": 120000}
+#: Dummy routing key that keeps an auto-delete exchange alive as long as the own queue.
+NONE_KEY = ":none:"
+#: Outgoing messages kept while the connection is down (as the C++ client does).
+MAX_PENDING = 1000
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: words split at ``.``, ``*`` = one word, ``#`` = zero or more."""
+    p = pattern.split(".")
+    k = key.split(".")
+
+    def match(i, j):
+        while i < len(p):
+            if p[i] == "#":
+                if i == len(p) - 1:
+                    return True
+                return any(match(i + 1, jj) for jj in range(j, len(k) + 1))
+            if j >= len(k) or (p[i] != "*" and p[i] != k[j]):
+                return False
+            i += 1
+            j += 1
+        return j == len(k)
+
+    return match(0, 0)
+
+
+class Transport:
+    """Interface of a transport (see the module docstring)."""
+
+    #: The queue name actually in use (after the fallback), once open.
+    queue_name: str | None = None
+
+    def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
+        """Connect, declare ``exchanges`` and ``queue``, bind, start consuming.
+
+        Parameters
+        ----------
+        queue : str
+            Wanted queue name ``<topic>.<instanceId>``.
+        exchanges : list of str
+            Exchanges to declare; the queue is bound to each with ``:none:``.
+        bindings : list of (exchange, routing key)
+        on_message : callable(exchange, routing_key, body)
+        on_reconnect : callable(), optional
+            Called (in a helper thread) after the connection was lost and restored, with
+            everything redeclared.
+        """
+        raise NotImplementedError
+
+    def bind(self, exchange, routing_key):
+        """Add a binding of the own queue (also after reconnects)."""
+        raise NotImplementedError
+
+    def publish(self, exchange, routing_key, body: bytes):
+        """Send a message; buffered (up to 1000) while the connection is down."""
+        raise NotImplementedError
+
+    def close(self, timeout=5.0):
+        """Send what is pending, disconnect, stop the thread. Idempotent."""
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+
+def _queue_fallback_name(name):
+    return f"{name}:{time.monotonic_ns():x}"
+
+
+class PikaTransport(Transport):
+    """AMQP 0-9-1 over pika's ``BlockingConnection``, owned by one daemon thread.
+
+    pika connections are not thread-safe: every operation runs in the owner thread, other
+    threads hand work over with ``add_callback_threadsafe``. The thread loops
+    ``process_data_events`` so that AMQP heartbeats are serviced. On connection loss it
+    retries every ``reconnect_interval`` seconds through the URL list, redeclares the queue,
+    exchanges and bindings, sends the buffered messages and calls ``on_reconnect``.
+
+    Parameters
+    ----------
+    config : BrokerConfig
+    connect_timeout : float
+        ``open`` keeps trying the URL list for this many seconds; 0 = one attempt per URL.
+    reconnect_interval : float
+        Pause between reconnect attempts after a loss.
+    name : str
+        Shown as the connection name in ``rabbitmqctl list_connections``.
+    """
+
+    def __init__(self, config, *, connect_timeout=0.0, reconnect_interval=1.0,
+                 name="kbstream"):
+        import pika  # only here: nothing else in kbstream imports the AMQP client
+
+        self._pika = pika
+        self.config = config
+        self.connect_timeout = float(connect_timeout)
+        self.reconnect_interval = float(reconnect_interval)
+        self.name = name
+        self.queue_name = None
+        self._conn = None
+        self._chan = None
+        self._thread = None
+        self._lock = threading.Lock()
+        self._outbox = collections.deque()
+        self._new_bindings = collections.deque()
+        self._bindings = []
+        self._exchanges = []
+        self._closing = threading.Event()
+        self._connected = threading.Event()
+        self._opened = threading.Event()
+        self._open_error = None
+        self._on_message = None
+        self._on_reconnect = None
+        self._dropped = 0
+
+    # ---- public API -----------------------------------------------------------------
+
+    @property
+    def connected(self):
+        return self._connected.is_set()
+
+    def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
+        if self._thread is not None:
+            raise BrokerError("transport already opened")
+        self._wanted_queue = queue
+        self._exchanges = list(exchanges)
+        self._bindings = list(bindings)
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self._thread = threading.Thread(target=self._run, name=f"kbstream-amqp-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        # bounded: the thread gives up after connect_timeout (+ socket timeouts per URL)
+        self._opened.wait(self.connect_timeout + 15.0 * len(self.config.urls) + 5.0)
+        if self._open_error is not None:
+            self._thread.join(5.0)
+            raise self._open_error
+        if not self._connected.is_set():
+            self._closing.set()
+            raise BrokerConnectionError(
+                f"broker connection not established in time "
+                f"({', '.join(u.safe for u in self.config.urls)})",
+                [u.safe for u in self.config.urls])
+
+    def bind(self, exchange, routing_key):
+        with self._lock:
+            self._bindings.append((exchange, routing_key))
+            self._new_bindings.append((exchange, routing_key))
+        self._wake(self._bind_pending)
+
+    def publish(self, exchange, routing_key, body):
+        if self._closing.is_set() and self._thread is None:
+            raise BrokerError("transport is closed")
+        with self._lock:
+            if len(self._outbox) >= MAX_PENDING:
+                self._outbox.popleft()
+                self._dropped += 1
+                if self._dropped in (1, 10, 100) or self._dropped % 1000 == 0:
+                    log.warning("broker connection down: dropped %d outgoing messages",
+                                self._dropped)
+            self._outbox.append((exchange, routing_key, body))
+        self._wake(self._flush)
+
+    def close(self, timeout=5.0):
+        if self._thread is None or self._closing.is_set():
+            self._closing.set()
+            return
+        self._closing.set()
+        self._wake(lambda: None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # pragma: no cover - pika stuck in a socket call
+            log.warning("AMQP thread did not stop within %.1f s", timeout)
+
+    # ---- owner thread ---------------------------------------------------------------
+
+    def _wake(self, fn):
+        conn = self._conn
+        if conn is None or not self._connected.is_set():
+            return
+        try:
+            conn.add_callback_threadsafe(fn)
+        except Exception:  # connection closing: the reconnect path flushes later
+            pass
+
+    def _params(self, url):
+        pika = self._pika
+        return pika.ConnectionParameters(
+            host=url.host, port=url.port, virtual_host=url.vhost,
+            credentials=pika.PlainCredentials(url.user, url.password),
+            connection_attempts=1, socket_timeout=3.0, stack_timeout=10.0,
+            blocked_connection_timeout=30.0,
+            client_properties={"connection_name": self.name, "product": "kbstream"})
+
+    def _connect_once(self):
+        errors = []
+        for url in self.config.urls:
+            if self._closing.is_set():
+                break
+            try:
+                conn = self._pika.BlockingConnection(self._params(url))
+            except Exception as e:  # pika raises many kinds (AMQPConnectionError, OSError)
+                errors.append(f"{url.safe}: {type(e).__name__} {e}".rstrip())
+                continue
+            try:
+                self._declare(conn)
+            except Exception as e:
+                errors.append(f"{url.safe}: declaring the queue failed: {e!r}")
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+                continue
+            log.info("connected to broker %s, queue %s", url.safe, self.queue_name)
+            return None
+        return errors
+
+    def _declare(self, conn):
+        pika = self._pika
+        chan = conn.channel()
+        for ex in self._exchanges:
+            chan.exchange_declare(exchange=ex, exchange_type="topic", durable=False,
+                                  auto_delete=True)
+        name = self._wanted_queue
+        try:
+            chan.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=True,
+                               arguments=QUEUE_ARGUMENTS)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code != 405:  # RESOURCE_LOCKED: another connection has it
+                raise
+            name = _queue_fallback_name(self._wanted_queue)
+            log.info("queue %s is in use, falling back to %s", self._wanted_queue, name)
+            chan = conn.channel()
+            chan.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=True,
+                               arguments=QUEUE_ARGUMENTS)
+        for ex in self._exchanges:
+            chan.queue_bind(queue=name, exchange=ex, routing_key=NONE_KEY)
+        with self._lock:
+            bindings = list(self._bindings)
+            self._new_bindings.clear()
+        for ex, key in bindings:
+            chan.queue_bind(queue=name, exchange=ex, routing_key=key)
+        chan.basic_consume(queue=name, on_message_callback=self._deliver, auto_ack=True,
+                           exclusive=True)
+        self._conn, self._chan, self.queue_name = conn, chan, name
+        self._connected.set()
+
+    def _deliver(self, chan, method, properties, body):
+        try:
+            self._on_message(method.exchange, method.routing_key, body)
+        except Exception:  # the callback must never kill the AMQP thread
+            log.exception("error in the broker message callback")
+
+    def _bind_pending(self):
+        while True:
+            with self._lock:
+                if not self._new_bindings:
+                    return
+                ex, key = self._new_bindings.popleft()
+            self._chan.queue_bind(queue=self.queue_name, exchange=ex, routing_key=key)
+
+    def _flush(self):
+        chan = self._chan
+        while True:
+            with self._lock:
+                if not self._outbox:
+                    return
+                ex, key, body = self._outbox[0]
+            chan.basic_publish(exchange=ex, routing_key=key, body=body)
+            with self._lock:
+                if self._outbox and self._outbox[0][2] is body:
+                    self._outbox.popleft()
+
+    def _run(self):
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            errors = self._connect_once()
+            if errors is None:
+                break
+            if self._closing.is_set() or time.monotonic() >= deadline:
+                self._open_error = BrokerConnectionError(
+                    "cannot connect to the Karabo broker (KARABO_BROKER): "
+                    + "; ".join(errors or ["closed"]), [u.safe for u in self.config.urls])
+                self._opened.set()
+                return
+            log.info("broker not reachable yet (%s); retrying", "; ".join(errors))
+            self._closing.wait(min(self.reconnect_interval, max(0.0, deadline - time.monotonic())))
+        self._opened.set()
+        first = True
+        while True:
+            if not first:
+                if not self._reconnect():
+                    break
+            first = False
+            try:
+                self._flush()
+                self._bind_pending()
+                while not self._closing.is_set():
+                    self._conn.process_data_events(time_limit=0.5)
+                    self._bind_pending()
+                    self._flush()
+                # closing: send what is left (slotInstanceGone), then disconnect
+                self._flush()
+                self._conn.close()
+                self._connected.clear()
+                break
+            except Exception as e:  # connection lost (StreamLostError, ConnectionClosed...)
+                self._connected.clear()
+                if self._closing.is_set():
+                    break
+                log.warning("broker connection lost (%s: %s); reconnecting",
+                            type(e).__name__, e)
+                try:
+                    self._conn.close()
+                except Exception:
+                    pass
+        self._connected.clear()
+
+    def _reconnect(self):
+        while not self._closing.is_set():
+            errors = self._connect_once()
+            if errors is None:
+                with self._lock:
+                    self._dropped = 0
+                if self._on_reconnect is not None:
+                    threading.Thread(target=self._on_reconnect, name="kbstream-amqp-reconnect",
+                                     daemon=True).start()
+                return True
+            log.debug("reconnect failed: %s", "; ".join(errors))
+            self._closing.wait(self.reconnect_interval)
+        return False
+
+
+# ---- in-memory transport for unit tests ---------------------------------------------
+
+
+class MemoryBroker:
+    """An in-memory topic router with the broker behaviour Karabo relies on.
+
+    Topic exchanges, per-queue bindings with ``*`` / ``#`` matching, one delivery per queue
+    however many bindings match, messages nobody is bound for dropped silently, exclusive
+    queues (a second open of the same name gets the fallback name), and :meth:`restart`,
+    which drops every queue and binding and makes the transports reconnect.
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self.exchanges = set()
+        self.queues = {}  # name -> MemoryTransport
+        self.bindings = []  # (exchange, pattern, queue)
+        self.published = []  # (exchange, routing key, body), for tests
+        self.up = True
+
+    def _declare(self, transport, queue, exchanges, bindings):
+        with self._lock:
+            if not self.up:
+                raise BrokerConnectionError("memory broker is down")
+            name = queue
+            if name in self.queues:
+                name = _queue_fallback_name(queue)
+            self.queues[name] = transport
+            self.exchanges.update(exchanges)
+            for ex in exchanges:
+                self.bindings.append((ex, NONE_KEY, name))
+            for ex, key in bindings:
+                self.bindings.append((ex, key, name))
+            return name
+
+    def _bind(self, queue, exchange, key):
+        with self._lock:
+            if queue in self.queues:
+                self.bindings.append((exchange, key, queue))
+
+    def _remove(self, queue):
+        with self._lock:
+            self.queues.pop(queue, None)
+            self.bindings = [b for b in self.bindings if b[2] != queue]
+
+    def publish(self, exchange, routing_key, body):
+        """Route one message (also usable by tests to inject raw bytes)."""
+        with self._lock:
+            if not self.up:
+                return False
+            self.published.append((exchange, routing_key, bytes(body)))
+            targets = {q for ex, pat, q in self.bindings
+                       if ex == exchange and topic_matches(pat, routing_key)}
+            receivers = [self.queues[q] for q in sorted(targets) if q in self.queues]
+        for t in receivers:
+            t._inbox.put((exchange, routing_key, bytes(body)))
+        return True
+
+    def restart(self, down_seconds=0.05):
+        """Simulate a broker restart: all queues and bindings are lost, transports reconnect."""
+        with self._lock:
+            self.up = False
+            transports = list(self.queues.values())
+            self.queues.clear()
+            self.bindings.clear()
+            self.exchanges.clear()
+        for t in transports:
+            t._lost()
+        time.sleep(down_seconds)
+        with self._lock:
+            self.up = True
+        for t in transports:
+            t._inbox.put(_RECONNECT)
+
+
+_RECONNECT = object()
+_STOP = object()
+
+
+class MemoryTransport(Transport):
+    """A :class:`Transport` on a :class:`MemoryBroker`; delivers in its own thread."""
+
+    def __init__(self, broker: MemoryBroker, name="kbstream"):
+        self.broker = broker
+        self.name = name
+        self.queue_name = None
+        self._inbox = _queue.Queue()
+        self._thread = None
+        self._connected = False
+        self._outbox = collections.deque()
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self):
+        return self._connected
+
+    def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
+        self._wanted = queue
+        self._exchanges = list(exchanges)
+        self._bindings = list(bindings)
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self.queue_name = self.broker._declare(self, queue, self._exchanges, self._bindings)
+        self._connected = True
+        self._thread = threading.Thread(target=self._run, name=f"kbstream-mem-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def bind(self, exchange, routing_key):
+        self._bindings.append((exchange, routing_key))
+        if self._connected:
+            self.broker._bind(self.queue_name, exchange, routing_key)
+
+    def publish(self, exchange, routing_key, body):
+        with self._lock:
+            if not self._connected:
+                if len(self._outbox) >= MAX_PENDING:
+                    self._outbox.popleft()
+                self._outbox.append((exchange, routing_key, body))
+                return
+        self.broker.publish(exchange, routing_key, body)
+
+    def close(self, timeout=5.0):
+        if self._thread is None:
+            return
+        self.broker._remove(self.queue_name)
+        self._connected = False
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _lost(self):
+        with self._lock:
+            self._connected = False
+
+    def _run(self):
+        while True:
+            item = self._inbox.get()
+            if item is _STOP:
+                return
+            if item is _RECONNECT:
+                self.queue_name = self.broker._declare(self, self._wanted, self._exchanges,
+                                                       self._bindings)
+                with self._lock:
+                    self._connected = True
+                    pending = list(self._outbox)
+                    self._outbox.clear()
+                for msg in pending:
+                    self.broker.publish(*msg)
+                if self._on_reconnect is not None:
+                    threading.Thread(target=self._on_reconnect, daemon=True).start()
+                continue
+            try:
+                self._on_message(*item)
+            except Exception:
+                log.exception("error in the broker message callback")
