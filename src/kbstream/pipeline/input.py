@@ -24,6 +24,7 @@ details each time.
 import collections
 import logging
 import socket
+import sys
 import threading
 import time
 from enum import Enum
@@ -65,6 +66,48 @@ def _recv_exact(sock, n):
     return buf
 
 
+#: Buffers at least this large are recycled (small ones are cheap to allocate).
+_POOL_MIN = 256 * 1024
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class _BufferPool:
+    """Receive buffers for large payloads, reused once nothing references them.
+
+    An item's arrays are views on the buffer it was received into; when the
+    handlers are done and nobody kept an array, the buffer's reference count
+    is back to the pool's own reference and the buffer can take the next
+    payload.  Reusing mapped memory avoids a page fault (and the kernel's
+    zeroing) for every 4 KiB of every item.  A buffer somebody still holds is
+    simply not reused.
+    """
+
+    def __init__(self, limit):
+        self.buffers = []
+        self.limit = limit
+
+    def get(self, size):
+        if size < _POOL_MIN:
+            return np.empty(size, np.uint8)
+        buffers = self.buffers
+        for i in range(len(buffers)):
+            b = buffers[i]
+            # references: the list, ``b`` and getrefcount's argument
+            if b.size == size and sys.getrefcount(b) <= 3:
+                return b
+        b = np.empty(size, np.uint8)
+        if len(buffers) >= self.limit:
+            # forget a buffer that is still in use (or of another size)
+            for i in range(len(buffers)):
+                if buffers[i].size != size or sys.getrefcount(buffers[i]) > 2:
+                    del buffers[i]
+                    break
+            else:
+                del buffers[0]
+        buffers.append(b)
+        return b
+
+
 class _Connection:
     """One output this input is (or tries to be) connected to."""
 
@@ -80,6 +123,7 @@ class _Connection:
         self.thread = threading.Thread(target=self.run, name=f"{channel.channel_id}<-{output_id}", daemon=True)
         self.received = 0
         self.last_error = None
+        self.pool = _BufferPool(limit=2 * (channel.capacity + channel.credit_window) + 4)
 
     def _resolve(self):
         if self.info is not None:
@@ -129,6 +173,7 @@ class _Connection:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         self.sock = sock
         sock.sendall(wire.hello(ch.channel_id, ch.data_distribution, ch.on_slowness, ch.max_queue_length,
                                 credit_window=ch.credit_window))
@@ -171,7 +216,7 @@ class _Connection:
                 for size in sizes:
                     # np.empty reserves memory without touching it: what a lying
                     # peer does not send is never committed
-                    buf = np.empty(size, np.uint8)
+                    buf = self.pool.get(size)
                     _recv_into(sock, memoryview(buf))
                     bufs.append(buf)
                 try:

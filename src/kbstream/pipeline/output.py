@@ -220,6 +220,7 @@ class OutputChannel:
             except OSError:
                 break
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
             peer = _Input(sock, addr)
             t = threading.Thread(target=self._read_loop, args=(peer,), name=f"{self.channel_id}-in-{addr[1]}",
                                  daemon=True)
