@@ -524,7 +524,7 @@ class KaraboPipelineInput(PipelinePeer):
         """
         eos = self.wait_eos(timeout)
         with self._cond:
-            cut = self._all_events.index(eos)
+            cut = next(i for i, e in enumerate(self._all_events) if e is eos)
             before = set(map(id, self._all_events[:cut]))
             items = [e for e in self._pending_events
                      if e["event"] == "data" and id(e) in before]

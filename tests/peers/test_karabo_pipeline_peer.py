@@ -150,23 +150,31 @@ def test_copy_wait_blocks_the_writer(python):
         assert elapsed > 0.15 * 3, elapsed
 
 
+BURST = 30
+
+
+def _burst(out, count=BURST):
+    """``count`` one-item messages written back to back inside the driver (no IPC round
+    trip per item: the whole burst takes a few ms, far less than the input's 0.3 s handler)."""
+    reply = out.stream(count, pipeline_item(0))
+    assert reply["elapsed"] < 2.5, reply            # drop / queueDrop never block the writer
+    out.eos()                                       # an EOS is never dropped
+
+
 def test_copy_drop(python):
     out, inp = _connected_pair(python, on_slowness="drop", sleep=0.3)
     with out, inp:
         inp.connect(out.port)
         out.wait_inputs(copy=[inp.id])
-        t0 = time.monotonic()
-        for i in range(10):
-            out.write([pipeline_item(i)])
-        assert time.monotonic() - t0 < 2.5             # drop never blocks the writer
-        out.eos()                                      # an EOS is never dropped
+        _burst(out)
         got, eos = inp.receive_stream(timeout=20)
         indices = [g["index"] for g in got]
         # a message goes only to an input that has credit at update() time; the hello is
         # the first credit, so item 0 always arrives. Which others do depends on timing
-        # (one run: [0, 9]: items 1-8 were written during the round trip of 0's update)
+        # (runs gave [0], [0, 9] with ten slower writes): the input grants credit only
+        # while it holds fewer than about 3 items, so the end of the burst is lost
         assert indices[0] == 0 and indices == sorted(set(indices)), indices
-        assert len(indices) < 10, indices
+        assert len(indices) <= 4 and BURST - 1 not in indices, indices
         assert eos["count"] == len(indices)
 
 
@@ -176,18 +184,17 @@ def test_copy_queue_drop_drops_the_new_message(python):
     with out, inp:
         inp.connect(out.port)
         out.wait_inputs(copy=[inp.id])
-        t0 = time.monotonic()
-        for i in range(10):
-            out.write([pipeline_item(i)])
-        assert time.monotonic() - t0 < 2.5             # queueDrop never blocks either
-        out.eos()
+        _burst(out)
         got, _ = inp.receive_stream(timeout=20)
         indices = [g["index"] for g in got]
-        # C++: once the queue holds maxQueueLength messages, the NEW one is dropped, so a
-        # prefix arrives and the last messages are lost (the MDL would drop the oldest)
-        assert indices == list(range(len(indices))), indices
-        assert 9 not in indices
-        assert indices == [0, 1, 2, 3, 4], indices      # as measured for the spec, 10.1
+        # C++: once the queue holds maxQueueLength messages, the NEW one is dropped, so the
+        # end of the burst is lost (drop-oldest, as the MDL does, would deliver the last
+        # two). Typically a prefix: [0, 1, 2] (0 on the hello's credit, 1 and 2 queued) or
+        # [0 .. 4] (the spec's run, 10.1: credits for 1 and 2 came in between); a run with
+        # ten slower writes gave [0, 1, 2, 7, 8] (a queue slot freed in mid-burst)
+        assert indices[:3] == [0, 1, 2], indices
+        assert indices == sorted(set(indices)) and len(indices) <= 8, indices
+        assert BURST - 1 not in indices and BURST - 2 not in indices, indices
 
 
 def test_shared_two_inputs(python):
