@@ -20,7 +20,6 @@ import argparse
 import collections
 import fcntl
 import logging
-import os
 import re
 import socket
 import struct
@@ -30,7 +29,7 @@ import time
 import numpy as np
 
 from .errors import NoMatchError, PatternError, ReplayError, RunFileError, RunNotFoundError
-from .reader import Prefetcher, RunReader, TrainData
+from .reader import Prefetcher, RunReader
 from .runs import files_for_run, run_files
 from .select import select_sources
 
