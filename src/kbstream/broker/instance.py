@@ -41,8 +41,11 @@ log = logging.getLogger("kbstream.broker")
 _ID_RE = re.compile(r"^[A-Za-z0-9_/\-]+$")
 #: The broadcast slots every instance binds (``*.<slot>`` on ``Global_Slots``).
 BROADCAST_SLOTS = ("slotInstanceNew", "slotInstanceUpdated", "slotInstanceGone", "slotDiscover")
-#: A tracker ages every instance by one every this many seconds (C++: 3 s).
+#: A tracker checks for silent instances every this many seconds (C++: 3 s) ...
 TRACK_TICK = 3.0
+#: ... and declares an instance gone after this many heartbeat intervals without a sign of
+#: life (C++: a countdown of heartbeatInterval ticks of 3 s).
+DEAD_AFTER_INTERVALS = 3
 SELF_CHECK_TIMEOUT = 1.0
 CHANNEL_INFO_TIMEOUT = 3.0
 KARABO_VERSION = "3.1.2"
@@ -70,9 +73,6 @@ class InstanceRecord:
         ``time.monotonic()`` of the last sign of life.
     last_heartbeat : float or None
         ``time.monotonic()`` of the last ``slotHeartbeat``.
-    countdown : int
-        Tracking countdown (C++ semantics: reset to ``heartbeatInterval`` on every sign of
-        life, decremented every 3 s, gone at 0).
     """
 
     instance_id: str
@@ -80,7 +80,6 @@ class InstanceRecord:
     last_seen: float = 0.0
     last_heartbeat: float | None = None
     heartbeats: int = 0
-    countdown: int = 0
 
     @property
     def type(self):
@@ -371,12 +370,8 @@ class BrokerInstance:
                 if next_beat < now:
                     next_beat = now + self.heartbeat_interval
                 if self.send_heartbeats and self._state == "up":
-                    reduced = Hash()
-                    reduced.set("type", self._info.get("type", "unknown"), type=HashType.STRING)
-                    reduced.set("heartbeatInterval", self.heartbeat_interval,
-                                type=HashType.INT32)
                     try:
-                        self.broadcast("slotHeartbeat", self.instance_id, reduced)
+                        self.broadcast("slotHeartbeat", *self.heartbeat_args())
                     except Exception:
                         log.debug("heartbeat not sent", exc_info=True)
             if now >= next_tick:
@@ -384,12 +379,20 @@ class BrokerInstance:
                 if self.track_heartbeats:
                     self._age_instances()
 
+    def heartbeat_args(self):
+        """``(id, {type, heartbeatInterval INT32})``: the arguments of ``slotHeartbeat``."""
+        reduced = Hash()
+        reduced.set("type", self._info.get("type", "unknown"), type=HashType.STRING)
+        reduced.set("heartbeatInterval", self.heartbeat_interval, type=HashType.INT32)
+        return self.instance_id, reduced
+
     def _age_instances(self):
         dead = []
+        now = time.monotonic()
         with self._lock:
             for iid, rec in list(self._instances.items()):
-                rec.countdown -= 1
-                if rec.countdown <= 0:
+                interval = rec.heartbeat_interval or 10
+                if now - rec.last_seen > DEAD_AFTER_INTERVALS * interval:
                     dead.append(self._instances.pop(iid))
         for rec in dead:
             log.info("%s: %s silently disappeared (no heartbeat)", self.instance_id,
@@ -550,7 +553,6 @@ class BrokerInstance:
                     info, Hash) else Hash())
             rec.last_seen = rec.last_heartbeat = time.monotonic()
             rec.heartbeats += 1
-            rec.countdown = _countdown(rec)
         if not known and self._state == "up":
             # a tracker that hears an unknown heartbeat asks the instance for its info
             self.call(iid, "slotDiscover", self.instance_id)
@@ -567,7 +569,6 @@ class BrokerInstance:
             if len(info):
                 rec.info = info
             rec.last_seen = time.monotonic()
-            rec.countdown = _countdown(rec)
         if new or (announce and fresh):
             for cb in list(self._new_callbacks):
                 try:
@@ -678,7 +679,7 @@ class BrokerInstance:
         """Known other instances: ``{instance_id: InstanceRecord}`` (a snapshot)."""
         with self._lock:
             return {k: InstanceRecord(v.instance_id, Hash(v.info), v.last_seen,
-                                      v.last_heartbeat, v.heartbeats, v.countdown)
+                                      v.last_heartbeat, v.heartbeats)
                     for k, v in self._instances.items()}
 
     def discover(self):
@@ -802,12 +803,6 @@ class BrokerInstance:
 
 
 _NO_REPLY = object()
-
-
-def _countdown(rec):
-    # C++: heartbeatInterval ticks of 3 s. At least 2 ticks, so that an instance beating
-    # more often than every 3 s is not declared dead between two beats.
-    return max(rec.heartbeat_interval or 10, 2)
 
 
 def _split_output_id(output_id):

@@ -96,6 +96,22 @@ class Transport:
         raise NotImplementedError
 
 
+def _describe(exc, depth=0):
+    """The root cause of a pika connection error, e.g. ``ConnectionRefusedError(111, ...)``
+    (pika nests the real error in workflow exceptions with empty messages)."""
+    if depth < 5:
+        inner = getattr(exc, "exceptions", None)
+        if inner:
+            return _describe(inner[-1], depth + 1)
+        for attr in ("exception",):
+            if isinstance(getattr(exc, attr, None), BaseException):
+                return _describe(getattr(exc, attr), depth + 1)
+        if exc.args and isinstance(exc.args[0], BaseException):
+            return _describe(exc.args[0], depth + 1)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else repr(exc)
+
+
 def _queue_fallback_name(name):
     return f"{name}:{time.monotonic_ns():x}"
 
@@ -232,7 +248,7 @@ class PikaTransport(Transport):
             try:
                 conn = self._pika.BlockingConnection(self._params(url))
             except Exception as e:  # pika raises many kinds (AMQPConnectionError, OSError)
-                errors.append(f"{url.safe}: {type(e).__name__} {e}".rstrip())
+                errors.append(f"{url.safe}: {_describe(e)}")
                 continue
             try:
                 self._declare(conn)
