@@ -166,8 +166,9 @@ def case_kbstream(rundir, prefetch=4):
 
 
 def case_extra_data(rundir):
-    exe = Path(sys.executable).with_name("karabo-bridge-serve-files")
-    return measure([str(exe), str(rundir), "{ep}", "--source", "SPB_IRDA_JF4M/DET/JNGFR*",
+    # By module, not by console script: once kbstream is installed, the
+    # karabo-bridge-serve-files script may be kbstream's own.
+    return measure([sys.executable, "-m", "extra_data.cli.serve_files", str(rundir), "{ep}", "--source", "SPB_IRDA_JF4M/DET/JNGFR*",
                     "--key", "data.adc"], NTRAINS)
 
 
