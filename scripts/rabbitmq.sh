@@ -30,17 +30,30 @@ no_system_broker() {
         systemctl disable "${now[@]}" rabbitmq-server.service > /dev/null 2>&1 || true
         systemctl disable "${now[@]}" epmd.socket epmd.service > /dev/null 2>&1 || true
     fi
-    if command -v invoke-rc.d > /dev/null 2>&1 && [ -x /etc/init.d/rabbitmq-server ] \
-        && [ ! -d /run/systemd/system ]; then
-        # sysvinit-style machines: stop it if the init script thinks it runs
-        /etc/init.d/rabbitmq-server status > /dev/null 2>&1 \
-            && /etc/init.d/rabbitmq-server stop > /dev/null 2>&1 || true
+    # sysvinit-style machines: stop a broker started by the package (its pid file exists),
+    # keep it from starting at boot. Never run `rabbitmqctl status` or the init script's
+    # `status` here: Erlang would start a daemonized epmd on 0.0.0.0:4369.
+    if [ ! -d /run/systemd/system ] && [ -x /etc/init.d/rabbitmq-server ]; then
+        if [ -s /run/rabbitmq/pid ] || [ -s /var/run/rabbitmq/pid ]; then
+            /etc/init.d/rabbitmq-server stop > /dev/null 2>&1 || true
+        fi
         update-rc.d rabbitmq-server disable > /dev/null 2>&1 || true
+    fi
+}
+
+epmd_before=0
+epmd_listening && epmd_before=1
+stop_new_epmd() {
+    # The package's scripts start a daemonized epmd on 0.0.0.0:4369 even when services are
+    # forbidden; stop it if it was not there before (it refuses while nodes are registered).
+    if [ "$epmd_before" = 0 ] && epmd_listening; then
+        epmd -kill > /dev/null 2>&1 || true
     fi
 }
 
 if [ -x "$RMQ_SERVER" ]; then
     no_system_broker
+    stop_new_epmd
     echo "rabbitmq-server: installed ($RMQ_SERVER)"
     exit 0
 fi
@@ -51,8 +64,6 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get > /dev/null 2>&1; then
     exit 0
 fi
 
-epmd_before=0
-epmd_listening && epmd_before=1
 created_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d    # "do not start services"
@@ -67,11 +78,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends rabbitmq-server
 no_system_broker
-# The package's scripts start a daemonized epmd on 0.0.0.0:4369 even when services are
-# forbidden; stop it if it was not there before (it refuses while nodes are registered).
-if [ "$epmd_before" = 0 ] && epmd_listening; then
-    epmd -kill > /dev/null 2>&1 || true
-fi
+stop_new_epmd
 
 if [ ! -x "$RMQ_SERVER" ]; then
     echo "rabbitmq-server: installed, but $RMQ_SERVER is missing" >&2
