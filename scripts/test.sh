@@ -8,7 +8,9 @@
 #    peers from PyPI (karabo-bridge, extra-data).
 # 2. .venv-karabo (Python 3.12 through pyenv): Karabo's own karabo.cpp (karabind)
 #    and karabo.native, which the interop tests drive as subprocesses.
-# 3. pytest over tests/, strict, with Python's development mode on.
+# 3. RabbitMQ from Debian's packages (scripts/rabbitmq.sh), for the broker tests, which
+#    start their own private broker on 127.0.0.1; no system-wide broker is left running.
+# 4. pytest over tests/, strict, with Python's development mode on.
 # Re-running is cheap: existing environments are reused, kbstream is rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,9 @@ step "main environment (.venv)"
 step "Karabo side environment (.venv-karabo)"
 bash scripts/karabo-env.sh .venv-karabo
 export KBSTREAM_KARABO_PYTHON="$PWD/.venv-karabo/bin/python"
+
+step "RabbitMQ (Debian package)"
+bash scripts/rabbitmq.sh
 
 step "tests"
 export PYTHONDEVMODE=1
