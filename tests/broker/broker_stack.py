@@ -262,6 +262,12 @@ class KarabindClient:
         except (OSError, ValueError, subprocess.TimeoutExpired):
             pass
         stop_process(self.proc, grace=5)
+        self._reader.join(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
         self.log.close()
 
 

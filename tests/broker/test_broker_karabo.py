@@ -222,8 +222,17 @@ def test_b_cpp_input_reads_kbstream_output_by_name(instances, cpp_server, karabi
         out.wait_for_inputs(copy=["kbIn:input"], timeout=20)
         n = 3
         for i in range(1, n + 1):
-            out.write(item(i))
-            out.update(timeout=10)
+            # the C++ input's default onSlowness is "drop": an item written before its
+            # credit arrived is dropped by the output, so write it again until it went out
+            for _ in range(400):
+                before = out.stats()["kbIn:input"]["sent"]
+                out.write(item(i))
+                out.update(timeout=10)
+                if out.stats()["kbIn:input"]["sent"] > before:
+                    break
+                time.sleep(0.025)
+            else:
+                pytest.fail(f"item {i} was never sent: {out.stats()}")
         out.signal_end_of_stream(timeout=10)
         client = karabind_client()
         wait_until(lambda: client.command({"cmd": "get", "id": "kbIn",
