@@ -464,3 +464,19 @@ def test_unreachable_broker_gives_clear_error():
     assert ei.value.urls == [f"amqp://guest@127.0.0.1:{port}"]
     assert inst.state == "stopped"
     assert not [t for t in threading.enumerate() if t.name.startswith("kbstream-")]
+
+
+def test_pending_resolution_is_renewed_when_the_output_announces(mem):
+    consumer = mem("kbIn")
+    consumer.start()
+    consumer.resolver.timeout = 60.0  # without renewal the first request would wait 60 s
+    result = []
+    t = threading.Thread(target=lambda: result.append(consumer.resolver("kbLate:output")))
+    t.start()
+    wait_until(lambda: consumer.resolver._inflight, 5, what="request in flight")
+    out = mem("kbLate")
+    out.add_output_channel("output", Hash("connectionType", "tcp", "hostname", "127.0.0.1",
+                                          "port", 4000))
+    out.start()
+    t.join(20)
+    assert not t.is_alive() and result[0]["port"] == 4000

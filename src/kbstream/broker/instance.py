@@ -439,6 +439,7 @@ class BrokerInstance:
         self._check_up(_allow_starting)
         reply_to = str(uuid.uuid4())
         fut = concurrent.futures.Future()
+        fut.kb_reply_to = reply_to
         with self._lock:
             self._pending[reply_to] = (fut, instance_id, slot)
         if timeout is not None:
@@ -470,10 +471,13 @@ class BrokerInstance:
         RemoteError
             The slot answered with an error reply.
         """
-        fut = self.request_async(instance_id, slot, *args, timeout=timeout,
-                                 _allow_starting=_allow_starting)
-        # bounded twice: the timer fails the future; the extra second covers a late timer
-        return fut.result(timeout + 1.0)
+        # no timer thread per request here: wait on the future and expire it ourselves
+        fut = self.request_async(instance_id, slot, *args, _allow_starting=_allow_starting)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._expire(fut.kb_reply_to, timeout)
+            return fut.result(0)
 
     # ---- slots ----------------------------------------------------------------------
 
@@ -577,6 +581,9 @@ class BrokerInstance:
                     log.exception("%s: instance-new callback failed for %s", self.instance_id,
                                   iid)
         if new:
+            resolver = getattr(self, "_resolver", None)
+            if resolver is not None:
+                resolver.renew(iid)
             self._reconnect_inputs_of(iid)
 
     def _fire_gone(self, iid, info):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 
 from kbhash import Hash, HashType
 
@@ -74,6 +75,10 @@ def resolve_host(hostname: str, *, own_hostname: str | None = None) -> str | Non
     return None
 
 
+class _Renewed(Exception):
+    """Internal: a pending request is re-sent because its target announced itself."""
+
+
 class OutputResolver:
     """``resolver(output_id) -> Hash | None`` on a :class:`BrokerInstance`.
 
@@ -87,6 +92,21 @@ class OutputResolver:
     def __init__(self, instance, timeout=3.0):
         self.instance = instance
         self.timeout = timeout
+        self._lock = threading.Lock()
+        self._inflight = {}  # instance id -> set of futures
+
+    def renew(self, instance_id):
+        """``instance_id`` just announced itself: re-send the requests still waiting for it.
+
+        A request sent while the instance was offline was dropped by the broker and would
+        only time out after 3 s; asking again at once makes the connection follow the
+        announcement within milliseconds (as C++ inputs do).
+        """
+        with self._lock:
+            futures = list(self._inflight.get(instance_id, ()))
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(_Renewed())
 
     def request_info(self, output_id: str) -> Hash:
         """The raw reply ``a1`` (``{success, info}``) for ``output_id``.
@@ -100,8 +120,26 @@ class OutputResolver:
         arg.set("channelId", channel, type=HashType.STRING)
         arg.set("processId", self.instance.pid & 0x7FFFFFFF, type=HashType.INT32)
         arg.set("hostname", self.instance.hostname, type=HashType.STRING)
-        reply = self.instance.request(iid, "slotGetOutputChannelInformation", arg,
-                                      timeout=self.timeout)
+        for _ in range(4):  # at most a few renewals: announcements do not come in storms
+            fut = self.instance.request_async(iid, "slotGetOutputChannelInformation", arg,
+                                              timeout=self.timeout)
+            with self._lock:
+                self._inflight.setdefault(iid, set()).add(fut)
+            try:
+                reply = fut.result(self.timeout + 1.0)
+                break
+            except _Renewed:
+                continue
+            finally:
+                with self._lock:
+                    pending = self._inflight.get(iid)
+                    if pending is not None:
+                        pending.discard(fut)
+                        if not pending:
+                            del self._inflight[iid]
+        else:
+            raise RequestTimeout(f"{iid} kept announcing itself without answering",
+                                 iid, "slotGetOutputChannelInformation", self.timeout)
         if not reply or not isinstance(reply[0], Hash):
             raise RemoteError(f"{iid}.slotGetOutputChannelInformation gave no Hash",
                               iid, "slotGetOutputChannelInformation")
