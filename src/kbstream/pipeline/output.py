@@ -125,7 +125,8 @@ class OutputChannel:
         What happens to a message for the shared pool when no shared input is
         ready (see module docstring).
     distributionMode : {"load-balanced", "round-robin"}
-        How the shared pool is served (Karabo 2.x names).
+        How the shared pool is served (Karabo 2.x names); round-robin goes
+        through the shared inputs in the order of their ids.
     shared_selector : callable, optional
         ``f(list_of_shared_input_ids) -> id``; "" or an unknown id drops.
     sharedQueueLength : int
@@ -445,7 +446,7 @@ class OutputChannel:
 
     def _distribute_shared(self, msg, deadline):
         with self._cond:
-            ids = [i.id for i in self._inputs.values() if i.shared]
+            ids = sorted(i.id for i in self._inputs.values() if i.shared)
             if not ids:
                 return
             target = None
