@@ -35,6 +35,7 @@ N = int(os.environ.get("KB_PIPE_ITEMS", "100"))
 ROUNDS = int(os.environ.get("KB_PIPE_ROUNDS", "3"))
 SHAPE = (16, 512, 1024)
 ITEM_BYTES = 16 * 1024 * 1024
+GROUP = "pipeline-16MiB-copy-wait"
 
 RECEIVER = r"""
 import json, sys, threading, time
@@ -86,7 +87,6 @@ def kb_stream(out, n):
 
 
 def _record(benchmark, pair, counts):
-    benchmark.group = "pipeline-16MiB"
     benchmark.extra_info.update(library=pair.split("->")[0], op=f"send {pair}", items=N,
                                 bytes=N * ITEM_BYTES, correct=all(c == N for c in counts))
 
@@ -106,6 +106,7 @@ def test_kbstream_to_kbstream(benchmark):
             counts.append(json.loads(p.communicate(timeout=600)[0].splitlines()[-1])["count"])
         out.close()
 
+    benchmark.group = GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
     _record(benchmark, "kbstream->kbstream", counts)
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median
@@ -126,9 +127,9 @@ def test_kbstream_to_4_shared_kbstream(benchmark):
         counts.append(sum(json.loads(p.communicate(timeout=600)[0].splitlines()[-1])["count"] for p in procs))
         out.close()
 
+    benchmark.group = GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
     _record(benchmark, "kbstream->4 shared kbstream", counts)
-    benchmark.group = "pipeline-16MiB-shared"
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median
 
 
@@ -149,6 +150,7 @@ def test_kbstream_to_karabind(benchmark):
         peer.close()
         out.close()
 
+    benchmark.group = GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
     _record(benchmark, "kbstream->karabind", counts)
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median
@@ -181,6 +183,7 @@ def test_karabind_to_kbstream(benchmark):
         inp.close()
         peer.close()
 
+    benchmark.group = GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
     _record(benchmark, "karabind->kbstream", counts)
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median
@@ -203,6 +206,7 @@ def test_karabind_to_karabind(benchmark):
         sink.close()
         peer.close()
 
+    benchmark.group = GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
     _record(benchmark, "karabind->karabind", counts)
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median

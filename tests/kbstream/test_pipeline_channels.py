@@ -20,6 +20,7 @@ from kbstream.pipeline import (
     SchemaError,
     wire,
 )
+from kbstream.pipeline import shm as pshm
 
 TIMEOUT = 20
 
@@ -546,3 +547,100 @@ def test_imagedata_and_timestamps_travel(channels):
     (index, tid, source, data), = col.items
     assert (index, tid, source) == (7, 99, "custom/source")
     assert data["data.img"] == img and data.get_type("data.trainId") == HashType.UINT64
+
+
+# ------------------------------------------------------- same-host shared-memory path
+
+BIG_FRAME = (8, 256, 256)  # 1 MiB of uint16: above the shared-memory threshold
+needs_shm = pytest.mark.skipif(pshm.host_token() is None, reason="no shared memory on this platform")
+
+
+def _shm_files():
+    import os
+
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"kbstream-{os.getpid()}-"))
+
+
+@needs_shm
+def test_shared_memory_path_is_used_and_slots_are_not_reused_while_held(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait")
+    kept = []
+    done = threading.Event()
+    inp.register_data_handler(lambda d, m: kept.append((d["index"], d["image"])))
+    inp.register_end_of_stream_handler(lambda ch: done.set())
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    n = 30
+    send(out, n, shape=BIG_FRAME)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    assert done.wait(TIMEOUT)
+    st = out.stats()["receiver:input"]
+    assert st["shm"] > 0  # big messages went through shared memory
+    # every array we kept still holds its own values: no slot was reused under it
+    assert [i for i, _ in kept] == list(range(n))
+    for i, arr in kept:
+        assert arr.shape == BIG_FRAME and (arr == i).all()
+    assert _shm_files() == []  # segments are unlinked once the input has mapped them
+
+
+@needs_shm
+def test_shared_memory_slots_are_recycled_when_released(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp)  # keeps the data Hashes: drop them to let slots go
+    inp.register_data_handler(lambda d, m: col.on_data(Hash("index", d["index"], "sum", int(d["image"].sum())), m))
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    n = 40
+    send(out, n, shape=BIG_FRAME)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    st = out.stats()["receiver:input"]
+    assert col.indices() == list(range(n))
+    assert [d["sum"] for *_, d in col.items] == [i * int(np.prod(BIG_FRAME)) for i in range(n)]
+    assert st["shm"] == n  # released slots were reused: no fallback to TCP was needed
+    with out._cond:
+        assert len(out._inputs["receiver:input"].ring.slots) <= 12
+
+
+def test_input_without_shared_memory_gets_tcp(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait", use_shm=False)
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    send(out, 5, shape=BIG_FRAME)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == list(range(5)) and out.stats()["receiver:input"]["shm"] == 0
+
+
+@pytest.mark.parametrize("ref", [
+    {"name": "/etc/passwd", "slot": 0, "size": 4},
+    {"name": "kbstream-does-not-exist", "slot": 0, "size": 4},
+])
+def test_input_refuses_bad_shared_memory_references(channels, ref):
+    make_output, make_input = channels
+    msg = wire.data_message([(Hash("a", 1), wire.ChannelMetaData("x"))])
+    h = Hash(msg.header)
+    r = Hash()
+    r.set("name", ref["name"])
+    r.set("slot", ref["slot"], type=HashType.UINT32)
+    r.set("size", 18, type=HashType.UINT64)
+    h["kbShm"] = r
+    hb = kbhash.encode_bytes(h)
+    frame = struct.pack("<I", len(hb)) + hb + struct.pack("<I", 0)
+    info, srv, accepted = _fake_output(lambda s: s.sendall(frame))
+    inp = make_input(onSlowness="wait")
+    col = Collector(inp)
+    inp.connect(info, "fake:output")
+    deadline = time.monotonic() + TIMEOUT
+    while len(accepted) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    srv.close()
+    assert col.items == []

@@ -34,7 +34,7 @@ import numpy as np
 import kbhash
 from kbhash import Hash
 
-from . import wire
+from . import shm, wire
 from .errors import ChannelClosed, PipelineProtocolError
 
 __all__ = ["InputChannel", "ConnectionStatus"]
@@ -50,6 +50,9 @@ class ConnectionStatus(Enum):
     CONNECTED = 2
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
 def _recv_into(sock, view):
     got = 0
     n = view.nbytes
@@ -58,6 +61,11 @@ def _recv_into(sock, view):
         if k == 0:
             raise ConnectionError("connection closed by peer")
         got += k
+        if _QUICKACK is not None:
+            # Acknowledge at once: a sender with Nagle's algorithm on (Karabo's C++
+            # output) holds the tail of a message back until the previous segment is
+            # acknowledged, and delayed acknowledgements would stall every message.
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
 
 def _recv_exact(sock, n):
@@ -124,6 +132,8 @@ class _Connection:
         self.received = 0
         self.last_error = None
         self.pool = _BufferPool(limit=2 * (channel.capacity + channel.credit_window) + 4)
+        self.mapper = shm.SlotMapper()
+        self.lock = threading.Lock()  # the socket's writes and the mapper
 
     def _resolve(self):
         if self.info is not None:
@@ -175,8 +185,9 @@ class _Connection:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         self.sock = sock
+        self.mapper = shm.SlotMapper()
         sock.sendall(wire.hello(ch.channel_id, ch.data_distribution, ch.on_slowness, ch.max_queue_length,
-                                credit_window=ch.credit_window))
+                                credit_window=ch.credit_window, shm_token=ch.shm_token))
         ch._connected(self)
         self._set_status(ConnectionStatus.CONNECTED)
 
@@ -211,13 +222,22 @@ class _Connection:
                     f"message of {blen} bytes exceeds max_message_size {ch.max_message_size}")
             header = wire.parse_header(hdata, blen)
             items = []
+            body = bufs = None
+            pos = 0
+            if header.shm is not None:
+                body = self._shm_body(*header.shm)
             for sizes, meta in zip(header.buffers, header.metas):
                 bufs = []
                 for size in sizes:
-                    # np.empty reserves memory without touching it: what a lying
-                    # peer does not send is never committed
-                    buf = self.pool.get(size)
-                    _recv_into(sock, memoryview(buf))
+                    if body is not None:
+                        # a view on the shared-memory slot: no copy at all
+                        buf = body[pos:pos + size]
+                        pos += size
+                    else:
+                        # np.empty reserves memory without touching it: what a lying
+                        # peer does not send is never committed
+                        buf = self.pool.get(size)
+                        _recv_into(sock, memoryview(buf))
                     bufs.append(buf)
                 try:
                     data = kbhash.decode(bufs)
@@ -225,7 +245,40 @@ class _Connection:
                     raise PipelineProtocolError(f"item is not a valid Hash archive: {e}") from None
                 items.append((data, meta))
             self.received += len(items)
+            body = bufs = None
             ch._deliver(self, items, header.eos)
+            items = None
+            self.release_slots()
+
+    def _shm_body(self, name, slot, size):
+        if self.channel.shm_token is None:
+            raise PipelineProtocolError("shared-memory message on a connection that did not offer it")
+        with self.lock:
+            try:
+                arr, new = self.mapper.open(name, size)
+            except (OSError, ValueError) as e:
+                raise PipelineProtocolError(f"cannot map shared memory {name!r}: {e}") from None
+            view = self.mapper.message_view(slot, arr, size)
+        if new:
+            self.send(wire.control("kbShmMapped", self.channel.channel_id, name=name))
+        return memoryview(view)
+
+    def send(self, frame):
+        sock = self.sock
+        if sock is None:
+            return
+        with self.lock:
+            sock.sendall(frame)
+
+    def release_slots(self):
+        """Give back the shared-memory slots whose items nobody references any more."""
+        with self.lock:
+            free = self.mapper.releasable()
+        for slot in free:
+            try:
+                self.send(wire.control("kbRelease", self.channel.channel_id, slot=slot))
+            except OSError:
+                return
 
 
 class _Batch:
@@ -276,12 +329,16 @@ class InputChannel:
     schema : DataSchema, optional
         Expected content; mismatches are counted, logged once per problem and
         passed to ``on_schema_mismatch(data, problems)`` if given.
+    use_shm : bool
+        Offer a kbstream output on the same machine the shared-memory data
+        path (:mod:`kbstream.pipeline.shm`); ignored by Karabo outputs.
     """
 
     def __init__(self, channel_id, connectedOutputChannels=(), *, dataDistribution="copy",
                  onSlowness="drop", maxQueueLength=2, minData=1, respondToEndOfStream=True,
                  delayOnInput=0, resolver=None, reconnect_interval=2.0, credit_window=4,
-                 connect_timeout=5.0, max_message_size=0xFFFFFFFF, schema=None, on_schema_mismatch=None):
+                 connect_timeout=5.0, max_message_size=0xFFFFFFFF, schema=None, on_schema_mismatch=None,
+                 use_shm=True):
         if dataDistribution not in wire.DISTRIBUTION:
             raise ValueError(f"dataDistribution must be one of {wire.DISTRIBUTION}")
         if onSlowness not in wire.ON_SLOWNESS:
@@ -299,6 +356,7 @@ class InputChannel:
         self.credit_window = max(1, int(credit_window))
         self.connect_timeout = connect_timeout
         self.max_message_size = int(max_message_size)
+        self.shm_token = shm.host_token() if use_shm else None
         self.schema = schema
         self.on_schema_mismatch = on_schema_mismatch
         self.schema_mismatches = 0
@@ -448,11 +506,8 @@ class InputChannel:
     def _grant(self, conn):
         if self.delay_on_input:
             time.sleep(self.delay_on_input)
-        sock = conn.sock
-        if sock is None:
-            return
         try:
-            sock.sendall(wire.update(self.channel_id))
+            conn.send(wire.update(self.channel_id))
         except OSError as e:
             log.info("%s: could not grant credit to %s: %s", self.channel_id, conn.output_id, e)
 
@@ -510,6 +565,9 @@ class InputChannel:
             if items:
                 self._grant_owed()
                 self._run_handlers(items)
+                items = r = None
+                for conn in list(self._conns.values()):
+                    conn.release_slots()
                 self._grant_owed()
             if eos:
                 self.eos_count += 1

@@ -37,7 +37,7 @@ import time
 
 from kbhash import Hash, HashType
 
-from . import wire
+from . import shm, wire
 from .errors import ChannelClosed, ChannelTimeout, PipelineProtocolError, SchemaError
 
 __all__ = ["OutputChannel"]
@@ -54,6 +54,7 @@ class _Input:
     __slots__ = (
         "id", "sock", "addr", "shared", "on_slowness", "max_queue", "window", "credits",
         "queue", "sent", "dropped", "alive", "send_lock", "memory_location", "eos_pending",
+        "ring", "shm_sent",
     )
 
     def __init__(self, sock, addr):
@@ -72,6 +73,8 @@ class _Input:
         self.send_lock = threading.Lock()
         self.memory_location = "remote"
         self.eos_pending = None  # a shared input's end of stream, sent once all queued data is out
+        self.ring = None  # shared-memory slots when the input runs on this machine
+        self.shm_sent = 0
 
 
 def _recv_exact(sock, n):
@@ -135,11 +138,14 @@ class OutputChannel:
     schema : DataSchema, optional
         Declared content of the items; ``write`` validates against it
         (``validateSchema="always"``, or ``"once"`` per stream).
+    use_shm : bool
+        Offer kbstream inputs on the same machine the shared-memory data path
+        (:mod:`kbstream.pipeline.shm`); Karabo inputs always get TCP.
     """
 
     def __init__(self, channel_id, *, hostname="default", port=0, noInputShared="drop",
                  distributionMode="load-balanced", shared_selector=None, sharedQueueLength=10,
-                 schema=None, validateSchema="always"):
+                 schema=None, validateSchema="always", use_shm=True):
         if noInputShared not in _POLICIES:
             raise ValueError(f"noInputShared must be one of {_POLICIES}, not {noInputShared!r}")
         if distributionMode not in _MODES:
@@ -153,6 +159,7 @@ class OutputChannel:
         self.shared_queue_length = int(sharedQueueLength)
         self.schema = schema
         self.validate_schema = validateSchema
+        self.use_shm = use_shm
         self._validated = False
         self.hostname = socket.gethostname() if hostname == "default" else hostname
         bind = self.hostname if _is_ip(self.hostname) else "0.0.0.0"
@@ -192,7 +199,7 @@ class OutputChannel:
         with self._cond:
             out = {
                 i.id: {"sent": i.sent, "dropped": i.dropped, "queued": len(i.queue),
-                       "shared": i.shared, "onSlowness": i.on_slowness}
+                       "shared": i.shared, "onSlowness": i.on_slowness, "shm": i.shm_sent}
                 for i in self._inputs.values()
             }
         out["__shared__"] = {"dropped": self.shared_dropped, "queued": len(self._shared_queue)}
@@ -242,6 +249,12 @@ class OutputChannel:
                     if peer.id is None:
                         raise PipelineProtocolError("update before hello")
                     self._on_update(peer)
+                elif kind == "kbRelease" and peer.ring is not None:
+                    with self._cond:
+                        peer.ring.release(int(h.get("slot", -1)))
+                elif kind == "kbShmMapped" and peer.ring is not None:
+                    with self._cond:
+                        peer.ring.mapped(str(h.get("name", "")))
                 else:
                     log.debug("%s: ignoring control frame %r", self.channel_id, kind)
         except (ConnectionError, OSError) as e:
@@ -275,6 +288,9 @@ class OutputChannel:
             peer.on_slowness = slow
             peer.max_queue = max(1, int(h.get("maxQueueLength", 2)))
             peer.window = max(1, min(int(h.get("kbCreditWindow", 1)), 64))
+            token = h.get("kbShm")
+            if self.use_shm and token and token == shm.host_token():
+                peer.ring = shm.SlotRing(max_slots=peer.window + 8)
             self._inputs[iid] = peer
             # the hello is the first credit (Karabo); a kbstream input may ask for more
             peer.credits = peer.window
@@ -334,15 +350,30 @@ class OutputChannel:
                     self._shared_queue.clear()
                 log.info("%s: input %s gone: %s", self.channel_id, peer.id, reason)
             peer.queue.clear()
+            ring, peer.ring = peer.ring, None
             self._cond.notify_all()
         _close(peer.sock)
+        if ring is not None:
+            with peer.send_lock:
+                ring.close()
 
     def _send(self, peer, msg):
+        slot = None
+        if peer.ring is not None and isinstance(msg, wire.Message) and msg.body_size >= shm.MIN_SHM_MESSAGE:
+            with self._cond:
+                if peer.ring is not None:
+                    slot = peer.ring.acquire(msg.body_size)
         try:
             with peer.send_lock:
+                if slot is not None:
+                    index, seg = slot
+                    shm.fill(seg, msg.body)  # the one copy of this message
+                    msg = msg.via_shm(seg.name, index)
                 _sendmsg_all(peer.sock, msg)
             with self._cond:
                 peer.sent += 1
+                if slot is not None:
+                    peer.shm_sent += 1
         except OSError as e:
             self._drop_input(peer, f"send failed ({e})")
 
@@ -527,6 +558,9 @@ class OutputChannel:
         _close(self._server)
         for p in peers:
             _close(p.sock)
+            if p.ring is not None:
+                with p.send_lock:
+                    p.ring.close()
         self._accepter.join(5)
         for t in self._threads:
             t.join(5)

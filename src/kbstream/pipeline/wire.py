@@ -132,8 +132,8 @@ def _frame(h):
 
 
 def hello(instance_id, data_distribution="copy", on_slowness="drop", max_queue_length=2,
-          memory_location="remote", credit_window=1):
-    """The framed hello an input sends first (keys in Karabo's order)."""
+          memory_location="remote", credit_window=1, shm_token=None):
+    """The framed hello an input sends first (keys in Karabo's order, extensions last)."""
     h = Hash()
     h._v.update(
         reason="hello",
@@ -147,6 +147,19 @@ def hello(instance_id, data_distribution="copy", on_slowness="drop", max_queue_l
     if credit_window > 1:
         h._v["kbCreditWindow"] = int(credit_window)
         h._t["kbCreditWindow"] = int(T.UINT32)
+    if shm_token:
+        h._v["kbShm"] = shm_token
+    return _frame(h)
+
+
+def control(reason, instance_id, **fields):
+    """A framed kbstream control frame (kbRelease, kbShmMapped); Karabo outputs never get one."""
+    h = Hash()
+    h._v.update(reason=reason, instanceId=instance_id)
+    for k, v in fields.items():
+        h._v[k] = v
+        if isinstance(v, int) and not isinstance(v, bool):
+            h._t[k] = int(T.UINT32)
     return _frame(h)
 
 
@@ -161,12 +174,13 @@ def _u32_vector(values):
     return list(values)
 
 
-def data_message(items):
+def data_message(items, shm=None):
     """Buffers of one data message for ``items`` = [(data Hash, ChannelMetaData), ...].
 
     Returns a list of buffers for ``socket.sendmsg``: the framed header first,
     then the items' archives as kbhash.encode returned them (array payloads are
-    the arrays' own memory).
+    the arrays' own memory).  The header's ``_bufferSetLayout_`` etc. describe
+    the body; :func:`shm_message` moves that body into a shared-memory slot.
     """
     source_info = []
     layouts = []
@@ -193,11 +207,32 @@ def data_message(items):
     header._t["nData"] = int(T.UINT32)
     header._v["byteSizes"] = byte_sizes
     header._t["byteSizes"] = int(T.VECTOR_UINT32)
-    hb = kbhash.encode_bytes(header)
     total = sum(byte_sizes)
     if total > 0xFFFFFFFF:
         raise PipelineProtocolError(f"message body of {total} bytes does not fit the u32 size field")
-    return [U32.pack(len(hb)) + hb + U32.pack(total)] + [b for b in body if memoryview(b).nbytes]
+    msg = Message(header, [b for b in body if memoryview(b).nbytes], total)
+    return msg
+
+
+class Message(list):
+    """The buffers of a data message (a list, ready for sendmsg) plus what builds them."""
+
+    def __init__(self, header, body, body_size):
+        hb = kbhash.encode_bytes(header)
+        super().__init__([U32.pack(len(hb)) + hb + U32.pack(body_size)] + body)
+        self.header = header
+        self.body = body
+        self.body_size = body_size
+
+    def via_shm(self, name, slot):
+        """The same message with its body in shared-memory slot ``slot`` of segment ``name``."""
+        ref = Hash()
+        ref._v.update(name=name, slot=int(slot), size=self.body_size)
+        ref._t.update(slot=int(T.UINT32), size=int(T.UINT64))
+        h = Hash(self.header)
+        h._v["kbShm"] = ref
+        hb = kbhash.encode_bytes(h)
+        return [U32.pack(len(hb)) + hb + U32.pack(0)]
 
 
 def eos_message():
@@ -240,7 +275,7 @@ class MessageHeader:
     body_size : int
     """
 
-    __slots__ = ("eos", "metas", "buffers", "body_size")
+    __slots__ = ("eos", "metas", "buffers", "body_size", "shm")
 
 
 def parse_header(data, body_size):
@@ -255,6 +290,14 @@ def parse_header(data, body_size):
     except kbhash.DecodeError as e:
         raise PipelineProtocolError(f"data header is not a Hash archive: {e}") from None
     m = MessageHeader()
+    m.shm = None
+    shm = h.get("kbShm")
+    if shm is not None:
+        if body_size != 0 or not isinstance(shm, Hash) or not isinstance(shm.get("name"), str) \
+                or not isinstance(shm.get("slot"), int) or not isinstance(shm.get("size"), int):
+            raise PipelineProtocolError("malformed kbShm reference")
+        m.shm = (shm["name"], shm["slot"], shm["size"])
+        body_size = shm["size"]
     eos = h.get("endOfStream", False)
     if not isinstance(eos, bool):
         raise PipelineProtocolError("endOfStream is not a BOOL")
