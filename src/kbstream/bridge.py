@@ -404,7 +404,13 @@ class ServerInThread:
             elif kind == "PUSH":
                 if not sock.poll(poll_ms, zmq.POLLOUT):
                     continue
-                sock.send_multipart(pending, copy=False)
+                try:
+                    # NOBLOCK: the PULL peer may vanish between poll and send, and a
+                    # blocking send would then wait for a new peer forever (stop() would
+                    # hang).  libzmq accepts all parts once it has accepted the first.
+                    sock.send_multipart(pending, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
                 pending = None
                 self._sent()
             else:  # PUB: never waits
