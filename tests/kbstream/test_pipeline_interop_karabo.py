@@ -16,7 +16,7 @@ import pytest
 import kbhash
 from kbhash import Hash, HashType, Timestamp
 from kbstream.pipeline import ChannelMetaData, InputChannel, OutputChannel, wire
-from peers.karabo import SETUP_HINT, karabo_python
+from peers.karabo import require_karabo_python
 from peers.pipeline import (
     KaraboPipelineInput,
     KaraboPipelineOutput,
@@ -39,13 +39,7 @@ BIG = (16, 512, 1024)
 
 @pytest.fixture(scope="module", autouse=True)
 def side_python():
-    import os
-
-    if karabo_python() is None:
-        msg = f"the Karabo side environment is missing; {SETUP_HINT}"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(f"!!! KARABO INTEROP TESTS NOT RUN: {msg} !!!")
+    return require_karabo_python()
 
 
 class Received:
@@ -129,7 +123,9 @@ def test_karabind_output_to_slow_kbstream_input(policy):
 
 
 def test_karabind_output_to_two_shared_kbstream_inputs():
-    with KaraboPipelineOutput() as out:
+    # noInputShared=wait: with the default (drop) Karabo drops a message whose
+    # round-robin target has not granted credit yet
+    with KaraboPipelineOutput(no_input_shared="wait") as out:
         inputs = [InputChannel(f"kbW{k}:input", dataDistribution="shared") for k in range(2)]
         recs = [Received(i) for i in inputs]
         try:

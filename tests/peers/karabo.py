@@ -36,7 +36,8 @@ SETUP_HINT = (
     f"(or point {ENV_VAR} at a Python 3.12 with karabo.cpp==3.1.2 and karabo.native==3.1.2)"
 )
 
-__all__ = ["KaraboPeer", "PeerError", "PeerTimeout", "PeerDied", "karabo_python"]
+__all__ = ["KaraboPeer", "PeerError", "PeerTimeout", "PeerDied", "karabo_python", "in_ci", "peer_missing",
+           "require_karabo_python"]
 
 
 def karabo_python() -> str | None:
@@ -51,6 +52,29 @@ def karabo_python() -> str | None:
         return explicit
     default = REPO / ".venv-karabo" / "bin" / "python"
     return str(default) if default.exists() else None
+
+
+def in_ci() -> bool:
+    """True when the CI variable is set: there a missing peer is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def peer_missing(what: str):
+    """Fail (under CI) or skip loudly because a real peer is not available."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"CI is set but {what}; {SETUP_HINT}", pytrace=False)
+    pytest.skip(f"!!! KARABO INTEROP TESTS NOT RUN: {what}; {SETUP_HINT} !!!")
+
+
+def require_karabo_python() -> str:
+    """The side interpreter's path, or fail/skip as :func:`peer_missing` does."""
+    python = karabo_python()
+    if python is None:
+        peer_missing("no Karabo side interpreter was found "
+                     "(KBSTREAM_KARABO_PYTHON unset, <repo>/.venv-karabo absent)")
+    return python
 
 
 class PeerError(Exception):

@@ -10,13 +10,12 @@ Without the side interpreter the tests are skipped, loudly; with ``CI`` set they
 instead.
 """
 
-import os
 import struct
 import time
 
 import pytest
 
-from peers.karabo import SETUP_HINT, karabo_python
+from peers.karabo import SETUP_HINT, peer_missing, karabo_python
 from peers.pipeline import (
     KaraboPipelineInput,
     KaraboPipelineOutput,
@@ -34,14 +33,7 @@ BIG = (16, 512, 1024)          # 16 MiB of uint16
 SEC, FRAC = 1700000000, 5 * 10**17
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _missing(what: str):
-    if _in_ci():
-        pytest.fail(f"CI is set but {what}; {SETUP_HINT}", pytrace=False)
-    pytest.skip(f"!!! KARABO INTEROP TESTS NOT RUN: {what}; {SETUP_HINT} !!!")
+_missing = peer_missing
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ instead, so that a CI job cannot go green without running them.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from peers.karabo import SETUP_HINT, KaraboPeer, PeerError, karabo_python
+from peers.karabo import SETUP_HINT, peer_missing, KaraboPeer, PeerError, karabo_python
 
 pytestmark = pytest.mark.karabo
 
@@ -27,14 +26,7 @@ NAMES = [f"TV{i}" for i in range(1, 9)]
 NATIVE_UNSUPPORTED = {"TV4": "KeyError: 24", "TV5": "KeyError: 27"}
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _missing(what: str):
-    if _in_ci():
-        pytest.fail(f"CI is set but {what}; {SETUP_HINT}", pytrace=False)
-    pytest.skip(f"!!! KARABO INTEROP TESTS NOT RUN: {what}; {SETUP_HINT} !!!")
+_missing = peer_missing
 
 
 @pytest.fixture(scope="module")
