@@ -170,15 +170,18 @@ def test_end_to_end_jf4m(benchmark, jf4m_train, library, server_sock, client_soc
     finally:
         if feeder is not None:
             feeder.close()
+        # Servers first, while the client is still connected: karabo_bridge's PUSH server
+        # can block forever in send_multipart when its PULL peer vanishes between its
+        # poll and its send (seen here: stop() never returned).
         if library == "raw-pyzmq":
-            client.close()
             server.close()
+            client.close()
         else:
+            server.stop()
             if library == "kbstream":
                 client.close()
             else:
                 client._context.destroy(linger=0)
-            server.stop()
     if library == "raw-pyzmq":
         received = sum(len(f.buffer) for f in msg[3::4])  # the array frames
     else:

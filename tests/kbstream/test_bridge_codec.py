@@ -387,3 +387,31 @@ def test_errors_subclass_builtins():
     assert issubclass(errors.EncodeOverflowError, OverflowError)
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.KbStreamError)
+
+
+def test_1_0_large_frames_recycle_memory():
+    """Compiled codec: 1.0 frames >= 1 MiB are Buffers whose memory is reused once freed,
+    and never while a decoded view still needs it."""
+    from kbstream import _codec
+
+    a = np.arange(1 << 19, dtype=np.uint32)  # 2 MiB
+    train = {"s": {"a": a}}
+
+    def addr(frame):
+        return np.frombuffer(frame, np.uint8).__array_interface__["data"][0]
+
+    _codec.release_pool()
+    f1 = _codec.serialize(train, protocol_version="1.0")[0]
+    assert isinstance(f1, _codec.Buffer) and len(f1) == len(bytes(f1)) > a.nbytes
+    assert memoryview(f1).readonly and repr(f1) == f"<kbstream Buffer of {len(f1)} bytes>"
+    assert bytes(f1) == bytes(kb.serialize(train, protocol_version="1.0")[0])
+    first = addr(f1)
+    del f1
+    f2 = _codec.serialize(train, protocol_version="1.0")[0]
+    assert addr(f2) == first, "the freed block is reused"
+    d, _ = _codec.deserialize([f2])
+    del f2
+    f3 = _codec.serialize({"s": {"a": a[::-1].copy()}}, protocol_version="1.0")[0]
+    assert addr(f3) != first, "a block with live views is not reused"
+    np.testing.assert_array_equal(d["s"]["a"], a)
+    _codec.release_pool()
