@@ -644,3 +644,193 @@ def test_input_refuses_bad_shared_memory_references(channels, ref):
         time.sleep(0.01)
     srv.close()
     assert col.items == []
+
+
+# ------------------------------------------------------- regressions (review findings)
+
+
+class RawInput:
+    """A hand-driven input: sends the hello and updates when told, reads messages."""
+
+    def __init__(self, port, iid, dist="copy", slow="queueDrop", max_queue=2, window=1):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.iid = iid
+        self.sock.sendall(wire.hello(iid, dist, slow, max_queue, credit_window=window))
+
+    def update(self):
+        self.sock.sendall(wire.update(self.iid))
+
+    def _exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return bytes(buf)
+
+    def read(self):
+        """One message: 'EOS' or the list of item indices."""
+        h = struct.unpack("<I", self._exact(4))[0]
+        header = kbhash.decode(self._exact(h))
+        body = self._exact(struct.unpack("<I", self._exact(4))[0])
+        if header.get("endOfStream", False):
+            return "EOS"
+        out, pos = [], 0
+        for size in header["byteSizes"]:
+            out.append(kbhash.decode(body[pos:pos + int(size)])["index"])
+            pos += int(size)
+        return out
+
+    def read_all(self, quiet=0.3):
+        self.sock.settimeout(quiet)
+        got = []
+        try:
+            while True:
+                got.append(self.read())
+        except (socket.timeout, TimeoutError):
+            pass
+        self.sock.settimeout(TIMEOUT)
+        return got
+
+    def close(self):
+        self.sock.close()
+
+
+def _one(out, i):
+    out.write({"index": i})
+    out.update(timeout=TIMEOUT)
+
+
+def test_queued_end_of_stream_is_never_evicted_by_the_next_stream(channels):
+    make_output, _ = channels
+    out = make_output()
+    raw = RawInput(out.port, "raw:input", slow="queueDrop", max_queue=1)
+    try:
+        out.wait_for_inputs(copy=["raw:input"])
+        _one(out, 0)  # takes the hello's credit
+        out.signal_end_of_stream(timeout=TIMEOUT)  # queued
+        _one(out, 100)  # next stream, queued behind the EOS
+        _one(out, 101)  # the queue holds 1 data message: 100 is dropped, never the EOS
+        got = raw.read_all()
+        for _ in range(3):
+            raw.update()
+        got += raw.read_all()
+        assert got == [[0], "EOS", [101]]
+        assert out.stats()["raw:input"]["dropped"] == 1
+    finally:
+        raw.close()
+
+
+def test_shared_end_of_stream_is_not_overtaken_by_the_next_stream(channels):
+    make_output, _ = channels
+    out = make_output(noInputShared="queueDrop", sharedQueueLength=10)
+    raw = RawInput(out.port, "raw:input", dist="shared")
+    try:
+        out.wait_for_inputs(shared=["raw:input"])
+        _one(out, 0)
+        _one(out, 1)  # queued in the shared queue
+        out.signal_end_of_stream(timeout=TIMEOUT)
+        _one(out, 2)  # next stream
+        got = raw.read_all()
+        for _ in range(4):
+            raw.update()
+            got += raw.read_all(0.1)
+        assert got == [[0], [1], "EOS", [2]]
+    finally:
+        raw.close()
+
+
+def test_timeout_on_one_wait_input_does_not_cost_the_others(channels):
+    make_output, _ = channels
+    out = make_output()
+    stuck = RawInput(out.port, "stuck:input", slow="wait")
+    fast = RawInput(out.port, "fast:input", slow="drop", window=8)
+    try:
+        out.wait_for_inputs(copy=["stuck:input", "fast:input"])
+        _one(out, 0)
+        for i in (1, 2):
+            out.write({"index": i})
+            with pytest.raises(ChannelTimeout, match="stuck:input"):
+                out.update(timeout=0.2)
+        with pytest.raises(ChannelTimeout):
+            out.signal_end_of_stream(timeout=0.2)
+        assert fast.read_all() == [[0], [1], [2], "EOS"]
+        st = out.stats()
+        assert st["stuck:input"]["dropped"] == 2 and st["stuck:input"]["queued"] == 1  # the EOS waits
+        stuck.update()
+        assert stuck.read_all() == [[0], "EOS"]
+    finally:
+        stuck.close()
+        fast.close()
+
+
+def test_a_stalled_input_with_credit_is_disconnected_after_send_timeout(channels):
+    make_output, _ = channels
+    out = make_output(send_timeout=1.0)
+    stalled = RawInput(out.port, "stalled:input", slow="drop", window=64)  # never reads
+    try:
+        out.wait_for_inputs(copy=["stalled:input"])
+        big = np.zeros(4 << 20, np.uint8)
+        for i in range(8):  # 32 MiB: more than the socket buffers hold
+            out.write({"index": i, "blob": big})
+            out.update(timeout=TIMEOUT)
+        assert out.input_ids() == []  # dropped as stalled, and update() returned
+    finally:
+        stalled.close()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"byteSizes": ([-5], HashType.VECTOR_INT32)},
+        {"byteSizes": (["a"], HashType.VECTOR_STRING)},
+        {"_bufferSetLayout_": ([Hash("sizes", "x")], HashType.VECTOR_HASH), "byteSizes": ([1], HashType.VECTOR_UINT32)},
+        {"byteSizes": (5, HashType.INT32)},
+    ],
+    ids=["negative", "strings", "layout-not-sizes", "scalar"],
+)
+def test_malformed_sizes_close_the_connection_and_the_input_retries(channels, layout):
+    make_output, make_input = channels
+    h = Hash()
+    h.set("sourceInfo", [wire.ChannelMetaData("x").to_hash()], type=HashType.VECTOR_HASH)
+    for k, (v, t) in layout.items():
+        h.set(k, v, type=t)
+    hb = kbhash.encode_bytes(h)
+    frame = struct.pack("<I", len(hb)) + hb + struct.pack("<I", 1) + b"\0"
+    info, srv, accepted = _fake_output(lambda s: s.sendall(frame))
+    inp = make_input(onSlowness="wait")
+    inp.connect(info, "fake:output")
+    deadline = time.monotonic() + TIMEOUT
+    while len(accepted) < 3:
+        assert time.monotonic() < deadline, "the input stopped retrying"
+        time.sleep(0.01)
+    srv.close()
+
+
+@needs_shm
+def test_replaced_shared_memory_slots_keep_held_arrays_intact(channels):
+    """Growing messages make the output replace slots; arrays held meanwhile must not change."""
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="wait")
+    held = {}
+    done = threading.Event()
+
+    def on_data(d, m):
+        i = d["index"]
+        if i in (3, 4):
+            held[i] = d["blob"]  # keep these two for ever
+
+    inp.register_data_handler(on_data)
+    inp.register_end_of_stream_handler(lambda ch: done.set())
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    for i in range(30):
+        out.write({"index": i, "blob": np.full((i % 12 + 1) << 20, i % 251, np.uint8)})
+        out.update(timeout=TIMEOUT)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    assert done.wait(TIMEOUT)
+    assert out.stats()["receiver:input"]["shm"] > 0
+    for i, arr in held.items():
+        assert arr.size == (i % 12 + 1) << 20 and (arr == i % 251).all()

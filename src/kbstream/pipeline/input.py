@@ -163,6 +163,9 @@ class _Connection:
                 except PipelineProtocolError as e:
                     self.last_error = str(e)
                     log.warning("%s: closing connection to %s: %s", ch.channel_id, self.output_id, e)
+                except Exception as e:  # never let a peer end the retries silently
+                    self.last_error = repr(e)
+                    log.exception("%s: closing connection to %s", ch.channel_id, self.output_id)
                 finally:
                     self._disconnected()
             if self.stop.is_set():
@@ -180,12 +183,16 @@ class _Connection:
         host, port = get("hostname"), int(get("port"))
         self._set_status(ConnectionStatus.CONNECTING)
         sock = socket.create_connection((host, port), timeout=ch.connect_timeout)
+        if self.stop.is_set():  # closed while connecting
+            sock.close()
+            raise ConnectionError("input closed")
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        self.sock = sock
-        self.mapper = shm.SlotMapper()
+        with self.lock:
+            self.sock = sock
+            self.mapper = shm.SlotMapper()
         sock.sendall(wire.hello(ch.channel_id, ch.data_distribution, ch.on_slowness, ch.max_queue_length,
                                 credit_window=ch.credit_window, shm_token=ch.shm_token))
         ch._connected(self)
@@ -196,7 +203,8 @@ class _Connection:
         self.channel._track(self.output_id, status)
 
     def _disconnected(self):
-        sock, self.sock = self.sock, None
+        with self.lock:
+            sock, self.sock = self.sock, None
         if sock is not None:
             try:
                 sock.close()
@@ -221,8 +229,9 @@ class _Connection:
                 raise PipelineProtocolError(
                     f"message of {blen} bytes exceeds max_message_size {ch.max_message_size}")
             header = wire.parse_header(hdata, blen)
+            header_eos = header.eos
             items = []
-            body = bufs = None
+            body = bufs = buf = data = None
             pos = 0
             if header.shm is not None:
                 body = self._shm_body(*header.shm)
@@ -245,8 +254,10 @@ class _Connection:
                     raise PipelineProtocolError(f"item is not a valid Hash archive: {e}") from None
                 items.append((data, meta))
             self.received += len(items)
-            body = bufs = None
-            ch._deliver(self, items, header.eos)
+            # drop every local reference to the items, so that their buffers and
+            # slots can be reused as soon as the handlers are done with them
+            body = bufs = buf = data = meta = header = None
+            ch._deliver(self, items, header_eos)
             items = None
             self.release_slots()
 
@@ -255,7 +266,7 @@ class _Connection:
             raise PipelineProtocolError("shared-memory message on a connection that did not offer it")
         with self.lock:
             try:
-                arr, new = self.mapper.open(name, size)
+                arr, new = self.mapper.open(slot, name, size)
             except (OSError, ValueError) as e:
                 raise PipelineProtocolError(f"cannot map shared memory {name!r}: {e}") from None
             view = self.mapper.message_view(slot, arr, size)
@@ -264,21 +275,27 @@ class _Connection:
         return memoryview(view)
 
     def send(self, frame):
-        sock = self.sock
-        if sock is None:
-            return
         with self.lock:
-            sock.sendall(frame)
+            if self.sock is not None:
+                self.sock.sendall(frame)
 
     def release_slots(self):
-        """Give back the shared-memory slots whose items nobody references any more."""
-        with self.lock:
-            free = self.mapper.releasable()
-        for slot in free:
-            try:
-                self.send(wire.control("kbRelease", self.channel.channel_id, slot=slot))
-            except OSError:
-                return
+        """Give back the shared-memory slots whose items nobody references any more.
+
+        Releases go on the connection whose slots they are: a mapper and its
+        socket are read together, and a reconnect replaces both.
+        """
+        try:
+            with self.lock:
+                sock = self.sock
+                if sock is None:
+                    return
+                frames = [wire.control("kbRelease", self.channel.channel_id, slot=slot)
+                          for slot in self.mapper.releasable()]
+                for frame in frames:
+                    sock.sendall(frame)
+        except OSError as e:
+            log.info("%s: could not release slots to %s: %s", self.channel.channel_id, self.output_id, e)
 
 
 class _Batch:
@@ -567,7 +584,10 @@ class InputChannel:
                 self._run_handlers(items)
                 items = r = None
                 for conn in list(self._conns.values()):
-                    conn.release_slots()
+                    try:
+                        conn.release_slots()
+                    except Exception:  # keep the handler thread alive whatever happens
+                        log.exception("%s: releasing shared-memory slots failed", self.channel_id)
                 self._grant_owed()
             if eos:
                 self.eos_count += 1

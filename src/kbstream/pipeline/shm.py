@@ -79,30 +79,32 @@ class SlotRing:
     def __init__(self, max_slots):
         self.max_slots = max_slots
         self.slots = []
-        self.messages = 0
+        cleanup_stale()
 
     def acquire(self, size):
-        """A free slot of at least ``size`` bytes, or None (then send over TCP)."""
+        """A free slot ``(index, segment)`` of at least ``size`` bytes, or None (then send over TCP).
+
+        Slot indices are stable: a slot that is too small is replaced in
+        place, so the input's releases always name the right slot.
+        """
         best = None
         for i, seg in enumerate(self.slots):
             if not seg.busy and seg.size >= size and (best is None or seg.size < self.slots[best].size):
                 best = i
         if best is None:
-            if len(self.slots) >= self.max_slots:
-                # replace a free slot that is too small, if there is one
-                for i, seg in enumerate(self.slots):
-                    if not seg.busy:
-                        seg.close()
-                        del self.slots[i]
-                        break
-                else:
-                    return None
             try:
-                seg = _Segment(-(-size // _ROUND) * _ROUND)
+                if len(self.slots) < self.max_slots:
+                    self.slots.append(_Segment(-(-size // _ROUND) * _ROUND))
+                    best = len(self.slots) - 1
+                else:
+                    free = [i for i, seg in enumerate(self.slots) if not seg.busy]
+                    if not free:
+                        return None
+                    best = free[0]
+                    self.slots[best].close()
+                    self.slots[best] = _Segment(-(-size // _ROUND) * _ROUND)
             except OSError:
                 return None
-            self.slots.append(seg)
-            best = len(self.slots) - 1
         seg = self.slots[best]
         seg.busy = True
         return best, seg
@@ -136,21 +138,29 @@ def fill(seg, buffers):
 
 
 class SlotMapper:
-    """The input's side: maps segments by name, tracks which slots are still referenced."""
+    """The input's side: maps each slot's segment, tracks which slots are still referenced.
+
+    Mappings are kept per slot index (the output replaces a slot's segment in
+    place), so their number is bounded by the output's ring.
+    """
+
+    MAX_SLOTS = 256
 
     def __init__(self):
-        self.maps = {}  # name -> numpy uint8 array over the mapping
+        self.maps = {}  # slot index -> (segment name, numpy uint8 array over the mapping)
         self.held = []  # (slot index, per-message view) awaiting release
 
-    def open(self, name, size):
-        """The mapping of ``name`` (mapped once, reused); True if it was new."""
-        arr = self.maps.get(name)
-        if arr is not None and arr.size >= size:
-            return arr, False
-        path = os.path.join(SHM_DIR, os.path.basename(name))
-        if not os.path.basename(name).startswith("kbstream-"):
+    def open(self, slot, name, size):
+        """The mapping of slot ``slot`` (segment ``name``); True if it was mapped now."""
+        if not 0 <= slot < self.MAX_SLOTS:
+            raise OSError(f"slot {slot} out of range")
+        have = self.maps.get(slot)
+        if have is not None and have[0] == name and have[1].size >= size:
+            return have[1], False
+        base = os.path.basename(name)
+        if base != name or not base.startswith("kbstream-"):
             raise OSError(f"refusing shared memory segment {name!r}")
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(os.path.join(SHM_DIR, base), os.O_RDWR)
         try:
             length = os.fstat(fd).st_size
             if length < size:
@@ -159,7 +169,7 @@ class SlotMapper:
         finally:
             os.close(fd)
         arr = np.frombuffer(mm, np.uint8)
-        self.maps[name] = arr
+        self.maps[slot] = (name, arr)  # an old mapping lives on while arrays view it
         return arr, True
 
     def message_view(self, slot, arr, size):
@@ -173,10 +183,32 @@ class SlotMapper:
         free = []
         keep = []
         for slot, view in self.held:
-            # references: the tuple in the list and getrefcount's argument
+            # references: the tuple in the list, ``view`` and getrefcount's argument
             if sys.getrefcount(view) <= 3:
                 free.append(slot)
             else:
                 keep.append((slot, view))
         self.held = keep
         return free
+
+
+def cleanup_stale():
+    """Remove segments left in /dev/shm by kbstream processes that no longer exist."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "kbstream" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+        except PermissionError:
+            pass

@@ -86,10 +86,14 @@ class ChannelMetaData:
     @classmethod
     def from_hash(cls, h):
         source = h.get("source", "")
+        if not isinstance(source, str):
+            raise PipelineProtocolError("item metadata has a non-string source")
         try:
             ts = h.get_timestamp("timestamp")
         except KeyError:
             ts = Timestamp(0, 0, 0)
+        except (TypeError, ValueError) as e:
+            raise PipelineProtocolError(f"item metadata has a malformed timestamp: {e}") from None
         return cls(source, ts)
 
     @classmethod
@@ -278,6 +282,17 @@ class MessageHeader:
     __slots__ = ("eos", "metas", "buffers", "body_size", "shm")
 
 
+def _sizes(value, what):
+    """A list of non-negative ints from a decoded size vector, or PipelineProtocolError."""
+    try:
+        out = [int(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        raise PipelineProtocolError(f"{what} is not a vector of sizes") from None
+    if any(v < 0 or v > 0xFFFFFFFF for v in out) or isinstance(value, (str, bytes)):
+        raise PipelineProtocolError(f"{what} has sizes out of range")
+    return out
+
+
 def parse_header(data, body_size):
     """Validate a data header against the declared body size.
 
@@ -294,7 +309,8 @@ def parse_header(data, body_size):
     shm = h.get("kbShm")
     if shm is not None:
         if body_size != 0 or not isinstance(shm, Hash) or not isinstance(shm.get("name"), str) \
-                or not isinstance(shm.get("slot"), int) or not isinstance(shm.get("size"), int):
+                or type(shm.get("slot")) is not int or type(shm.get("size")) is not int \
+                or not 0 <= shm["slot"] < 2**32 or not 0 <= shm["size"] <= 0xFFFFFFFF:
             raise PipelineProtocolError("malformed kbShm reference")
         m.shm = (shm["name"], shm["slot"], shm["size"])
         body_size = shm["size"]
@@ -308,26 +324,26 @@ def parse_header(data, body_size):
     if not isinstance(info, list) or not all(isinstance(x, Hash) for x in info):
         raise PipelineProtocolError("sourceInfo is not a VECTOR_HASH")
     byte_sizes = h.get("byteSizes")
+    if byte_sizes is not None:
+        byte_sizes = _sizes(byte_sizes, "byteSizes")
     layout = h.get("_bufferSetLayout_")
     buffers = []
-    if layout is not None and len(layout):
-        if not isinstance(layout, list) or len(layout) != len(info):
-            raise PipelineProtocolError(
-                f"_bufferSetLayout_ has {len(layout) if isinstance(layout, list) else '?'} entries "
-                f"for {len(info)} items")
+    if layout is not None and not isinstance(layout, list):
+        raise PipelineProtocolError("_bufferSetLayout_ is not a VECTOR_HASH")
+    if layout:
+        if len(layout) != len(info):
+            raise PipelineProtocolError(f"_bufferSetLayout_ has {len(layout)} entries for {len(info)} items")
         for i, lay in enumerate(layout):
             if not isinstance(lay, Hash) or "sizes" not in lay:
                 raise PipelineProtocolError(f"_bufferSetLayout_[{i}] has no sizes")
-            sizes = [int(s) for s in lay["sizes"]]
-            buffers.append(sizes)
-        if byte_sizes is not None and len(byte_sizes):
-            if len(byte_sizes) != len(info) or any(
-                    int(b) != sum(s) for b, s in zip(byte_sizes, buffers)):
+            buffers.append(_sizes(lay["sizes"], f"_bufferSetLayout_[{i}].sizes"))
+        if byte_sizes:
+            if len(byte_sizes) != len(info) or any(b != sum(s) for b, s in zip(byte_sizes, buffers)):
                 raise PipelineProtocolError("byteSizes disagree with _bufferSetLayout_")
-    elif byte_sizes is not None and len(byte_sizes):
+    elif byte_sizes:
         if len(byte_sizes) != len(info):
             raise PipelineProtocolError(f"byteSizes has {len(byte_sizes)} entries for {len(info)} items")
-        buffers = [[int(b)] for b in byte_sizes]
+        buffers = [[b] for b in byte_sizes]
     elif info:
         raise PipelineProtocolError("data header has items but neither _bufferSetLayout_ nor byteSizes")
     nbuf = sum(len(b) for b in buffers)
@@ -336,9 +352,6 @@ def parse_header(data, body_size):
     total = sum(sum(b) for b in buffers)
     if total != body_size:
         raise PipelineProtocolError(f"item sizes add up to {total} bytes but the body has {body_size}")
-    if eos and info:
-        # Karabo's input copes with data and EOS together; so do we.
-        pass
     m.metas = [ChannelMetaData.from_hash(x) for x in info]
     m.buffers = buffers
     m.body_size = body_size
