@@ -24,8 +24,9 @@ __all__ = ["main"]
 log = logging.getLogger("kbstream.cli")
 
 
-def hash_demo(out=sys.stdout):
+def hash_demo(out=None):
     """Build a JUNGFRAU-module Hash, encode, decode, check; print timings. Returns 0 or 1."""
+    out = sys.stdout if out is None else out
     import numpy as np
 
     import kbhash

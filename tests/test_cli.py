@@ -1,0 +1,41 @@
+"""The ``kbstream`` command: in process through main(argv), and once as a subprocess."""
+
+import subprocess
+import sys
+
+from kbstream.cli import main
+
+
+def test_usage(capsys):
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["no-such-command"]) == 2
+    assert "usage: kbstream COMMAND" in capsys.readouterr().err
+
+
+def test_hash_demo(capsys):
+    assert main(["hash-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "JUNGFRAU module Hash, 16777847 bytes, buffers [128, 16777216, 503]" in out
+    assert "round trip OK" in out
+
+
+def test_demo_replays_a_small_generated_run(capfd):
+    rc = main(["demo", "--trains", "3", "--frame-shape", "2,64,128", "--modules", "2"])
+    out = capfd.readouterr().out
+    assert rc == 0
+    assert "client: received 3 trains" in out and "train ids 10000..10002" in out
+
+
+def test_make_demo_run(tmp_path, capsys):
+    assert main(["make-demo-run", str(tmp_path / "r1"), "--trains", "2", "--frame-shape", "2,8,16",
+                 "--modules", "1"]) == 0
+    assert "Demo run written to" in capsys.readouterr().out
+    assert list((tmp_path / "r1").glob("*.h5"))
+
+
+def test_subprocess_smoke():
+    p = subprocess.run([sys.executable, "-m", "kbstream", "hash-demo"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "round trip OK" in p.stdout
