@@ -101,3 +101,31 @@ def test_inferred_types_are_karabinds(karabo_peer, value, expected):
     assert hash_to_content(h)[0]["type"] == expected
     loaded = karabo_peer.kb_load(kbhash.encode_bytes(h))
     assert loaded[0]["type"] == expected
+
+
+# ---------------------------------------------------------------- where the real peers differ
+
+
+def test_karabind_writes_big_endian_arrays_as_little_endian(karabo_peer):
+    """Spec section 5: isBigEndian describes the payload.  karabind's binding ignores the
+    numpy byte order: it copies big-endian bytes but writes isBigEndian=false, so the values
+    change.  kbhash writes the flag and keeps the values."""
+    values = [1, 2, 3]
+    theirs = kbhash.decode(karabo_peer.kb_save_array(">u2", values, [3]))["x"]
+    assert theirs.dtype == np.dtype("<u2")
+    assert theirs.tolist() == [256, 512, 768]  # the bytes of big-endian 1, 2, 3 read as little-endian
+    ours = kbhash.encode_bytes(Hash("x", np.array(values, ">u2")))
+    loaded = karabo_peer.kb_load(ours)
+    children = {c["key"]: c["value"] for c in loaded[0]["value"]}
+    assert children["isBigEndian"] is True and children["data"]["hex"] == "000100020003"
+    assert kbhash.decode(ours)["x"].tolist() == values
+
+
+def test_karabind_loads_a_truncated_archive_kbhash_refuses_it(karabo_peer):
+    """karabind's reader does no bounds checks: an archive announcing one node and holding
+    none loads as a node with an empty key.  kbhash reports the truncation."""
+    data = bytes.fromhex("01000000")
+    loaded = karabo_peer.kb_load(data)
+    assert len(loaded) == 1 and loaded[0]["key"] == ""
+    with pytest.raises(kbhash.TruncatedError):
+        kbhash.decode(data)

@@ -201,6 +201,10 @@ class KaraboPeer:
         """Typed content of the Hash that karabind loads from ``data``."""
         return self.request("kb_load", hex=bytes(data).hex())["content"]
 
+    def kb_save_array(self, dtype: str, values: list, shape: list) -> bytes:
+        """karabind's archive of ``Hash("x", numpy.array(values, dtype).reshape(shape))``."""
+        return bytes.fromhex(self.request("kb_save_array", dtype=dtype, values=values, shape=shape)["hex"])
+
     def nat_save(self, content: list) -> bytes:
         """Archive that ``karabo.native.encodeBinary`` makes of content."""
         return bytes.fromhex(self.request("nat_save", content=content)["hex"])

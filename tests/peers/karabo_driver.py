@@ -19,6 +19,8 @@ request                                        reply
                                                a Hash from C and saves it with
                                                ``BinarySerializerHash.create("Bin")``
 ``{"op": "kb_load", "hex": H}``                ``{"ok": true, "content": C}``
+``{"op": "kb_save_array", "dtype": D, "values": [...], "shape": [...]}``  ``{"ok": true, "hex": H}``:
+karabind's own NDArray from a numpy array ``Hash("x", array)``
 ``{"op": "nat_save", "content": C}``           same with ``karabo.native.encodeBinary``
 ``{"op": "nat_load", "hex": H}``               same with ``karabo.native.decodeBinary``
 ``{"op": "ping"}``                             ``{"ok": true, "pong": true}``
@@ -697,6 +699,14 @@ class Driver:
         if op in ("kb_load", "nat_load"):
             codec = self.kb if op == "kb_load" else self.nat
             return {"content": codec.load(bytes.fromhex(req["hex"]))}
+        if op == "kb_save_array":
+            # karabind builds the NDArray itself from a numpy array (no content conversion):
+            # shows what its binding does with dtype, byte order and shape
+            kb = self.kb.kb
+            arr = np.array(req["values"], dtype=np.dtype(req["dtype"])).reshape(req["shape"])
+            h = kb.Hash()
+            h["x"] = arr
+            return {"hex": bytes(kb.BinarySerializerHash.create("Bin").save(h)).hex()}
         raise ValueError(f"unknown op {op!r}")
 
 
