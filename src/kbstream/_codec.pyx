@@ -40,8 +40,8 @@ from libc.stdint cimport INT64_MAX
 cdef extern from *:
     Py_ssize_t PY_SSIZE_T_MAX
 
+import re
 import time
-import warnings
 
 import numpy as np
 
@@ -91,6 +91,17 @@ MAX_NDIM = 64
 DEF C_MAX_DEPTH = 256
 cdef Py_ssize_t MAX_DTYPE_LEN = 64
 cdef str _ARRAY_KINDS = "biufcSUmM"
+
+#: What a wire dtype may look like before numpy parses it (numpy names and array-protocol
+#: type strings such as "uint16", "<u2", "|S3", "datetime64[ns]").  Checking the syntax
+#: first keeps numpy's deprecation warnings out of the way without touching the
+#: process-wide warning filters (which are not thread-safe).
+_DTYPE_RE = re.compile(
+    r"^(?:[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}(?:\[[a-zA-Z0-9]{1,6}\])?"
+    r"(?:,[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}){0,16}"
+    r"|object_?|bool_?|u?int(?:8|16|32|64)?|float(?:16|32|64|96|128)?|complex(?:64|128|192|256)?"
+    r"|half|single|double|longdouble|str_?[0-9]*|bytes_?[0-9]*"
+    r"|(?:datetime|timedelta)64(?:\[[a-zA-Z0-9]{1,6}\])?)$")
 cdef bytes _ERROR_PREFIX = b"Error: "
 cdef Py_ssize_t _COPY_NOGIL = 1 << 16
 
@@ -100,6 +111,19 @@ cdef object _np_bool = np.bool_
 cdef object _np_generic = np.generic
 cdef object _uint8 = np.uint8
 cdef object _frombuffer = np.frombuffer
+
+
+cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
+    """An array on ``frame`` that keeps it alive *and* exported.
+
+    ``numpy.ndarray(shape, dtype, buffer)`` releases the buffer at once and only keeps
+    the exporting object, so a bytearray or mmap frame could be resized or closed under
+    the array.  ``numpy.frombuffer`` on a memoryview keeps the export (a resize then
+    raises BufferError).  Immutable ``bytes`` need no export.
+    """
+    if type(frame) is bytes:
+        return _ndarray(shape, dt, frame, offset)
+    return _frombuffer(memoryview(frame), dt, count, offset).reshape(shape)
 cdef object _ascontiguousarray = np.ascontiguousarray
 cdef dict _dtype_cache = {}
 
@@ -159,6 +183,11 @@ cdef tuple _array_frame(arr, key, src):
 
 
 cdef object _dtype(name, Py_ssize_t index):
+    if not isinstance(name, (str, bytes)):
+        raise UnsupportedDtypeError(
+            f"frame {index}: dtype must be a short string, got {type(name).__name__}", index,
+            dtype=None
+        )
     dt = _dtype_cache.get(name)
     if dt is not None:
         return dt
@@ -173,10 +202,12 @@ cdef object _dtype(name, Py_ssize_t index):
         raise UnsupportedDtypeError(
             f"frame {index}: dtype must be a short string, got {name!r}", index, dtype=name
         )
+    if not _DTYPE_RE.match(text):
+        raise UnsupportedDtypeError(
+            f"frame {index}: unknown dtype {name!r}", index, dtype=name
+        )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            dt = np.dtype(text)
+        dt = np.dtype(text)
     except Exception:
         raise UnsupportedDtypeError(
             f"frame {index}: unknown dtype {name!r}", index, dtype=name
@@ -505,15 +536,11 @@ cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
         if depth >= C_MAX_DEPTH:
             raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
         w_map_header(w, len(obj))
-        if t is dict:
-            pos = 0
-            while PyDict_Next(obj, &pos, &k, &v):
-                w_obj(w, <object>k, v1, depth + 1, chunks)
-                w_obj(w, <object>v, v1, depth + 1, chunks)
-        else:
-            for key, value in obj.items():
-                w_obj(w, key, v1, depth + 1, chunks)
-                w_obj(w, value, v1, depth + 1, chunks)
+        # owned references: packing a key may run Python code that changes the dict
+        # (the iteration then raises RuntimeError, as in the pure codec)
+        for key, value in obj.items():
+            w_obj(w, key, v1, depth + 1, chunks)
+            w_obj(w, value, v1, depth + 1, chunks)
         return 0
     if isinstance(obj, (list, tuple)):
         if depth >= C_MAX_DEPTH:
@@ -795,6 +822,10 @@ cdef object r_numpy_value(Reader* r, dict m, Py_ssize_t at, object frame):
     kind = m.get(b"kind", b"")
     if type(kind) is _Bin:
         kind = r_materialize(r, <_Bin>kind)
+    if not isinstance(kind, (bytes, str)):
+        raise ProtocolError(
+            f"frame {r.index}: malformed msgpack_numpy map at offset {at}", r.index, at
+        )
     if kind != b"":
         raise UnsupportedDtypeError(
             f"frame {r.index}: msgpack_numpy kind {kind!r} (object or structured "
@@ -808,7 +839,7 @@ cdef object r_numpy_value(Reader* r, dict m, Py_ssize_t at, object frame):
     if nd:
         shape, count = _shape_count(m.get(b"shape"), r.index)
         _check_nbytes(shape, count, dt, bd.length, r.index, "numpy array")
-        return _ndarray(shape, dt, frame, bd.start)
+        return _view(shape, dt, frame, bd.start, count)
     _check_nbytes((), 1, dt, bd.length, r.index, "numpy scalar")
     return _frombuffer(frame, dt, 1, bd.start)[0]
 
@@ -1385,10 +1416,10 @@ def deserialize(frames):
                 nbytes = view.len
                 PyBuffer_Release(&view)
                 itemsize = dt.itemsize
-                if count <= 0 or count > nbytes or count * itemsize != nbytes:
+                if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
                     _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
                                   f"array {fh.path!r}")
-                props[fh.path] = _ndarray(shape, dt, frame)
+                props[fh.path] = _view(shape, dt, frame, 0, nbytes // itemsize)
             continue
         h = decode_frame(fl[i], i, False)
         if type(h) is not dict:
@@ -1423,10 +1454,10 @@ def deserialize(frames):
             nbytes = view.len
             PyBuffer_Release(&view)
             itemsize = dt.itemsize
-            if count <= 0 or count > nbytes or count * itemsize != nbytes:
+            if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
                 _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
                               f"array {path!r}")
-            props[path] = _ndarray(shape, dt, frame)
+            props[path] = _view(shape, dt, frame, 0, nbytes // itemsize)
         else:
             raise UnknownContentError(
                 f"frame {i}: unknown content {content!r}", i, content=content

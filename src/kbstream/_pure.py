@@ -31,9 +31,9 @@ source's msgpack part, a shape that does not match the frame, pickled content an
 ``metadata`` entry instead of raising ``KeyError``.
 """
 
+import re
 import struct
 import time
-import warnings
 
 import numpy as np
 
@@ -69,6 +69,17 @@ MAX_NDIM = 64
 MAX_DTYPE_LEN = 64
 #: dtype kinds that can travel as raw bytes
 _ARRAY_KINDS = "biufcSUmM"
+
+#: What a wire dtype may look like before numpy parses it (numpy names and array-protocol
+#: type strings such as "uint16", "<u2", "|S3", "datetime64[ns]").  Checking the syntax
+#: first keeps numpy's deprecation warnings out of the way without touching the
+#: process-wide warning filters (which are not thread-safe).
+_DTYPE_RE = re.compile(
+    r"^(?:[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}(?:\[[a-zA-Z0-9]{1,6}\])?"
+    r"(?:,[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}){0,16}"
+    r"|object_?|bool_?|u?int(?:8|16|32|64)?|float(?:16|32|64|96|128)?|complex(?:64|128|192|256)?"
+    r"|half|single|double|longdouble|str_?[0-9]*|bytes_?[0-9]*"
+    r"|(?:datetime|timedelta)64(?:\[[a-zA-Z0-9]{1,6}\])?)$")
 
 _pack_d = struct.Struct(">d").pack
 _unpack_d = struct.Struct(">d").unpack_from
@@ -138,8 +149,20 @@ def _frame_view(frame, index):
     return mv
 
 
+def _view(shape, dt, buf, offset, count):
+    """An array on ``buf`` that keeps the export alive (see the compiled codec's _view)."""
+    if type(buf) is bytes:
+        return np.ndarray(shape, dt, buf, offset)
+    return np.frombuffer(buf if isinstance(buf, memoryview) else memoryview(buf), dt, count, offset).reshape(shape)
+
+
 def _dtype(name, index):
     """np.dtype for a wire dtype string; refuses object, structured and empty dtypes."""
+    if not isinstance(name, (str, bytes)):
+        raise UnsupportedDtypeError(
+            f"frame {index}: dtype must be a short string, got {type(name).__name__}", index,
+            dtype=None
+        )
     dt = _dtype_cache.get(name)
     if dt is not None:
         return dt
@@ -154,10 +177,12 @@ def _dtype(name, index):
         raise UnsupportedDtypeError(
             f"frame {index}: dtype must be a short string, got {name!r}", index, dtype=name
         )
+    if not _DTYPE_RE.match(text):
+        raise UnsupportedDtypeError(
+            f"frame {index}: unknown dtype {name!r}", index, dtype=name
+        )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            dt = np.dtype(text)
+        dt = np.dtype(text)
     except Exception:
         raise UnsupportedDtypeError(
             f"frame {index}: unknown dtype {name!r}", index, dtype=name
@@ -313,7 +338,7 @@ def _pack(out, obj, v1, depth, chunks):
     elif obj is False:
         out.append(0xC2)
     elif isinstance(obj, int):
-        _pack_int(out, int(obj))
+        _pack_int(out, int.__index__(obj))
     elif isinstance(obj, float):
         out.append(0xCB)
         out += _pack_d(obj)
@@ -324,7 +349,10 @@ def _pack(out, obj, v1, depth, chunks):
     elif isinstance(obj, memoryview):
         if not obj.c_contiguous:
             raise EncodeError("cannot serialize a non-contiguous memoryview")
-        _pack_bin(out, obj.cast("B") if obj.format != "B" or obj.ndim != 1 else obj)
+        if obj.nbytes == 0:
+            _pack_bin(out, b"")
+        else:
+            _pack_bin(out, obj.cast("B") if obj.format != "B" or obj.ndim != 1 else obj)
     elif isinstance(obj, dict):
         if depth >= MAX_DEPTH:
             raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
@@ -557,6 +585,10 @@ class _Reader:
         kind = m.get(b"kind", b"")
         if type(kind) is _Bin:
             kind = self.materialize(kind)
+        if not isinstance(kind, (bytes, str)):
+            raise ProtocolError(
+                f"frame {self.index}: malformed msgpack_numpy map at offset {at}", self.index, at
+            )
         if kind != b"":
             raise UnsupportedDtypeError(
                 f"frame {self.index}: msgpack_numpy kind {kind!r} (object or structured "
@@ -569,7 +601,7 @@ class _Reader:
         if nd:
             shape, count = _shape_count(m.get(b"shape"), self.index)
             _check_nbytes(shape, count, dt, data.length, self.index, "numpy array")
-            return np.ndarray(shape, dt, self.buf, data.start)
+            return _view(shape, dt, self.buf, data.start, count)
         _check_nbytes((), 1, dt, data.length, self.index, "numpy scalar")
         return np.frombuffer(self.buf, dt, 1, data.start)[0]
 
@@ -787,7 +819,7 @@ def deserialize(frames):
             shape, count = _shape_count(hdr.get("shape"), i)
             buf = _frame_view(frames[i + 1], i + 1)
             _check_nbytes(shape, count, dt, len(buf), i + 1, f"array {path!r}")
-            props[path] = np.ndarray(shape, dt, buf)
+            props[path] = _view(shape, dt, buf, 0, count)
         else:
             raise UnknownContentError(
                 f"frame {i}: unknown content {content!r}", i, content=content

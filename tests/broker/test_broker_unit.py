@@ -191,8 +191,13 @@ def test_config_defaults(monkeypatch):
     monkeypatch.setenv("USERNAME", "someone")
     c = BrokerConfig.resolve()
     assert c.urls[0].safe == "amqp://guest@localhost:5672" and c.topic == "someone"
-    with pytest.raises(BrokerConfigError):
-        BrokerConfig.resolve(topic="a.b")
+    # logins with dots are common topics and Karabo accepts them
+    assert BrokerConfig.resolve(topic="john.doe").topic == "john.doe"
+    for bad in ("", "a b", "x" * 201, "tab\there"):
+        with pytest.raises(BrokerConfigError):
+            BrokerConfig.resolve(topic=bad)
+    monkeypatch.delenv("USERNAME")
+    assert BrokerConfig.resolve().topic == "karabo"  # Karabo's default, not the login database
 
 
 @pytest.mark.parametrize("pattern, key, ok", [
@@ -463,7 +468,9 @@ def test_unreachable_broker_gives_clear_error():
         inst.start()
     assert ei.value.urls == [f"amqp://guest@127.0.0.1:{port}"]
     assert inst.state == "stopped"
-    assert not [t for t in threading.enumerate() if t.name.startswith("kbstream-")]
+    # nothing of the instance is left (the process-wide callback pool may exist)
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith("kbstream-") and not t.name.startswith("kbstream-callbacks")]
 
 
 def test_pending_resolution_is_renewed_when_the_output_announces(mem):
@@ -480,3 +487,86 @@ def test_pending_resolution_is_renewed_when_the_output_announces(mem):
     out.start()
     t.join(20)
     assert not t.is_alive() and result[0]["port"] == 4000
+
+
+# ---- regressions (review findings) ----------------------------------------------------------
+
+
+def test_invalid_reply_addresses_are_ignored_and_the_instance_keeps_answering(mem, caplog):
+    a, b = mem("kbA"), mem("kbB")
+    a.start()
+    b.start()
+    n_before = len(mem.broker.published)
+    with caplog.at_level("WARNING", logger="kbstream.broker"):
+        for reply_to in ("r" * 300, "has.dot"):
+            mem.broker.publish("t.Slots", "kbA.slotPing", codec.encode_message(
+                codec.make_header("evil", reply_to=reply_to), Hash("a1", 1)))
+        mem.broker.publish("t.Slots", "kbA.slotPing", codec.encode_message(
+            codec.make_header("e" * 300, reply_to="r1"), Hash("a1", 1)))
+    time.sleep(0.2)
+    replies = [k for _, k, _ in mem.broker.published[n_before:] if k.startswith(("evil", "eee"))]
+    assert replies == []
+    assert sum("invalid sender or reply address" in r.getMessage() for r in caplog.records) == 3
+    assert b.request("kbA", "slotPing", 1, timeout=2)[0]["type"] == "device"
+
+
+def test_routing_keys_longer_than_amqp_allows_are_refused():
+    from kbstream.broker.errors import BrokerError
+    from kbstream.broker.transport import _check_key
+
+    _check_key("k" * 255, "routing key")
+    with pytest.raises(BrokerError, match="at most 255 bytes"):
+        _check_key("k" * 256, "routing key")
+
+
+def test_pings_are_answered_while_starting_so_duplicates_cannot_both_start(mem):
+    a = mem("kbDup", self_check=True)
+    b = mem("kbDup", self_check=True)
+    errors = []
+
+    def start(inst):
+        try:
+            inst.start()
+        except InstanceIdInUse as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(x,)) for x in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(errors) >= 1  # at most one of them comes up
+    assert [x.state for x in (a, b)].count("up") <= 1
+
+
+def test_reply_callbacks_run_off_the_broker_thread(mem):
+    a, b = mem("kbA"), mem("kbB")
+    a.start()
+    b.start()
+    seen = []
+    done = threading.Event()
+
+    def callback(fut):
+        seen.append(threading.current_thread().name)
+        # a blocking request from a callback works: replies are matched elsewhere
+        seen.append(b.request("kbA", "slotPing", 1, timeout=2)[0]["type"])
+        done.set()
+
+    b.request_async("kbA", "slotPing", 1, timeout=2).add_done_callback(callback)
+    assert done.wait(10)
+    assert seen[0].startswith("kbstream-callbacks") and seen[1] == "device"
+
+
+def test_renewed_resolutions_leave_no_pending_requests(mem):
+    consumer = mem("kbIn")
+    consumer.start()
+    consumer.resolver.timeout = 60.0
+    t = threading.Thread(target=lambda: consumer.resolver("kbLate:output"))
+    t.start()
+    wait_until(lambda: consumer.resolver._inflight, 5, what="request in flight")
+    out = mem("kbLate")
+    out.add_output_channel("output", Hash("connectionType", "tcp", "hostname", "127.0.0.1",
+                                          "port", 4000))
+    out.start()
+    t.join(20)
+    wait_until(lambda: not consumer._pending, 5, what="no pending requests")

@@ -8,7 +8,6 @@ over the environment.
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ ENV_TOPIC = "KARABO_BROKER_TOPIC"
 #: layer's default; the C++ default list starts with a DESY host).
 DEFAULT_BROKER = "amqp://guest:guest@localhost:5672"
 
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+# What AMQP exchange and queue names can carry (Karabo itself does not check topics;
+# logins such as "john.doe" are common topics).
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-/.:@]{1,200}$")
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,7 @@ def default_topic() -> str:
         value = os.environ.get(var)
         if value:
             return value
-    try:
-        return getpass.getuser() or "karabo"
-    except Exception:  # no user database entry (containers)
-        return "karabo"
+    return "karabo"  # as Karabo does: not the password database's name
 
 
 @dataclass(frozen=True)
@@ -132,5 +130,5 @@ class BrokerConfig:
 def _check_topic(topic: str) -> str:
     if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
         raise BrokerConfigError(
-            f"invalid broker topic {topic!r}: use letters, digits, '_', '-' or '/'")
+            f"invalid broker topic {topic!r}: 1-200 letters, digits or '_-/.:@'")
     return topic

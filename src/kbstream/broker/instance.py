@@ -80,6 +80,10 @@ class InstanceRecord:
     last_seen: float = 0.0
     last_heartbeat: float | None = None
     heartbeats: int = 0
+    #: False after our own reconnect to the broker until the instance is seen again:
+    #: its slotInstanceNew may have been sent while our queue was gone, so the next
+    #: sighting (e.g. its slotDiscoverAnswer) counts as new.
+    confirmed: bool = True
 
     @property
     def type(self):
@@ -202,6 +206,7 @@ class BrokerInstance:
         self._work = None
         self._worker = None
         self._timer = None
+
         self._stop_event = threading.Event()
         self._tls = threading.local()
         self.announcements = 0
@@ -309,10 +314,13 @@ class BrokerInstance:
             if not fut.done():
                 fut.set_exception(NotStartedError(f"instance stopped while waiting for "
                                                   f"{iid}.{slot}"))
-        if self._transport is not None:
-            self._transport.close(timeout)
         if self._work is not None:
             self._work.put(None)
+        if self._transport is not None:
+            try:
+                self._transport.close(timeout)
+            except Exception:
+                log.exception("%s: closing the broker transport failed", self.instance_id)
         for t in (self._worker, self._timer):
             if t is not None and t is not threading.current_thread():
                 t.join(timeout)
@@ -356,6 +364,9 @@ class BrokerInstance:
         if self._state != "up":
             return
         log.warning("%s: broker connection restored; announcing again", self.instance_id)
+        with self._lock:
+            for rec in self._instances.values():
+                rec.confirmed = False
         self._announce()
         if self.track_heartbeats:
             self.broadcast("slotDiscover", self.instance_id)
@@ -438,7 +449,7 @@ class BrokerInstance:
         """
         self._check_up(_allow_starting)
         reply_to = str(uuid.uuid4())
-        fut = concurrent.futures.Future()
+        fut = ReplyFuture()
         fut.kb_reply_to = reply_to
         with self._lock:
             self._pending[reply_to] = (fut, instance_id, slot)
@@ -457,7 +468,7 @@ class BrokerInstance:
             entry = self._pending.pop(reply_to, None)
         if entry is not None and not entry[0].done():
             fut, iid, slot = entry
-            fut.set_exception(RequestTimeout(
+            _complete(fut, RequestTimeout(
                 f"no reply from {iid}.{slot} within {timeout:g} s (is {iid!r} online "
                 f"in topic {self.config.topic!r}?)", iid, slot, timeout))
 
@@ -515,10 +526,12 @@ class BrokerInstance:
 
     def _slot_ping(self, rand=None, *_):
         call = self.current_call
-        if self._state == "starting":
-            # during our own self-check: never answer our own ping (nor anyone else yet)
-            return _NO_REPLY
-        if call is not None and call.sender == self.instance_id and rand == self._ping_rand:
+        if call is not None and call.sender == self.instance_id and rand is not None \
+                and rand == self._ping_rand:
+            # our own self-check ping (recognised by its random value: a twin with the
+            # same id has the same sender): never answer it (spec 10.2).  Every other
+            # ping is answered, also while starting, so two instances with one id
+            # cannot both come up.
             return _NO_REPLY
         return self.instance_info
 
@@ -567,9 +580,10 @@ class BrokerInstance:
         info = Hash(info) if isinstance(info, Hash) else Hash()
         with self._lock:
             rec = self._instances.get(iid)
-            fresh = rec is None
+            fresh = rec is None or not rec.confirmed
             if rec is None:
                 rec = self._instances[iid] = InstanceRecord(iid)
+            rec.confirmed = True
             if len(info):
                 rec.info = info
             rec.last_seen = time.monotonic()
@@ -722,10 +736,17 @@ class BrokerInstance:
         if header.get("error") is True:
             msg = args[0] if args and isinstance(args[0], str) else ""
             details = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-            fut.set_exception(RemoteError(f"{iid}.{slot} failed: {msg}", iid, slot, msg,
-                                          details))
+            outcome = RemoteError(f"{iid}.{slot} failed: {msg}", iid, slot, msg, details)
         else:
-            fut.set_result(args)
+            outcome = args
+        _complete(fut, outcome)
+
+    def _cancel(self, reply_to, exc):
+        """Fail a pending request and forget it (used when a request is renewed)."""
+        with self._lock:
+            entry = self._pending.pop(reply_to, None)
+        if entry is not None:
+            _complete(entry[0], exc)
 
     def _post(self, fn, *args):
         if self._work is not None:
@@ -762,6 +783,11 @@ class BrokerInstance:
             return  # kbstream subscribes to no signals yet
         reply_to = header.get("replyTo")
         reply_function = header.get("replyFunction")
+        if not _valid_id(sender) or (reply_to is not None and not _valid_reply(reply_to)) or (
+                reply_function is not None and not _valid_reply(reply_function)):
+            log.warning("%s: ignoring a message with an invalid sender or reply address (%r, %r)",
+                        self.instance_id, str(sender)[:80], str(reply_to)[:80])
+            return
         if self._state == "starting" and slot != "slotPing":
             return  # not up yet: stay silent (the caller retries on slotInstanceNew)
         if self._state == "stopped":
@@ -810,6 +836,50 @@ class BrokerInstance:
 
 
 _NO_REPLY = object()
+
+
+_callback_pool = None
+_callback_pool_lock = threading.Lock()
+
+
+def _callbacks():
+    global _callback_pool
+    with _callback_pool_lock:
+        if _callback_pool is None:
+            _callback_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix="kbstream-callbacks")
+        return _callback_pool
+
+
+class ReplyFuture(concurrent.futures.Future):
+    """The future of a request.  Its done-callbacks run on a small thread pool, never
+    on the broker's I/O thread, so a callback may block, even on another request."""
+
+    def add_done_callback(self, fn):
+        super().add_done_callback(lambda f: _callbacks().submit(fn, f))
+
+
+def _complete(fut, outcome):
+    """Set a future's result (or exception) unless somebody already did."""
+    if fut.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _valid_id(text):
+    """An instance id that can be a routing key part (Karabo: letters, digits, _ / -)."""
+    return isinstance(text, str) and 0 < len(text) <= 200 and "." not in text and text.isprintable()
+
+
+def _valid_reply(text):
+    """A replyTo / replyFunction: one routing-key word (no '.')."""
+    return isinstance(text, str) and 0 < len(text) <= 50 and "." not in text and text.isprintable()
 
 
 def _split_output_id(output_id):

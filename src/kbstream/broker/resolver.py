@@ -106,7 +106,8 @@ class OutputResolver:
             futures = list(self._inflight.get(instance_id, ()))
         for fut in futures:
             if not fut.done():
-                fut.set_exception(_Renewed())
+                # pops the pending request too, so renewals leave nothing behind
+                self.instance._cancel(fut.kb_reply_to, _Renewed())
 
     def request_info(self, output_id: str) -> Hash:
         """The raw reply ``a1`` (``{success, info}``) for ``output_id``.

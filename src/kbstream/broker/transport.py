@@ -29,6 +29,30 @@ __all__ = ["Transport", "PikaTransport", "MemoryBroker", "MemoryTransport", "top
 
 log = logging.getLogger("kbstream.broker.transport")
 
+
+#: Largest message kbstream publishes (Karabo's broker messages are small).
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+def _check_key(key, what):
+    """AMQP routing and binding keys are short strings: at most 255 bytes of UTF-8."""
+    if not isinstance(key, str) or len(key.encode("utf-8", "surrogatepass")) > 255:
+        raise BrokerError(f"invalid {what} {str(key)[:60]!r}...: at most 255 bytes")
+
+
+def _connection_errors():
+    errors = [OSError, ConnectionError]
+    try:
+        import pika.exceptions as pe
+
+        errors += [pe.AMQPConnectionError, pe.AMQPChannelError, pe.StreamLostError]
+    except ImportError:  # the in-memory transport: no pika
+        pass
+    return tuple(errors)
+
+
+_CONNECTION_ERRORS = ()
+
 QUEUE_ARGUMENTS = {"x-max-length": 10000, "x-overflow": "drop-head", "x-message-ttl": 120000}
 #: Dummy routing key that keeps an auto-delete exchange alive as long as the own queue.
 NONE_KEY = ":none:"
@@ -140,6 +164,9 @@ class PikaTransport(Transport):
                  name="kbstream"):
         import pika  # only here: nothing else in kbstream imports the AMQP client
 
+        global _CONNECTION_ERRORS
+        _CONNECTION_ERRORS = _connection_errors()
+
         self._pika = pika
         self.config = config
         self.connect_timeout = float(connect_timeout)
@@ -192,14 +219,18 @@ class PikaTransport(Transport):
                 [u.safe for u in self.config.urls])
 
     def bind(self, exchange, routing_key):
+        _check_key(routing_key, "binding key")
         with self._lock:
             self._bindings.append((exchange, routing_key))
             self._new_bindings.append((exchange, routing_key))
         self._wake(self._bind_pending)
 
     def publish(self, exchange, routing_key, body):
-        if self._closing.is_set() and self._thread is None:
+        if self._closing.is_set() and (self._thread is None or not self._thread.is_alive()):
             raise BrokerError("transport is closed")
+        _check_key(routing_key, "routing key")
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise BrokerError(f"message of {len(body)} bytes is larger than {MAX_MESSAGE_SIZE}")
         with self._lock:
             if len(self._outbox) >= MAX_PENDING:
                 self._outbox.popleft()
@@ -216,6 +247,8 @@ class PikaTransport(Transport):
             return
         self._closing.set()
         self._wake(lambda: None)
+        if self._thread is threading.current_thread():
+            return  # called from a callback in the AMQP thread: it ends by itself
         self._thread.join(timeout)
         if self._thread.is_alive():  # pragma: no cover - pika stuck in a socket call
             log.warning("AMQP thread did not stop within %.1f s", timeout)
@@ -314,7 +347,13 @@ class PikaTransport(Transport):
                 if not self._outbox:
                     return
                 ex, key, body = self._outbox[0]
-            chan.basic_publish(exchange=ex, routing_key=key, body=body)
+            try:
+                chan.basic_publish(exchange=ex, routing_key=key, body=body)
+            except _CONNECTION_ERRORS:
+                raise  # the connection is gone: keep the message for after the reconnect
+            except Exception as e:  # this message cannot be sent at all: drop it, go on
+                log.warning("dropping an outgoing broker message to %r: %s: %s", key,
+                            type(e).__name__, e)
             with self._lock:
                 if self._outbox and self._outbox[0][2] is body:
                     self._outbox.popleft()
