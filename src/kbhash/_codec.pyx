@@ -38,6 +38,9 @@ from kbhash.hash import Hash, ImageData, Schema
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
 
 __all__ = ["encode", "encode_bytes", "decode", "decode_prefix", "MAX_DEPTH"]
@@ -164,8 +167,17 @@ cdef class _Writer:
         return p
 
     cdef inline int put(self, const void* src, Py_ssize_t k) except -1:
-        if k:
+        cdef unsigned char* p
+        cdef const unsigned char* q
+        cdef Py_ssize_t i
+        if k > 16:
             memcpy(self.reserve(k), src, k)
+        elif k:
+            # keys, short strings and scalars: a byte loop beats a call to memcpy
+            p = self.reserve(k)
+            q = <const unsigned char*>src
+            for i in range(k):
+                p[i] = q[i]
         return 0
 
     cdef inline int u32(self, uint32_t v) except -1:
@@ -190,6 +202,13 @@ cdef class _Writer:
 cdef int _key(_Writer w, object key) except -1:
     cdef Py_ssize_t n
     cdef const char* s
+    if type(key) is str and PyUnicode_IS_COMPACT_ASCII(key):
+        # the common case: an ASCII key is its own UTF-8, no conversion call
+        n = PyUnicode_GET_LENGTH(key)
+        if n <= 255:
+            w.byte(<unsigned char>n)
+            w.put(PyUnicode_DATA(key), n)
+            return 0
     if not isinstance(key, str):
         raise EncodeError(f"Hash keys must be str, not {type(key).__name__}")
     try:
