@@ -11,8 +11,6 @@ There is no silent fallback: if the extension is missing, importing kbhash
 fails and says how to build it.  ``kbhash.backend`` names the one in use.
 """
 
-import os as _os
-
 from ._types import Encoding, HashType
 from ._values import MAX_DEPTH, infer_type
 from .errors import DecodeError, EncodeError, KbHashError, TruncatedError, UnknownTypeError
@@ -25,23 +23,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-_impl = _os.environ.get("KB_IMPL", "cython").lower()
-if _impl == "pure":
-    from . import _pure as _backend_module
+from ._backend import select as _select
 
-    backend = "pure"
-elif _impl in ("cython", "compiled", ""):
-    try:
-        from . import _codec as _backend_module
-    except ImportError as _e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "kbhash's compiled codec (kbhash._codec) is not built: install the package with "
-            "'pip install .' (or 'python setup.py build_ext --inplace' in a source tree), "
-            "or set KB_IMPL=pure to use the pure-Python implementation explicitly"
-        ) from _e
-    backend = "cython"
-else:
-    raise ImportError(f"KB_IMPL={_impl!r}: use 'cython' (default) or 'pure'")
+_backend_module, backend = _select("kbhash")
 
 encode = _backend_module.encode
 encode_bytes = _backend_module.encode_bytes

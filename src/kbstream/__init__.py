@@ -15,8 +15,6 @@ fallback: a missing extension makes ``import kbstream`` fail and say how to buil
 ``kbstream.backend`` names the codec in use (``"cython"`` or ``"pure"``).
 """
 
-import os as _os
-
 from .errors import (
     ChannelTimeout,
     EncodeError,
@@ -38,23 +36,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-_impl = _os.environ.get("KB_IMPL", "cython").lower()
-if _impl == "pure":
-    from . import _pure as _backend
+from kbhash._backend import select as _select
 
-    backend = "pure"
-elif _impl in ("cython", "compiled", ""):
-    try:
-        from . import _codec as _backend
-    except ImportError as _e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "kbstream's compiled codec (kbstream._codec) is not built: install the package "
-            "with 'pip install .' (or 'python setup.py build_ext --inplace' in a source "
-            "tree), or set KB_IMPL=pure to use the pure-Python implementation explicitly"
-        ) from _e
-    backend = "cython"
-else:
-    raise ImportError(f"KB_IMPL={_impl!r}: use 'cython' (default) or 'pure'")
+_backend, backend = _select("kbstream")
 
 from .bridge import (  # noqa: E402  (needs _backend)
     Client,

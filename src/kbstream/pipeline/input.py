@@ -35,6 +35,7 @@ import kbhash
 from kbhash import Hash
 
 from . import shm, wire
+from ._io import recv_exact as _recv_exact, recv_into as _recv_into
 from .errors import ChannelClosed, PipelineProtocolError
 
 __all__ = ["InputChannel", "ConnectionStatus"]
@@ -48,30 +49,6 @@ class ConnectionStatus(Enum):
     DISCONNECTED = 0
     CONNECTING = 1
     CONNECTED = 2
-
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-def _recv_into(sock, view):
-    got = 0
-    n = view.nbytes
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("connection closed by peer")
-        got += k
-        if _QUICKACK is not None:
-            # Acknowledge at once: a sender with Nagle's algorithm on (Karabo's C++
-            # output) holds the tail of a message back until the previous segment is
-            # acknowledged, and delayed acknowledgements would stall every message.
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-
-
-def _recv_exact(sock, n):
-    buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
-    return buf
 
 
 #: Buffers at least this large are recycled (small ones are cheap to allocate).

@@ -46,6 +46,7 @@ import time
 from kbhash import Hash, HashType
 
 from . import shm, wire
+from ._io import close as _close, recv_exact as _recv_exact, sendmsg_all as _sendmsg_all
 from .errors import ChannelClosed, ChannelTimeout, PipelineProtocolError, SchemaError
 
 __all__ = ["OutputChannel"]
@@ -94,32 +95,6 @@ class _Input:
         self.send_lock = threading.RLock()
         self.ring = None  # shared-memory slots when the input runs on this machine
         self.shm_sent = 0
-
-
-def _recv_exact(sock, n):
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("connection closed by peer")
-        got += k
-    return buf
-
-
-def _sendmsg_all(sock, buffers):
-    """Send all buffers (scatter-gather, partial sends resumed)."""
-    views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
-    while views:
-        n = sock.sendmsg(views[:512])
-        while n:
-            if n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
 
 
 def _is_ip(text):
@@ -691,14 +666,3 @@ class OutputChannel:
 
     def __repr__(self):
         return f"<OutputChannel {self.channel_id} on {self.hostname}:{self.port}, inputs {self.input_ids()}>"
-
-
-def _close(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
