@@ -22,7 +22,7 @@ frame stays alive as the array's base).  Errors are the classes of ``kbstream.er
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
@@ -111,6 +111,11 @@ cdef object _np_bool = np.bool_
 cdef object _np_generic = np.generic
 cdef object _uint8 = np.uint8
 cdef object _frombuffer = np.frombuffer
+try:
+    from zmq import Frame as _zmq_frame_class   # a type check only: no sockets in here
+except ImportError:   # pragma: no cover - pyzmq is a dependency
+    _zmq_frame_class = bytes
+cdef type _ZmqFrame = _zmq_frame_class
 
 
 cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
@@ -121,7 +126,10 @@ cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
     the array.  ``numpy.frombuffer`` on a memoryview keeps the export (a resize then
     raises BufferError).  Immutable ``bytes`` need no export.
     """
-    if type(frame) is bytes:
+    cdef type t = type(frame)
+    if t is bytes or t is _ZmqFrame:
+        # the memory of bytes and of a zmq.Frame can neither move nor be freed while the
+        # object lives, and the array keeps the object as its base
         return _ndarray(shape, dt, frame, offset)
     return _frombuffer(memoryview(frame), dt, count, offset).reshape(shape)
 cdef object _ascontiguousarray = np.ascontiguousarray
@@ -647,28 +655,89 @@ DEF STR_CACHE_MAXLEN = 48
 cdef PyObject* _str_cache[STR_CACHE_SIZE]
 
 
-cdef object r_text(Reader* r, Py_ssize_t n, Py_ssize_t at):
-    r_need(r, n, at)
-    cdef Py_ssize_t p = r.pos, j
-    cdef const uint8_t* src = r.buf + p
-    cdef uint32_t h = 2166136261u
+cdef inline uint64_t _bytes_hash(const uint8_t* src, Py_ssize_t n) noexcept:
+    """A fast non-cryptographic hash of n bytes, eight at a time (memo tables only)."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15u ^ <uint64_t>n
+    cdef uint64_t w
+    cdef Py_ssize_t j = 0
+    while j + 8 <= n:
+        memcpy(&w, src + j, 8)
+        h = (h ^ w) * 0x100000001B3u
+        h ^= h >> 29
+        j += 8
+    if j < n:
+        if n >= 8:
+            memcpy(&w, src + n - 8, 8)     # the last 8 bytes, overlapping the previous word
+        else:
+            w = 0
+            while j < n:                   # no variable-size memcpy: it stalls the load
+                w |= (<uint64_t>src[j]) << (8 * j)
+                j += 1
+        h = (h ^ w) * 0x100000001B3u
+    h ^= h >> 32
+    h *= 0x9E3779B97F4A7C15u
+    return h >> 24
+
+
+cdef inline bint _same_bytes(const uint8_t* a, const uint8_t* b, Py_ssize_t n) noexcept:
+    """memcmp(a, b, n) == 0 for short n, inline (word compares, the last one overlapping)."""
+    cdef uint64_t x, y
+    cdef uint32_t u, v
+    cdef Py_ssize_t j = 0
+    if n >= 8:
+        while j + 8 <= n:
+            memcpy(&x, a + j, 8)
+            memcpy(&y, b + j, 8)
+            if x != y:
+                return False
+            j += 8
+        if j < n:
+            memcpy(&x, a + n - 8, 8)
+            memcpy(&y, b + n - 8, 8)
+            return x == y
+        return True
+    if n >= 4:
+        memcpy(&u, a, 4)
+        memcpy(&v, b, 4)
+        if u != v:
+            return False
+        memcpy(&u, a + n - 4, 4)
+        memcpy(&v, b + n - 4, 4)
+        return u == v
+    while j < n:
+        if a[j] != b[j]:
+            return False
+        j += 1
+    return True
+
+
+cdef inline object r_text(Reader* r, Py_ssize_t n, Py_ssize_t at):
+    """A msgpack str of n bytes; short ASCII ones come from the interning cache."""
+    cdef const uint8_t* src = r.buf + r.pos
+    cdef Py_ssize_t h = -1
     cdef PyObject* cached
-    r.pos = p + n
+    if r.end - r.pos < n:
+        r_truncated(r, n, at)
+    r.pos += n
     if n <= STR_CACHE_MAXLEN:
-        for j in range(n):
-            h = (h ^ src[j]) * 16777619u
-        h = (h ^ (h >> 15)) % STR_CACHE_SIZE
+        h = <Py_ssize_t>(_bytes_hash(src, n) % STR_CACHE_SIZE)
         cached = _str_cache[h]
         if (cached != NULL and PyUnicode_GET_LENGTH(cached) == n
-                and memcmp(PyUnicode_DATA(cached), src, n) == 0):
+                and _same_bytes(<const uint8_t*>PyUnicode_DATA(cached), src, n)):
             return <object>cached
+    return r_text_new(r, src, n, at, h)
+
+
+cdef object r_text_new(Reader* r, const uint8_t* src, Py_ssize_t n, Py_ssize_t at,
+                       Py_ssize_t h):
+    """Decode a str that was not in the cache, and cache it if short and ASCII (h >= 0)."""
     try:
         s = PyUnicode_DecodeUTF8(<const char*>src, n, NULL)
     except UnicodeDecodeError:
         raise ProtocolError(
             f"frame {r.index}: invalid UTF-8 in msgpack str at offset {at}", r.index, at
         ) from None
-    if n <= STR_CACHE_MAXLEN and PyUnicode_IS_COMPACT_ASCII(<PyObject*>s):
+    if h >= 0 and PyUnicode_IS_COMPACT_ASCII(<PyObject*>s):
         Py_INCREF(s)
         Py_XDECREF(_str_cache[h])
         _str_cache[h] = <PyObject*>s
@@ -786,6 +855,11 @@ cdef object r_map(Reader* r, uint64_t n, int depth, Py_ssize_t at, object frame)
     cdef Py_ssize_t i, kat
     for i in range(<Py_ssize_t>n):
         kat = r.pos
+        if kat < r.end and (r.buf[kat] & 0xE0) == 0xA0:     # fixstr: the usual key
+            r.pos = kat + 1
+            k = r_text(r, r.buf[kat] & 0x1F, kat)
+            PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
+            continue
         k = r_value(r, depth + 1, frame)
         if r.v1 and type(k) is _Bin:
             k = r_materialize(r, <_Bin>k)
@@ -1357,6 +1431,91 @@ cdef int _fast_header(object frame, Py_ssize_t index, _Hdr h) except -1:
         PyBuffer_Release(&view)
 
 
+# Array headers repeat byte for byte in every train (same source, path, dtype, shape), so
+# the parsed result of a valid one is remembered in a small direct-mapped table keyed by
+# its bytes.  Entries hold only immutable objects (str, np.dtype, tuple); a hit is checked
+# by length and memcmp, so a different header can never be served a stale entry.  Touched
+# only with the GIL held and without calling back into Python: no lock needed.
+DEF HDR_MEMO_SIZE = 256
+DEF HDR_MEMO_MAXLEN = 512
+
+
+@cython.final
+cdef class _ArrHdr:
+    cdef bytes raw
+    cdef object source
+    cdef object path
+    cdef object dt
+    cdef object shape
+    cdef Py_ssize_t count
+
+
+cdef list _hdr_memo = [None] * HDR_MEMO_SIZE
+
+
+cdef _ArrHdr _memo_find(object frame, Py_ssize_t index, Py_ssize_t* slot):
+    """The remembered array header equal to ``frame``, or None (*slot: where it goes)."""
+    cdef Py_buffer view
+    cdef _ArrHdr e = None
+    get_frame_buffer(frame, &view, index)
+    try:
+        slot[0] = -1
+        if view.len > HDR_MEMO_MAXLEN or view.len == 0:
+            return None
+        slot[0] = <Py_ssize_t>(_bytes_hash(<const uint8_t*>view.buf, view.len)
+                               % HDR_MEMO_SIZE)
+        o = _hdr_memo[slot[0]]
+        if o is None:
+            return None
+        e = <_ArrHdr>o
+        if (PyBytes_GET_SIZE(e.raw) == view.len
+                and memcmp(PyBytes_AS_STRING(e.raw), view.buf, view.len) == 0):
+            return e
+        return None
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef int _memo_store(object frame, Py_ssize_t slot, _Hdr h, dt) except -1:
+    if slot < 0:
+        return 0
+    cdef _ArrHdr e = _ArrHdr.__new__(_ArrHdr)
+    e.raw = bytes(frame)
+    e.source = h.source
+    e.path = h.path
+    e.dt = dt
+    e.shape = h.shape
+    e.count = h.count
+    _hdr_memo[slot] = e
+    return 0
+
+
+cdef object _props_of(dict data, object source, Py_ssize_t i):
+    props = data.get(source)
+    if props is None:
+        raise ProtocolError(
+            f"frame {i}: array for source {source!r} comes before its msgpack part", i
+        )
+    return props
+
+
+cdef int _add_array(dict data, object source, object path, object dt, object shape,
+                    Py_ssize_t count, object frame, Py_ssize_t i) except -1:
+    """props[path] = view of frame i + 1 (validated against dtype and shape)."""
+    cdef Py_buffer view
+    cdef Py_ssize_t nbytes, itemsize
+    props = _props_of(data, source, i)
+    get_frame_buffer(frame, &view, i + 1)
+    nbytes = view.len
+    PyBuffer_Release(&view)
+    itemsize = dt.itemsize
+    if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
+        _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
+                      f"array {path!r}")
+    (<dict>props)[path] = _view(shape, dt, frame, 0, nbytes // itemsize)
+    return 0
+
+
 def deserialize(frames):
     """Decode one message (list of frames) into ``(data, meta)``, both keyed by source.
 
@@ -1389,7 +1548,13 @@ def deserialize(frames):
     data = {}
     meta = {}
     cdef _Hdr fh = _Hdr.__new__(_Hdr)
+    cdef _ArrHdr ah
+    cdef Py_ssize_t slot
     for i in range(0, n, 2):
+        ah = _memo_find(fl[i], i, &slot)
+        if ah is not None:
+            _add_array(data, ah.source, ah.path, ah.dt, ah.shape, ah.count, fl[i + 1], i)
+            continue
         if _fast_header(fl[i], i, fh):
             source = fh.source
             if fh.content == 1:
@@ -1402,24 +1567,11 @@ def deserialize(frames):
                 data[source] = p
                 meta[source] = m
             else:
-                props = data.get(source)
-                if props is None:
-                    raise ProtocolError(
-                        f"frame {i}: array for source {source!r} comes before its msgpack "
-                        f"part", i
-                    )
+                _props_of(data, source, i)
                 dt = _dtype(fh.dtype, i)
-                shape = fh.shape
-                count = fh.count
-                frame = fl[i + 1]
-                get_frame_buffer(frame, &view, i + 1)
-                nbytes = view.len
-                PyBuffer_Release(&view)
-                itemsize = dt.itemsize
-                if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
-                    _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
-                                  f"array {fh.path!r}")
-                props[fh.path] = _view(shape, dt, frame, 0, nbytes // itemsize)
+                _add_array(data, source, fh.path, dt, fh.shape, fh.count, fl[i + 1], i)
+                if type(source) is str and type(fh.path) is str:
+                    _memo_store(fl[i], slot, fh, dt)
             continue
         h = decode_frame(fl[i], i, False)
         if type(h) is not dict:
@@ -1441,23 +1593,11 @@ def deserialize(frames):
             data[source] = payload
             meta[source] = m
         elif content == "array":
-            props = data.get(source)
-            if props is None:
-                raise ProtocolError(
-                    f"frame {i}: array for source {source!r} comes before its msgpack part", i
-                )
+            _props_of(data, source, i)
             path = _header_field(hdr, "path", i, str)
             dt = _dtype(_header_field(hdr, "dtype", i, (str, bytes)), i)
             shape = _shape_c(hdr.get("shape"), i, &count)
-            frame = fl[i + 1]
-            get_frame_buffer(frame, &view, i + 1)
-            nbytes = view.len
-            PyBuffer_Release(&view)
-            itemsize = dt.itemsize
-            if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
-                _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
-                              f"array {path!r}")
-            props[path] = _view(shape, dt, frame, 0, nbytes // itemsize)
+            _add_array(data, source, path, dt, shape, count, fl[i + 1], i)
         else:
             raise UnknownContentError(
                 f"frame {i}: unknown content {content!r}", i, content=content
