@@ -6,6 +6,7 @@ committed.  ``KB_ANNOTATE=1`` writes Cython's HTML annotation next to each
 """
 import os
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -18,7 +19,12 @@ macros = [("CYTHON_TRACE_NOGIL", "1")] if DIRECTIVES["linetrace"] else []
 
 extensions = [
     Extension("kbhash._codec", ["src/kbhash/_codec.pyx"], define_macros=macros),
-    Extension("kbstream._codec", ["src/kbstream/_codec.pyx"], define_macros=macros),
+    Extension(
+        "kbstream._codec",
+        ["src/kbstream/_codec.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=macros + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(

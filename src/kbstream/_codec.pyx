@@ -21,6 +21,7 @@ frame stays alive as the array's base).  Errors are the classes of ``kbstream.er
 """
 
 cimport cython
+cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next, PyDict_SetItem
@@ -28,7 +29,7 @@ from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -106,6 +107,14 @@ cdef bytes _ERROR_PREFIX = b"Error: "
 cdef Py_ssize_t _COPY_NOGIL = 1 << 16
 
 cdef object _ndarray = np.ndarray
+cdef type _ndarray_type = np.ndarray
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    # steals the reference to descr (also on failure); commented out in numpy's .pxd
+    object PyArray_NewFromDescr(PyTypeObject* subtype, PyObject* descr, int nd,
+                                cnp.npy_intp* dims, cnp.npy_intp* strides, void* data,
+                                int flags, PyObject* obj)
 cdef object _np_scalar = (np.bool_, np.number)
 cdef object _np_bool = np.bool_
 cdef object _np_generic = np.generic
@@ -127,10 +136,29 @@ cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
     raises BufferError).  Immutable ``bytes`` need no export.
     """
     cdef type t = type(frame)
-    if t is bytes or t is _ZmqFrame:
+    cdef Py_buffer view
+    cdef cnp.npy_intp dims[32]
+    cdef int nd, j, flags
+    cdef char* data
+    if (t is bytes or t is _ZmqFrame) and type(shape) is tuple and len(<tuple>shape) <= 32:
         # the memory of bytes and of a zmq.Frame can neither move nor be freed while the
-        # object lives, and the array keeps the object as its base
-        return _ndarray(shape, dt, frame, offset)
+        # object lives: the array is made with numpy's C API on that memory, with the
+        # object as its base (what numpy.ndarray(shape, dtype, frame) does, without the
+        # argument parsing)
+        nd = <int>len(<tuple>shape)
+        for j in range(nd):
+            dims[j] = <cnp.npy_intp>(<tuple>shape)[j]
+        PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+        data = <char*>view.buf + offset
+        flags = cnp.NPY_ARRAY_C_CONTIGUOUS
+        if not view.readonly:
+            flags |= cnp.NPY_ARRAY_WRITEABLE
+        PyBuffer_Release(&view)
+        Py_INCREF(dt)   # PyArray_NewFromDescr steals a reference to the dtype
+        arr = PyArray_NewFromDescr(<PyTypeObject*>_ndarray_type, <PyObject*>dt, nd, dims,
+                                   NULL, <void*>data, flags, NULL)
+        cnp.set_array_base(<cnp.ndarray>arr, frame)
+        return arr
     return _frombuffer(memoryview(frame), dt, count, offset).reshape(shape)
 cdef object _ascontiguousarray = np.ascontiguousarray
 cdef dict _dtype_cache = {}
@@ -656,26 +684,28 @@ cdef PyObject* _str_cache[STR_CACHE_SIZE]
 
 
 cdef inline uint64_t _bytes_hash(const uint8_t* src, Py_ssize_t n) noexcept:
-    """A fast non-cryptographic hash of n bytes, eight at a time (memo tables only)."""
-    cdef uint64_t h = 0x9E3779B97F4A7C15u ^ <uint64_t>n
+    """A fast non-cryptographic hash of n bytes for the memo tables.  Each 8-byte word is
+    multiplied independently (no chain of multiplies through the words), the last word
+    overlapping the one before; one final mix."""
+    cdef uint64_t h = <uint64_t>n * 0x9E3779B97F4A7C15u
     cdef uint64_t w
     cdef Py_ssize_t j = 0
-    while j + 8 <= n:
-        memcpy(&w, src + j, 8)
-        h = (h ^ w) * 0x100000001B3u
-        h ^= h >> 29
-        j += 8
-    if j < n:
-        if n >= 8:
-            memcpy(&w, src + n - 8, 8)     # the last 8 bytes, overlapping the previous word
-        else:
-            w = 0
-            while j < n:                   # no variable-size memcpy: it stalls the load
-                w |= (<uint64_t>src[j]) << (8 * j)
-                j += 1
-        h = (h ^ w) * 0x100000001B3u
-    h ^= h >> 32
-    h *= 0x9E3779B97F4A7C15u
+    if n >= 8:
+        while j + 8 <= n:
+            memcpy(&w, src + j, 8)
+            h ^= (w + <uint64_t>j * 0x2545F4914F6CDD1Du) * 0xFF51AFD7ED558CCDu
+            j += 8
+        if j < n:
+            memcpy(&w, src + n - 8, 8)
+            h ^= (w ^ 0xC4CEB9FE1A85EC53u) * 0xFF51AFD7ED558CCDu
+    else:
+        w = 0
+        while j < n:                   # no variable-size memcpy: it stalls the load
+            w |= (<uint64_t>src[j]) << (8 * j)
+            j += 1
+        h ^= w * 0xFF51AFD7ED558CCDu
+    h ^= h >> 33
+    h *= 0xC4CEB9FE1A85EC53u
     return h >> 24
 
 
@@ -1460,7 +1490,9 @@ cdef _ArrHdr _memo_find(object frame, Py_ssize_t index, Py_ssize_t* slot):
     get_frame_buffer(frame, &view, index)
     try:
         slot[0] = -1
-        if view.len > HDR_MEMO_MAXLEN or view.len == 0:
+        # an array header is a map of 5 (source, content, path, dtype, shape); msgpack
+        # headers (2 or 3 keys) carry per-train metadata and are never remembered
+        if view.len > HDR_MEMO_MAXLEN or view.len == 0 or (<const uint8_t*>view.buf)[0] != 0x85:
             return None
         slot[0] = <Py_ssize_t>(_bytes_hash(<const uint8_t*>view.buf, view.len)
                                % HDR_MEMO_SIZE)
