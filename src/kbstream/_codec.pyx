@@ -26,7 +26,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject, PyTypeObject
@@ -112,7 +112,9 @@ cnp.import_array()
 
 cdef extern from "numpy/arrayobject.h":
     # steals the reference to descr (also on failure); commented out in numpy's .pxd
-    object PyArray_NewFromDescr(PyTypeObject* subtype, PyObject* descr, int nd,
+    ctypedef struct _Descr "PyArray_Descr":
+        pass
+    object PyArray_NewFromDescr(PyTypeObject* subtype, _Descr* descr, int nd,
                                 cnp.npy_intp* dims, cnp.npy_intp* strides, void* data,
                                 int flags, PyObject* obj)
 cdef object _np_scalar = (np.bool_, np.number)
@@ -133,33 +135,41 @@ cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
     ``numpy.ndarray(shape, dtype, buffer)`` releases the buffer at once and only keeps
     the exporting object, so a bytearray or mmap frame could be resized or closed under
     the array.  ``numpy.frombuffer`` on a memoryview keeps the export (a resize then
-    raises BufferError).  Immutable ``bytes`` need no export.
+    raises BufferError).  The memory of ``bytes`` and of a ``zmq.Frame`` can neither move
+    nor be freed while the object lives, so for them no export is kept (_fixed_view).
     """
-    cdef type t = type(frame)
     cdef Py_buffer view
-    cdef cnp.npy_intp dims[32]
-    cdef int nd, j, flags
-    cdef char* data
-    if (t is bytes or t is _ZmqFrame) and type(shape) is tuple and len(<tuple>shape) <= 32:
-        # the memory of bytes and of a zmq.Frame can neither move nor be freed while the
-        # object lives: the array is made with numpy's C API on that memory, with the
-        # object as its base (what numpy.ndarray(shape, dtype, frame) does, without the
-        # argument parsing)
-        nd = <int>len(<tuple>shape)
-        for j in range(nd):
-            dims[j] = <cnp.npy_intp>(<tuple>shape)[j]
+    cdef type t = type(frame)
+    if (t is bytes or t is _ZmqFrame) and type(shape) is tuple:
         PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
-        data = <char*>view.buf + offset
-        flags = cnp.NPY_ARRAY_C_CONTIGUOUS
-        if not view.readonly:
-            flags |= cnp.NPY_ARRAY_WRITEABLE
-        PyBuffer_Release(&view)
-        Py_INCREF(dt)   # PyArray_NewFromDescr steals a reference to the dtype
-        arr = PyArray_NewFromDescr(<PyTypeObject*>_ndarray_type, <PyObject*>dt, nd, dims,
-                                   NULL, <void*>data, flags, NULL)
-        cnp.set_array_base(<cnp.ndarray>arr, frame)
-        return arr
+        try:
+            return _fixed_view(<tuple>shape, dt, frame, &view, offset, count)
+        finally:
+            PyBuffer_Release(&view)
     return _frombuffer(memoryview(frame), dt, count, offset).reshape(shape)
+
+
+cdef object _fixed_view(tuple shape, dt, frame, const Py_buffer* view, Py_ssize_t offset,
+                        Py_ssize_t count):
+    """The array on ``view`` (borrowed from a bytes or zmq.Frame ``frame``), made with
+    numpy's C API, with ``frame`` as its base: what ``numpy.ndarray(shape, dt, frame)``
+    does, without the argument parsing."""
+    cdef cnp.npy_intp dims[32]
+    cdef int nd = <int>len(shape), j, flags
+    if nd > 32:   # numpy 1.x's limit; numpy raises its own error
+        return _ndarray(shape, dt, frame, offset)
+    for j in range(nd):
+        dims[j] = <cnp.npy_intp>shape[j]
+    flags = cnp.NPY_ARRAY_C_CONTIGUOUS
+    if not view.readonly:
+        flags |= cnp.NPY_ARRAY_WRITEABLE
+    Py_INCREF(dt)   # PyArray_NewFromDescr steals a reference to the dtype
+    arr = PyArray_NewFromDescr(<PyTypeObject*>_ndarray_type, <_Descr*>dt, nd, dims,
+                               NULL, <char*>view.buf + offset, flags, NULL)
+    cnp.set_array_base(<cnp.ndarray>arr, frame)
+    return arr
+
+
 cdef object _ascontiguousarray = np.ascontiguousarray
 cdef dict _dtype_cache = {}
 
@@ -974,6 +984,109 @@ cdef object r_top(Reader* r, object frame):
     return v
 
 
+# The payload map of a source has the same keys in the same order in every train.  The
+# keys of the last payload of each source are remembered (a tuple of str) and each new key
+# is first compared with the one at the same position, which skips the hash and the cache
+# probe of r_text.  Only compact ASCII str entries are compared byte for byte, so a template
+# can never produce a different key than decoding would.
+DEF TEMPLATE_SOURCES = 1024
+cdef dict _key_templates = {}
+cdef object _meta_template = None
+
+
+cdef int _set_meta_template(dict m) except -1:
+    global _meta_template
+    _meta_template = tuple(m)
+    return 0
+
+
+cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object tmpl,
+                          bint* missed):
+    r_container_size(r, n, 2, r.pos - 1 if depth else 0, "map")
+    cdef dict out = _PyDict_NewPresized(<Py_ssize_t>n)
+    cdef Py_ssize_t i, kat, klen, nt = 0
+    cdef PyObject* cand
+    cdef uint8_t b
+    if tmpl is not None:
+        nt = len(<tuple>tmpl)
+    for i in range(<Py_ssize_t>n):
+        kat = r.pos
+        if kat < r.end:
+            b = r.buf[kat]
+            if (b & 0xE0) == 0xA0:
+                klen = b & 0x1F
+                if i < nt:
+                    cand = PyTuple_GET_ITEM(<tuple>tmpl, i)
+                    if (r.end - kat - 1 >= klen and PyUnicode_IS_COMPACT_ASCII(cand)
+                            and PyUnicode_GET_LENGTH(cand) == klen
+                            and _same_bytes(<const uint8_t*>PyUnicode_DATA(cand),
+                                            r.buf + kat + 1, klen)):
+                        r.pos = kat + 1 + klen
+                        PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
+                        continue
+                missed[0] = True
+                r.pos = kat + 1
+                k = r_text(r, klen, kat)
+                PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
+                continue
+        missed[0] = True
+        k = r_value(r, depth + 1, frame)
+        if type(k) is not str and not isinstance(k, (str, bytes)):
+            raise ProtocolError(
+                f"frame {r.index}: msgpack map key at offset {kat} is "
+                f"{_tname(k)}, not str or bytes",
+                r.index,
+                kat,
+            )
+        PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
+    if <Py_ssize_t>n != nt:
+        missed[0] = True
+    return out
+
+
+cdef object decode_payload(object frame, Py_ssize_t index, object source):
+    """decode_frame for a 2.x payload: a map decoded with the source's key template."""
+    cdef Py_buffer view
+    cdef Reader r
+    cdef uint8_t b
+    cdef uint64_t n
+    cdef bint missed = False
+    get_frame_buffer(frame, &view, index)
+    try:
+        r.buf = <const uint8_t*>view.buf
+        r.pos = 0
+        r.end = view.len
+        r.index = index
+        r.v1 = False
+        if r.end < 1:
+            return r_top(&r, frame)         # raises TruncatedError
+        b = r.buf[0]
+        if (b & 0xF0) == 0x80:
+            n = b & 0x0F
+            r.pos = 1
+        elif b == 0xDE and r.end >= 3:
+            n = (<uint64_t>r.buf[1] << 8) | r.buf[2]
+            r.pos = 3
+        else:
+            return r_top(&r, frame)         # not a map: generic path (and its errors)
+        tmpl = _key_templates.get(source)
+        out = r_payload_map(&r, n, 0, frame, tmpl, &missed)
+        if r.pos != r.end:
+            raise ProtocolError(
+                f"frame {r.index}: {r.end - r.pos} bytes of extra data after the "
+                f"msgpack value, at offset {r.pos}",
+                r.index,
+                r.pos,
+            )
+        if missed and n > 0:
+            if len(_key_templates) >= TEMPLATE_SOURCES:
+                _key_templates.clear()
+            _key_templates[source] = tuple(<dict>out)
+        return out
+    finally:
+        PyBuffer_Release(&view)
+
+
 cdef int get_frame_buffer(object frame, Py_buffer* view, Py_ssize_t index) except -1:
     """Borrow the bytes of any C-contiguous buffer (bytes, zmq.Frame, memoryview...)."""
     try:
@@ -1323,8 +1436,8 @@ cdef inline bint _key_is(const uint8_t* p, Py_ssize_t n, const char* name, Py_ss
     return n == m and memcmp(p, name, m) == 0
 
 
-cdef int _fast_header(object frame, Py_ssize_t index, _Hdr h) except -1:
-    cdef Py_buffer view
+cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hdr h) except -1:
+    """Parse the header in ``view`` (borrowed from ``frame`` by the caller)."""
     cdef Reader r
     cdef const uint8_t* p
     cdef Py_ssize_t nkeys, k, klen, j, nd
@@ -1333,8 +1446,8 @@ cdef int _fast_header(object frame, Py_ssize_t index, _Hdr h) except -1:
     cdef uint64_t d
     cdef Py_ssize_t c
     cdef int ok = 0
-    get_frame_buffer(frame, &view, index)
-    try:
+    cdef bint missed
+    if True:
         r.buf = <const uint8_t*>view.buf
         r.pos = 0
         r.end = view.len
@@ -1439,7 +1552,15 @@ cdef int _fast_header(object frame, Py_ssize_t index, _Hdr h) except -1:
                 h.count = c
             else:
                 try:
-                    v = r_value(&r, 1, frame)
+                    if bit == 4 and (b & 0xF0) == 0x80:
+                        # metadata: the same keys for every source and train
+                        r.pos += 1
+                        missed = False
+                        v = r_payload_map(&r, b & 0x0F, 1, frame, _meta_template, &missed)
+                        if missed:
+                            _set_meta_template(v)
+                    else:
+                        v = r_value(&r, 1, frame)
                 except ProtocolError:
                     return 0
                 if bit == 1:
@@ -1457,8 +1578,6 @@ cdef int _fast_header(object frame, Py_ssize_t index, _Hdr h) except -1:
         else:
             ok = seen == (1 | 2 | 8 | 16 | 32)
         return ok
-    finally:
-        PyBuffer_Release(&view)
 
 
 # Array headers repeat byte for byte in every train (same source, path, dtype, shape), so
@@ -1483,29 +1602,25 @@ cdef class _ArrHdr:
 cdef list _hdr_memo = [None] * HDR_MEMO_SIZE
 
 
-cdef _ArrHdr _memo_find(object frame, Py_ssize_t index, Py_ssize_t* slot):
-    """The remembered array header equal to ``frame``, or None (*slot: where it goes)."""
-    cdef Py_buffer view
-    cdef _ArrHdr e = None
-    get_frame_buffer(frame, &view, index)
-    try:
-        slot[0] = -1
-        # an array header is a map of 5 (source, content, path, dtype, shape); msgpack
-        # headers (2 or 3 keys) carry per-train metadata and are never remembered
-        if view.len > HDR_MEMO_MAXLEN or view.len == 0 or (<const uint8_t*>view.buf)[0] != 0x85:
-            return None
-        slot[0] = <Py_ssize_t>(_bytes_hash(<const uint8_t*>view.buf, view.len)
-                               % HDR_MEMO_SIZE)
-        o = _hdr_memo[slot[0]]
-        if o is None:
-            return None
-        e = <_ArrHdr>o
-        if (PyBytes_GET_SIZE(e.raw) == view.len
-                and memcmp(PyBytes_AS_STRING(e.raw), view.buf, view.len) == 0):
-            return e
+cdef _ArrHdr _memo_find(const Py_buffer* view, Py_ssize_t* slot):
+    """The remembered array header equal to the bytes of ``view``, or None (*slot: where
+    it goes, -1 if it is not to be remembered)."""
+    cdef _ArrHdr e
+    slot[0] = -1
+    # an array header is a map of 5 (source, content, path, dtype, shape); msgpack
+    # headers (2 or 3 keys) carry per-train metadata and are never remembered
+    if (view.len > HDR_MEMO_MAXLEN or view.len == 0
+            or (<const uint8_t*>view.buf)[0] != 0x85):
         return None
-    finally:
-        PyBuffer_Release(&view)
+    slot[0] = <Py_ssize_t>(_bytes_hash(<const uint8_t*>view.buf, view.len) % HDR_MEMO_SIZE)
+    o = _hdr_memo[slot[0]]
+    if o is None:
+        return None
+    e = <_ArrHdr>o
+    if (PyBytes_GET_SIZE(e.raw) == view.len
+            and memcmp(PyBytes_AS_STRING(e.raw), view.buf, view.len) == 0):
+        return e
+    return None
 
 
 cdef int _memo_store(object frame, Py_ssize_t slot, _Hdr h, dt) except -1:
@@ -1537,14 +1652,23 @@ cdef int _add_array(dict data, object source, object path, object dt, object sha
     cdef Py_buffer view
     cdef Py_ssize_t nbytes, itemsize
     props = _props_of(data, source, i)
+    cdef type t = type(frame)
     get_frame_buffer(frame, &view, i + 1)
-    nbytes = view.len
-    PyBuffer_Release(&view)
-    itemsize = dt.itemsize
-    if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
-        _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
-                      f"array {path!r}")
-    (<dict>props)[path] = _view(shape, dt, frame, 0, nbytes // itemsize)
+    try:
+        nbytes = view.len
+        itemsize = (<cnp.dtype>dt).itemsize   # C field, not a getattr
+        if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
+            _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
+                          f"array {path!r}")
+        if (t is bytes or t is _ZmqFrame) and type(shape) is tuple:
+            arr = _fixed_view(<tuple>shape, dt, frame, &view, 0, nbytes // itemsize)
+        else:
+            arr = None
+    finally:
+        PyBuffer_Release(&view)
+    if arr is None:
+        arr = _view(shape, dt, frame, 0, nbytes // itemsize)
+    (<dict>props)[path] = arr
     return 0
 
 
@@ -1582,15 +1706,21 @@ def deserialize(frames):
     cdef _Hdr fh = _Hdr.__new__(_Hdr)
     cdef _ArrHdr ah
     cdef Py_ssize_t slot
+    cdef bint fast
     for i in range(0, n, 2):
-        ah = _memo_find(fl[i], i, &slot)
+        get_frame_buffer(fl[i], &view, i)
+        try:
+            ah = _memo_find(&view, &slot)
+            fast = ah is None and _fast_header(&view, fl[i], i, fh)
+        finally:
+            PyBuffer_Release(&view)
         if ah is not None:
             _add_array(data, ah.source, ah.path, ah.dt, ah.shape, ah.count, fl[i + 1], i)
             continue
-        if _fast_header(fl[i], i, fh):
+        if fast:
             source = fh.source
             if fh.content == 1:
-                p = decode_frame(fl[i + 1], i + 1, False)
+                p = decode_payload(fl[i + 1], i + 1, source)
                 if type(p) is not dict:
                     raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
                 m = fh.metadata

@@ -1,0 +1,155 @@
+"""The compiled decoder remembers array headers and each source's payload keys between
+messages.  Whatever it remembered, every message must decode exactly as a fresh decoder
+(the pure twin, which remembers nothing) decodes it."""
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kbstream import _codec, _pure, errors
+
+
+def _frames(header, payload, arrays=()):
+    out = [msgpack.packb(header), msgpack.packb(payload)]
+    for hdr, raw in arrays:
+        out += [msgpack.packb(hdr), raw]
+    return out
+
+
+def _same(a, b):
+    """Equal train dicts, arrays compared by dtype, shape and values."""
+    assert list(a) == list(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            _same(x, y)
+        elif isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+        else:
+            assert type(x) is type(y) and x == y, key
+
+
+def _check(frames):
+    """Decode with the compiled codec (twice: cold and warm) and the pure twin."""
+    expected = _pure.deserialize(frames)
+    for _ in range(2):
+        got = _codec.deserialize(frames)
+        _same(got[0], expected[0])
+        _same(got[1], expected[1])
+    return expected
+
+
+def test_payload_keys_that_differ_from_the_last_train_are_decoded_as_sent():
+    src = "memo/keys:output"
+    hdr = {"source": src, "content": "msgpack", "metadata": {"source": src, "tid": 1}}
+    _check(_frames(hdr, {"a.x": 1, "a.y": 2, "a.z": 3}))
+    # same lengths, different bytes; fewer keys; more keys; reordered keys
+    cases = [
+        {"a.x": 1, "b.y": 2, "a.z": 3},
+        {"a.x": 1, "a.y": 2},
+        {"a.x": 1, "a.y": 2, "a.z": 3, "a.w": 4},
+        {"a.z": 3, "a.x": 1, "a.y": 2},
+        {},
+        # a non-ASCII key of the same byte length as an ASCII one ("é" is 2 bytes)
+        {"a.x": 1, "é.": 2, "a.z": 3},
+        {"a.x": 1, "a.y": 2, "a.z": 3},
+    ]
+    for payload in cases:
+        data, meta = _check(_frames(hdr, payload))
+        assert data[src] == payload
+        assert meta[src] == {"source": src, "tid": 1}
+
+
+def test_bytes_key_in_place_of_a_remembered_str_key():
+    src = "memo/bytes:output"
+    hdr = {"source": src, "content": "msgpack", "metadata": {"source": src}}
+    _check(_frames(hdr, {"k1": 1, "k2": 2}))
+    frames = [msgpack.packb(hdr), msgpack.packb({"k1": 1, b"k2": 2}, use_bin_type=True)]
+    data, _ = _check(frames)
+    assert data[src] == {"k1": 1, b"k2": 2}
+
+
+def test_metadata_keys_that_differ_between_sources():
+    a = {"source": "A", "content": "msgpack", "metadata": {"source": "A", "timestamp.tid": 5}}
+    b = {"source": "B", "content": "msgpack", "metadata": {"origin": "B", "timestamp.sec": "7"}}
+    frames = _frames(a, {"v": 1}) + _frames(b, {"v": 2})
+    _, meta = _check(frames)
+    assert meta == {"A": {"source": "A", "timestamp.tid": 5},
+                    "B": {"origin": "B", "timestamp.sec": "7"}}
+
+
+def test_remembered_array_header_with_a_frame_of_the_wrong_size_still_fails():
+    src = "memo/array:output"
+    hdr = {"source": src, "content": "msgpack", "metadata": {"source": src}}
+    ahdr = {"source": src, "content": "array", "path": "data.adc", "dtype": "uint16",
+            "shape": [2, 3]}
+    good = _frames(hdr, {"x": 1}, [(ahdr, np.arange(6, dtype=np.uint16).tobytes())])
+    data, _ = _check(good)
+    assert data[src]["data.adc"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    bad = _frames(hdr, {"x": 1}, [(ahdr, bytes(10))])
+    with pytest.raises(errors.ShapeMismatchError, match="carries 10 bytes"):
+        _codec.deserialize(bad)
+    # an array header remembered for one source never serves an array of another source
+    # that has not sent its msgpack part
+    other = [msgpack.packb(ahdr), np.arange(6, dtype=np.uint16).tobytes()]
+    with pytest.raises(errors.ProtocolError, match="comes before its msgpack part"):
+        _codec.deserialize(other + good[:2])
+
+
+def test_array_header_changes_dtype_and_shape_between_trains():
+    src = "memo/dtype:output"
+    hdr = {"source": src, "content": "msgpack", "metadata": {"source": src}}
+    for dtype, shape in [("uint16", [2, 3]), ("float32", [3, 2]), ("uint16", [6]),
+                         ("<i8", [1, 6]), ("uint16", [2, 3])]:
+        arr = np.arange(6).astype(dtype).reshape(shape)
+        ahdr = {"source": src, "content": "array", "path": "d", "dtype": dtype,
+                "shape": shape}
+        data, _ = _check(_frames(hdr, {}, [(ahdr, arr.tobytes())]))
+        got = data[src]["d"]
+        assert got.dtype == np.dtype(dtype) and got.shape == tuple(shape)
+        assert np.array_equal(got, arr)
+
+
+@pytest.mark.parametrize("kind", ["zmq", "bytes"])
+def test_arrays_on_fixed_frames_are_views_with_the_frame_as_base(kind):
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    frames = _codec.serialize({"s": {"a": arr}})
+    frames = [zmq.Frame(bytes(f)) if kind == "zmq" else bytes(f) for f in frames]
+    data, _ = _codec.deserialize(frames)
+    got = data["s"]["a"]
+    assert got.base is frames[-1]
+    assert got.flags.c_contiguous and got.flags.aligned
+    # a zmq.Frame's memory is writable, bytes are not: same as numpy.ndarray(buffer=...)
+    assert got.flags.writeable is (kind == "zmq")
+    assert np.array_equal(got, arr)
+    del frames
+    assert np.array_equal(got, arr)   # the array keeps its frame alive
+
+
+_keys = st.sampled_from(["a", "b", "ab", "é", "header.value", "header.valuf", "x" * 40])
+_payloads = st.dictionaries(_keys, st.integers(-5, 5) | st.text(max_size=3), max_size=6)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["S1", "S2"]), _payloads), min_size=1, max_size=8))
+def test_any_sequence_of_payloads_decodes_as_a_fresh_decoder_would(seq):
+    for src, payload in seq:
+        hdr = {"source": src, "content": "msgpack", "metadata": {"source": src}}
+        data, _ = _check(_frames(hdr, payload))
+        assert data[src] == payload
+
+
+def test_remembered_non_ascii_key_does_not_accept_invalid_utf8():
+    """A remembered "é" (one character, stored as the byte e9) must not match the invalid
+    UTF-8 key b"\\xe9": that key is an error, as for a fresh decoder."""
+    src = "memo/utf8:output"
+    hdr = msgpack.packb({"source": src, "content": "msgpack", "metadata": {"source": src}})
+    _check([hdr, msgpack.packb({"é": 1})])
+    _check([hdr, msgpack.packb({"é": 1})])
+    bad = [hdr, b"\x81\xa1\xe9\x01"]   # {<str of the single byte e9>: 1}
+    for decode in (_pure.deserialize, _codec.deserialize):
+        with pytest.raises(errors.ProtocolError, match="invalid UTF-8"):
+            decode(bad)
