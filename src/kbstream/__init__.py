@@ -48,6 +48,7 @@ from .bridge import (  # noqa: E402  (needs _backend)
     flatten_hash,
     serialize,
 )
+from ._memory import keep_large_buffers  # noqa: E402
 
 __all__ = [
     "backend",
@@ -60,6 +61,8 @@ __all__ = [
     "ZMQStreamer",
     # kbhash input
     "flatten_hash",
+    # receive-side memory
+    "keep_large_buffers",
     # errors
     "KbStreamError",
     "ProtocolError",
