@@ -10,7 +10,10 @@ karabo_bridge) and ``e2e-jf4m-<REP|PUSH>`` (kbstream, karabo_bridge, raw pyzmq).
 benchmark records ``extra_info``: library, bytes per call, a correctness flag.
 """
 
-import threading
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,125 +71,55 @@ def test_deserialize(benchmark, train, library, version):
 
 
 # ---- end to end over tcp loopback ---------------------------------------------------------
+# Each contender (server thread + client) runs in its own process (_e2e_worker.py): process-
+# wide settings of one library (kbstream.Client's allocator tuning) must not help another.
+# A round = one line to the worker and one train received; the pipe adds ~0.1 ms to ~60 ms.
+
+_WORKER = Path(__file__).resolve().parent / "_e2e_worker.py"
 
 
-class _Feeder:
-    """Keeps a server's queue full with the same train until stopped."""
-
-    def __init__(self, server, data, meta):
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, args=(server, data, meta), daemon=True)
-        self.thread.start()
-
-    def run(self, server, data, meta):
-        import queue
-
-        while not self.stop.is_set():
-            try:
-                server.feed(data, meta, timeout=0.1)
-            except queue.Full:
-                pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join()
-
-
-class _RawServer:
-    """Raw pyzmq: the same frames sent with send_multipart(copy=False), REP or PUSH."""
-
-    def __init__(self, sock, frames):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.REP if sock == "REP" else zmq.PUSH)
-        self.sock.linger = 0
-        self.sock.set_hwm(1)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.kind = sock
-        self.frames = frames
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN if self.kind == "REP" else zmq.POLLOUT)
-        while not self.done.is_set():
-            if not poller.poll(50):
-                continue
-            if self.kind == "REP":
-                self.sock.recv()
-            try:
-                self.sock.send_multipart(self.frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:  # the peer left between poll and send
-                pass
-
-    def close(self):
-        self.done.set()
-        self.thread.join()
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-
-class _RawClient:
-    def __init__(self, endpoint, sock):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.REQ if sock == "REQ" else zmq.PULL)
-        self.sock.linger = 0
-        self.sock.set_hwm(1)
-        self.sock.connect(endpoint)
-        self.req = sock == "REQ"
+class _Worker:
+    def __init__(self, library, server_sock, client_sock, nsources=8):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(_WORKER), library, server_sock, client_sock, str(nsources)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"{library} worker did not start (said {line!r})")
 
     def next(self):
-        if self.req:
-            self.sock.send(b"next")
-        return self.sock.recv_multipart(copy=False)
+        self.proc.stdin.write("next\n")
+        return int(self.proc.stdout.readline())
 
     def close(self):
-        self.sock.close(linger=0)
-        self.ctx.term()
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self.proc.stdout.close()
 
 
 @pytest.mark.parametrize("library", ["kbstream", "karabo_bridge", "raw-pyzmq"])
 @pytest.mark.parametrize("server_sock, client_sock", [("REP", "REQ"), ("PUSH", "PULL")])
 def test_end_to_end_jf4m(benchmark, jf4m_train, library, server_sock, client_sock):
-    data, meta = jf4m_train
+    data, _ = jf4m_train
     nbytes = sum(v.nbytes for p in data.values() for v in p.values() if isinstance(v, np.ndarray))
     benchmark.group = f"e2e-jf4m-{server_sock}"
-    if library == "raw-pyzmq":
-        server = _RawServer(server_sock, _codec.serialize(data, meta))
-        client = _RawClient(server.endpoint, client_sock)
-        feeder = None
-    else:
-        mod = kbstream if library == "kbstream" else kb
-        server = mod.ServerInThread("tcp://127.0.0.1:0", sock=server_sock, maxlen=2)
-        server.start()
-        feeder = _Feeder(server, data, meta)
-        client = mod.Client(server.endpoint, sock=client_sock, timeout=30)
+    worker = _Worker(library, server_sock, client_sock)
     try:
-        for _ in range(3):
-            client.next()  # warm up: connection, first page faults
-        msg = benchmark.pedantic(client.next, rounds=20, iterations=1)
+        received = benchmark.pedantic(worker.next, rounds=int(os.environ.get("KB_E2E_ROUNDS", "30")),
+                                      iterations=1)
     finally:
-        if feeder is not None:
-            feeder.close()
-        # Servers first, while the client is still connected: karabo_bridge's PUSH server
-        # can block forever in send_multipart when its PULL peer vanishes between its
-        # poll and its send (seen here: stop() never returned).
-        if library == "raw-pyzmq":
-            server.close()
-            client.close()
-        else:
-            server.stop()
-            if library == "kbstream":
-                client.close()
-            else:
-                client._context.destroy(linger=0)
-    if library == "raw-pyzmq":
-        received = sum(len(f.buffer) for f in msg[3::4])  # the array frames
-    else:
-        received = sum(v.nbytes for p in msg[0].values() for v in p.values()
-                       if isinstance(v, np.ndarray))
+        worker.close()
     ok = received == nbytes
     benchmark.extra_info.update(library=library, bytes=nbytes, correct=ok)
     assert ok
