@@ -2,17 +2,18 @@
 
 Same JF4M run for every server (8 JUNGFRAU modules, ``data.adc`` uint16
 (16, 512, 1024) per train = 128 MiB), files in the page cache, server in its
-own process, REQ client = the measuring process, ``tcp://127.0.0.1``.
-Each case times trains ``WARMUP+1 .. N`` of one pass over the run.
+own process, REQ client in another process, ``tcp://127.0.0.1``.  Each case
+times trains ``WARMUP+1 .. N`` of one pass over the run.  kbstream's server is
+measured with kbstream's client (the product as users get it) and with
+karabo_bridge's client (the server alone); extra_data's with karabo_bridge's
+(what users run today); raw pyzmq with a bare REQ socket.
 
 Run with pytest (``pytest benchmarks/bench_replay.py``) or as a script
-(``python benchmarks/bench_replay.py``) which prints a Markdown table with
+(``python benchmarks/bench_replay.py``), which interleaves the cases over
+``KB_BENCH_REPEAT`` repetitions (default 3) and prints a Markdown table with
 ratios.  Environment: ``KB_BENCH_TRAINS`` (default 20), ``KB_BENCH_FRAME``
 (``16,512,1024``), ``KB_BENCH_DIR`` (default a new directory under /tmp,
 deleted afterwards).
-
-Until ``kbstream.serialize`` is built, kbstream's server uses the reference
-``karabo_bridge.serialize`` (same frames; about 75 us per JF4M train).
 """
 
 import os
@@ -33,17 +34,9 @@ WARMUP = 3
 MODULES = 8
 
 _SERVER_KBSTREAM = """
-import sys, types
+import sys
 sys.path.insert(0, {src!r})
-try:
-    import kbstream
-except ImportError:
-    kbstream = types.ModuleType("kbstream"); kbstream.__path__ = [{pkg!r}]
-    sys.modules["kbstream"] = kbstream
 from kbstream.replay import serve
-if not hasattr(kbstream, "serialize"):
-    import karabo_bridge
-    serve._default_serialize = lambda: karabo_bridge.serialize
 sys.exit(serve.serve_files_main(sys.argv[1:]))
 """
 
@@ -69,17 +62,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _peak_rss(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def make_run(directory, chunking):
     sys.path.insert(0, str(ROOT / "src"))
     try:
@@ -99,53 +81,71 @@ def make_run(directory, chunking):
     return d
 
 
-class _RawClient:
-    """REQ socket receiving raw frames (for the raw pyzmq server)."""
+# The client runs in a process of its own too: process-wide settings of one client
+# (kbstream.Client keeps freed receive buffers, see kbstream.keep_large_buffers) must not
+# help another.  It prints one JSON line: trains/s and GB/s over the trains after the
+# warm-up ones, and the server's peak RSS (VmHWM, read after every train).
+_CLIENT = """
+import json, sys, time
+kind, ep, nrecv, warmup, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, {src!r})
 
-    def __init__(self, ep):
-        import zmq
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.REQ)
-        self.sock.linger = 0
-        self.sock.connect(ep)
+def peak_rss():
+    try:
+        with open(f"/proc/{{pid}}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
 
-    def __enter__(self):
-        return self
+if kind == "raw":
+    import zmq
+    ctx = zmq.Context(); sock = ctx.socket(zmq.REQ); sock.linger = 0; sock.connect(ep)
+    def nxt():
+        sock.send(b"next")
+        frames = sock.recv_multipart(copy=False)
+        return sum(len(f.buffer) for f in frames[3::4])
+else:
+    if kind == "kbstream":
+        import kbstream as mod
+    else:
+        import karabo_bridge as mod
+    client = mod.Client(ep, timeout=120)
+    def nxt():
+        data, _ = client.next()
+        return sum(getattr(v, "nbytes", 0) for src in data.values() for v in src.values())
+nbytes, peak = 0, None
+for i in range(nrecv):
+    if i == warmup:
+        t0 = time.perf_counter()
+        nbytes = 0
+    nbytes += nxt()
+    peak = peak_rss() or peak
+dt = time.perf_counter() - t0
+print(json.dumps({{"trains_per_s": (nrecv - warmup) / dt, "gb_per_s": nbytes / dt / 1e9,
+                  "peak_rss": peak}}))
+"""
 
-    def __exit__(self, *exc):
-        self.sock.close()
-        self.ctx.term()
 
-    def next(self):
-        self.sock.send(b"next")
-        frames = self.sock.recv_multipart(copy=False)
-        return {"raw": {i: memoryview(f.buffer) for i, f in enumerate(frames)}}, {}
-
-
-def measure(argv, nrecv, env=None, raw=False):
-    """Start a server process, receive ``nrecv`` trains, time all but the warm-up ones."""
-    import karabo_bridge
+def measure(argv, nrecv, env=None, client="karabo_bridge"):
+    """Start a server process, receive ``nrecv`` trains in a client process of the given
+    kind (karabo_bridge, kbstream or raw), time all but the warm-up ones."""
+    import json
 
     port = _free_port()
     ep = f"tcp://127.0.0.1:{port}"
     argv = [a.replace("{ep}", ep) for a in argv]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, **(env or {})))
-    nbytes = 0
-    peak = None
     try:
-        client = _RawClient(ep) if raw else karabo_bridge.Client(ep, timeout=120)
-        with client as c:
-            for i in range(nrecv):
-                if i == WARMUP:
-                    t0 = time.perf_counter()
-                    nbytes = 0
-                data, _ = c.next()
-                for src in data.values():
-                    for v in src.values():
-                        nbytes += getattr(v, "nbytes", 0)
-                peak = _peak_rss(proc.pid) or peak
-            dt = time.perf_counter() - t0
+        out = subprocess.run(
+            [sys.executable, "-c", _CLIENT.format(src=str(ROOT / "src")), client, ep,
+             str(nrecv), str(WARMUP), str(proc.pid)],
+            capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -154,27 +154,25 @@ def measure(argv, nrecv, env=None, raw=False):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    n = nrecv - WARMUP
-    return {"trains_per_s": n / dt, "gb_per_s": nbytes / dt / 1e9, "peak_rss": peak}
 
 
-def case_kbstream(rundir, prefetch=4):
-    script = _SERVER_KBSTREAM.format(src=str(ROOT / "src"), pkg=str(ROOT / "src" / "kbstream"))
+def case_kbstream(rundir, prefetch=4, client="kbstream"):
+    script = _SERVER_KBSTREAM.format(src=str(ROOT / "src"))
     return measure([sys.executable, "-c", script, str(rundir), "{ep}", "--include",
                     "SPB_IRDA_JF4M/DET/JNGFR*:daqOutput[data.adc]", "--no-progress",
-                    "--prefetch", str(prefetch)], NTRAINS)
+                    "--prefetch", str(prefetch)], NTRAINS, client=client)
 
 
 def case_extra_data(rundir):
     # By module, not by console script: once kbstream is installed, the
     # karabo-bridge-serve-files script may be kbstream's own.
     return measure([sys.executable, "-m", "extra_data.cli.serve_files", str(rundir), "{ep}", "--source", "SPB_IRDA_JF4M/DET/JNGFR*",
-                    "--key", "data.adc"], NTRAINS)
+                    "--key", "data.adc"], NTRAINS, client="karabo_bridge")
 
 
 def case_raw_pyzmq():
     return measure([sys.executable, "-c", _SERVER_RAW, "{ep}", str(NTRAINS), str(MODULES),
-                    ",".join(map(str, FRAME))], NTRAINS, raw=True)
+                    ",".join(map(str, FRAME))], NTRAINS, client="raw")
 
 
 TRAIN_BYTES = MODULES * 2 * FRAME[0] * FRAME[1] * FRAME[2]
@@ -192,14 +190,23 @@ def runs():
             shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.parametrize("server", ["kbstream", "extra_data"])
+#: (label, function(rundir or None)) of every contender; kbstream's server is measured with
+#: kbstream's client (the product) and with karabo_bridge's (the server alone).
+CASES = {
+    "extra_data + karabo_bridge.Client": lambda d: case_extra_data(d),
+    "kbstream + kbstream.Client": lambda d: case_kbstream(d, client="kbstream"),
+    "kbstream + karabo_bridge.Client": lambda d: case_kbstream(d, client="karabo_bridge"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("chunking", ["small", "train"])
-def test_replay(benchmark, runs, server, chunking):
+def test_replay(benchmark, runs, case, chunking):
     benchmark.group = f"replay JF4M data.adc, {chunking} chunks"
-    fn = case_kbstream if server == "kbstream" else case_extra_data
-    res = benchmark.pedantic(fn, args=(runs[chunking],), rounds=1, iterations=1)
-    benchmark.extra_info.update(res, library=server, bytes_per_train=TRAIN_BYTES,
+    res = benchmark.pedantic(CASES[case], args=(runs[chunking],), rounds=1, iterations=1)
+    benchmark.extra_info.update(res, library=case, bytes_per_train=TRAIN_BYTES,
                                 correct=res["gb_per_s"] > 0)
+    assert res["gb_per_s"] > 0
 
 
 def test_raw_pyzmq(benchmark):
@@ -207,20 +214,22 @@ def test_raw_pyzmq(benchmark):
     benchmark.group = "replay JF4M data.adc, raw pyzmq"
     res = benchmark.pedantic(case_raw_pyzmq, rounds=1, iterations=1)
     benchmark.extra_info.update(res, library="pyzmq", bytes_per_train=TRAIN_BYTES, correct=True)
+    assert res["gb_per_s"] > 0
 
 
 def main():
+    """Every case once per repetition, repetitions interleaved (the machine's load drifts);
+    prints medians and ratios as Markdown."""
     base = os.environ.get("KB_BENCH_DIR") or tempfile.mkdtemp(prefix="kbbench-", dir="/tmp")
     reps = int(os.environ.get("KB_BENCH_REPEAT", "3"))
+    rows = {"raw pyzmq": []}
     try:
-        rows = {}
-        raw = [case_raw_pyzmq() for _ in range(reps)]
-        rows["raw pyzmq"] = raw
-        for chunking in ("small", "train"):
-            d = make_run(base, chunking)
-            rows[f"extra_data, {chunking} chunks"] = [case_extra_data(d) for _ in range(reps)]
-            rows[f"kbstream, {chunking} chunks"] = [case_kbstream(d) for _ in range(reps)]
-            shutil.rmtree(d, ignore_errors=True)
+        dirs = {c: make_run(base, c) for c in ("small", "train")}
+        for _ in range(reps):
+            rows["raw pyzmq"].append(case_raw_pyzmq())
+            for chunking, d in dirs.items():
+                for name, fn in CASES.items():
+                    rows.setdefault(f"{name}, {chunking} chunks", []).append(fn(d))
     finally:
         if not os.environ.get("KB_BENCH_DIR"):
             shutil.rmtree(base, ignore_errors=True)
@@ -229,20 +238,21 @@ def main():
         v = sorted(x[k] for x in xs if x[k] is not None)
         return v[len(v) // 2] if v else float("nan")
 
-    print(f"JF4M train = {TRAIN_BYTES / 2**20:.0f} MiB, {NTRAINS} trains per pass, "
-          f"{reps} passes, medians")
-    print("| case | trains/s | GB/s | server peak RSS / train |")
-    print("|---|---:|---:|---:|")
+    print(f"JF4M train = {TRAIN_BYTES / 2**20:.0f} MiB, {NTRAINS} trains per pass "
+          f"({WARMUP} not timed), {reps} interleaved repetitions, medians")
+    print("| server + client | trains/s | GB/s | server peak RSS / train | all trains/s |")
+    print("|---|---:|---:|---:|---|")
     for name, xs in rows.items():
         rss = med(xs, "peak_rss")
+        every = ", ".join(f"{x['trains_per_s']:.1f}" for x in xs)
         print(f"| {name} | {med(xs, 'trains_per_s'):.1f} | {med(xs, 'gb_per_s'):.2f} | "
-              f"{rss / TRAIN_BYTES:.2f} |")
+              f"{rss / TRAIN_BYTES:.2f} | {every} |")
     rawv = med(rows["raw pyzmq"], "trains_per_s")
     for c in ("small", "train"):
-        k = med(rows[f"kbstream, {c} chunks"], "trains_per_s")
-        e = med(rows[f"extra_data, {c} chunks"], "trains_per_s")
-        print(f"ratio kbstream / extra_data ({c} chunks): {k / e:.2f}; "
-              f"kbstream / raw pyzmq: {k / rawv:.2f}")
+        e = med(rows[f"extra_data + karabo_bridge.Client, {c} chunks"], "trains_per_s")
+        for name in ("kbstream + kbstream.Client", "kbstream + karabo_bridge.Client"):
+            k = med(rows[f"{name}, {c} chunks"], "trains_per_s")
+            print(f"{c} chunks, {name}: {k / e:.2f}x extra_data, {k / rawv:.2f}x raw pyzmq")
 
 
 if __name__ == "__main__":
