@@ -266,6 +266,7 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
     monkeypatch.setattr(reader_mod.np, "copyto", lambda *a, **k: (copies.append(1), real_copyto(*a, **k)))
 
     monkeypatch.setattr(reader_mod._Dataset, "_regular_grid", spy)
+    monkeypatch.setattr(reader_mod._Dataset, "tile_reads", "mmap")
 
     class FakeFile:
         def __init__(self, h5):
@@ -294,3 +295,88 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
         assert len(copies) == 48
     else:
         assert len(copies) == 108
+
+
+def _tiled_file(path, shape, chunks, data, written=None):
+    import h5py
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("d", shape, data.dtype, chunks=chunks, fillvalue=7)
+        if written is None:
+            ds[:] = data
+        else:
+            for sl in written:
+                ds[sl] = data[sl]
+
+
+class _FakeRunFile:
+    def __init__(self, h5, path):
+        self.h5, self.path, self._fd = h5, str(path), None
+
+    fd = reader_mod.RunFile.fd
+    map_region = reader_mod.RunFile.map_region
+
+
+@pytest.mark.parametrize("shape, chunks", [
+    ((7, 4, 16, 32), (3, 2, 8, 16)),      # chunks tile the entry: one copy per run
+    ((7, 5, 17, 30), (3, 2, 8, 16)),      # edge chunks: cropped copies
+    ((5, 6, 64), (2, 6, 16)),             # 2-d entries
+    ((9, 40), (4, 8)),                    # 1-d entries
+])
+def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks):
+    """Small chunks read with one preadv per chunk (only the wanted rows) equal h5py,
+    for every row range, including ranges across row blocks and partial last blocks."""
+    import h5py
+    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    path = tmp_path / "f.h5"
+    _tiled_file(path, shape, chunks, data)
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(reader_mod.os, "preadv", lambda *a: (reads.append(a[2]), real(*a))[1])
+    with h5py.File(path, "r") as h5:
+        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        assert dsr.mode == "tiles" and dsr.tile_reads == "pread"
+        for first, count in [(0, 1), (2, 1), (3, 1), (2, 3), (0, shape[0]), (shape[0] - 1, 1)]:
+            out = np.full((count,) + shape[1:], -1, np.int32)
+            dsr.read(first, count, out)
+            np.testing.assert_array_equal(out, data[first:first + count])
+        os.close(dsr.rf._fd)
+    assert reads, "the pread path was not used"
+
+
+def test_pread_tile_reads_fill_unwritten_chunks(tmp_path, monkeypatch):
+    import h5py
+    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    shape, chunks = (6, 4, 16, 32), (3, 2, 8, 16)
+    data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    path = tmp_path / "f.h5"
+    # only some tiles of the first row block are ever written
+    _tiled_file(path, shape, chunks, data, written=[np.s_[0:3, 0:2, 0:8, 0:32]])
+    expected = np.full(shape, 7, np.int32)
+    expected[0:3, 0:2, 0:8, 0:32] = data[0:3, 0:2, 0:8, 0:32]
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(h5["d"][:], expected)
+        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        for first in range(shape[0]):
+            out = np.empty((1,) + shape[1:], np.int32)
+            dsr.read(first, 1, out)
+            np.testing.assert_array_equal(out, expected[first:first + 1])
+        os.close(dsr.rf._fd)
+
+
+def test_pread_tile_reads_truncated_file(tmp_path, monkeypatch):
+    import h5py
+    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    shape, chunks = (6, 4, 16, 32), (3, 2, 8, 16)
+    data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    path = tmp_path / "f.h5"
+    _tiled_file(path, shape, chunks, data)
+    with h5py.File(path, "r") as h5:
+        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        last = max(addr for addr in dsr._block_addresses(3))
+        out = np.empty((1,) + shape[1:], np.int32)
+        dsr.read(0, 1, out)
+        os.truncate(path, last + 10)   # cut inside the last chunk of the second block
+        with pytest.raises(TruncatedFileError, match="the file is truncated"):
+            dsr.read(3, 1, out)
+        os.close(dsr.rf._fd)

@@ -349,7 +349,10 @@ class _Dataset:
         elif self.mode == "rows":
             self._read_rows(first, count, out)
         elif self.mode == "tiles":
-            self._read_tiles(first, count, out)
+            if self.tile_reads == "pread":
+                self._read_tiles_pread(first, count, out)
+            else:
+                self._read_tiles(first, count, out)
         else:
             self.ds.read_direct(out, np.s_[first:first + count])
         return out
@@ -417,6 +420,121 @@ class _Dataset:
             tiles.append((starts, crop, dest))
         self._tile_list = tiles
         return tiles
+
+    #: How small chunks are read: "pread" (only the rows wanted, from each chunk, into a
+    #: small staging buffer) or "mmap" (map each row block, copy out of the mapping).
+    tile_reads = "pread"
+
+    def _segments(self):
+        """The tiles in runs along the last grid axis: [(first tile index, run length)]."""
+        try:
+            return self._segment_list
+        except AttributeError:
+            pass
+        glast = -(-self.entry_shape[-1] // self.chunks[-1])
+        ntiles = len(self._tiles())
+        self._segment_list = [(i, min(glast, ntiles - i)) for i in range(0, ntiles, glast)]
+        return self._segment_list
+
+    def _block_addresses(self, k):
+        """File offsets of the chunks of row block ``k`` in tile order (-1: not written)."""
+        cache = self.__dict__.setdefault("_block_addr_cache", {})
+        addrs = cache.get(k)
+        if addrs is None:
+            cmap = self._chunk_map()
+            addrs = []
+            for starts, _, _ in self._tiles():
+                loc = cmap.get((k,) + starts)
+                addrs.append(-1 if loc is None else loc[0])
+            if len(cache) > 4096:
+                cache.clear()
+            cache[k] = addrs
+        return addrs
+
+    def _staging(self, nrows):
+        """(array (G, nrows) + chunk tile, [[memoryview of tile j]] for os.preadv)."""
+        cache = self.__dict__.setdefault("_staging_cache", {})
+        st = cache.get(nrows)
+        if st is None:
+            glast = self._segments()[0][1]
+            tile = tuple(self.chunks[1:])
+            arr = np.empty((glast, nrows) + tile, self.dtype)
+            flat = arr.reshape(glast, -1).view(np.uint8)
+            st = cache[nrows] = (arr, [[memoryview(flat[j])] for j in range(glast)])
+        return st
+
+    def _read_tiles_pread(self, first, count, out):
+        """Small chunks without mapping the file.
+
+        A chunk holds ``c0`` consecutive rows (trains) of one tile; the rows wanted from it
+        are contiguous bytes in the chunk, so one ``os.preadv`` per chunk reads exactly
+        them (the kernel copies from the page cache: no page faults, no other trains'
+        bytes) into a staging buffer that holds one run of chunks along the last grid
+        axis, and one strided copy puts the run in place (or one copy per tile where the
+        chunks do not tile the entry evenly).
+        """
+        with self.__dict__.setdefault("_staging_lock", threading.Lock()):
+            self._read_tiles_pread_locked(first, count, out)
+
+    def _read_tiles_pread_locked(self, first, count, out):
+        fd = self.rf.fd()
+        size = os.fstat(fd).st_size
+        chunks = self.chunks
+        c0 = chunks[0]
+        tile_bytes = int(np.prod(chunks[1:], dtype=np.int64)) * self.dtype.itemsize
+        tiles = self._tiles()
+        nd = len(chunks) - 1
+        last_e, last_c = self.entry_shape[-1], chunks[-1]
+        even = all(e % c == 0 for e, c in zip(self.entry_shape, chunks[1:]))
+        # staging axes (G, rows, C1 .. C_{nd-1}, C_nd) -> (rows, C1 .. C_{nd-1}, G, C_nd)
+        order = (1,) + tuple(range(2, nd + 1)) + (0, nd + 1)
+        fv = None
+        r = first
+        end = first + count
+        while r < end:
+            k = (r // c0) * c0
+            stop = min(end, k + c0)
+            nr = stop - r
+            skip = (r - k) * tile_bytes
+            want = nr * tile_bytes
+            dst_rows = out[r - first:stop - first]
+            addrs = self._block_addresses(k)
+            staging, views = self._staging(nr)
+            for t0, n in self._segments():
+                missing = []
+                for j in range(n):
+                    a = addrs[t0 + j]
+                    if a < 0:
+                        missing.append(j)
+                        continue
+                    a += skip
+                    if a + want > size:
+                        raise TruncatedFileError(
+                            f"{self.rf.path}: {self.name} data at byte {a}+{want} lies beyond "
+                            f"the end of the file ({size} bytes); the file is truncated",
+                            self.rf.path)
+                    got = os.preadv(fd, views[j], a)
+                    if got != want:
+                        raise TruncatedFileError(
+                            f"{self.rf.path}: short read of {self.name} ({got} of {want} "
+                            f"bytes)", self.rf.path)
+                for j in missing:  # never written: the fill value
+                    if fv is None:
+                        fv = self.ds.fillvalue
+                        fv = 0 if fv is None else fv
+                    staging[j, :nr] = fv
+                src = staging[:n, :nr]
+                if even and n * last_c == last_e:
+                    dest = tiles[t0][2]
+                    dst = dst_rows[(slice(None),) + dest[:-1] + (slice(None),)]
+                    dst = dst.reshape(dst.shape[:-1] + (n, last_c))
+                    np.copyto(dst, src.transpose(order))
+                else:
+                    for j in range(n):
+                        _, crop, dest = tiles[t0 + j]
+                        np.copyto(dst_rows[(slice(None),) + dest],
+                                  src[j][(slice(None),) + crop])
+            r = stop
 
     def _read_tiles(self, first, count, out):
         cmap = self._chunk_map()
