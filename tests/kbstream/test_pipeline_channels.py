@@ -381,19 +381,29 @@ def _fake_output(script):
     srv = socket.create_server(("127.0.0.1", 0))
     accepted = []
 
+    def recv_exactly(s, n):
+        buf = b""
+        while len(buf) < n:
+            part = s.recv(n - len(buf))
+            if not part:  # the input went away before its hello was complete
+                return None
+            buf += part
+        return buf
+
     def run():
         srv.settimeout(TIMEOUT)
         try:
             while True:
                 s, _ = srv.accept()
                 accepted.append(s)
-                n = struct.unpack("<I", s.recv(4))[0]
-                s.recv(n)
-                try:
-                    script(s)
-                except OSError:
-                    pass
-                s.close()
+                with s:
+                    try:
+                        head = recv_exactly(s, 4)
+                        if head is None or recv_exactly(s, struct.unpack("<I", head)[0]) is None:
+                            continue
+                        script(s)
+                    except OSError:
+                        pass
         except OSError:
             pass
 
