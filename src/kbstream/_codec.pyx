@@ -24,7 +24,7 @@ cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Next, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
@@ -699,6 +699,7 @@ cdef inline uint64_t _bytes_hash(const uint8_t* src, Py_ssize_t n) noexcept:
     overlapping the one before; one final mix."""
     cdef uint64_t h = <uint64_t>n * 0x9E3779B97F4A7C15u
     cdef uint64_t w
+    cdef uint32_t u, v
     cdef Py_ssize_t j = 0
     if n >= 8:
         while j + 8 <= n:
@@ -708,6 +709,10 @@ cdef inline uint64_t _bytes_hash(const uint8_t* src, Py_ssize_t n) noexcept:
         if j < n:
             memcpy(&w, src + n - 8, 8)
             h ^= (w ^ 0xC4CEB9FE1A85EC53u) * 0xFF51AFD7ED558CCDu
+    elif n >= 4:                       # two 4-byte loads, overlapping
+        memcpy(&u, src, 4)
+        memcpy(&v, src + n - 4, 4)
+        h ^= ((<uint64_t>u << 32) | v) * 0xFF51AFD7ED558CCDu
     else:
         w = 0
         while j < n:                   # no variable-size memcpy: it stalls the load
@@ -985,48 +990,86 @@ cdef object r_top(Reader* r, object frame):
 
 
 # The payload map of a source has the same keys in the same order in every train.  The
-# keys of the last payload of each source are remembered (a tuple of str) and each new key
-# is first compared with the one at the same position, which skips the hash and the cache
-# probe of r_text.  Only compact ASCII str entries are compared byte for byte, so a template
-# can never produce a different key than decoding would.
+# keys of the last payload of each source are remembered (_Tmpl: the keys as a tuple, and
+# a dict of those keys with None values).  A payload whose keys all equal the template's,
+# in order, is decoded into a copy of that dict (CPython copies a dict's key table in one
+# go) whose values are then replaced: no hashing of keys, no dict growth or insertion.  At
+# the first key that differs, the decode of that map starts again the general way, where
+# each key is still compared with the template's key at the same position before the
+# string cache is probed.  Only compact ASCII str entries are compared byte for byte, so a
+# template can never produce a different key than decoding would.
 DEF TEMPLATE_SOURCES = 1024
 cdef dict _key_templates = {}
 cdef object _meta_template = None
 
 
+@cython.final
+cdef class _Tmpl:
+    cdef tuple keys
+    cdef dict proto
+
+
+cdef _Tmpl _make_template(dict m):
+    cdef _Tmpl t = _Tmpl.__new__(_Tmpl)
+    t.keys = tuple(m)
+    t.proto = dict.fromkeys(t.keys)
+    return t
+
+
 cdef int _set_meta_template(dict m) except -1:
     global _meta_template
-    _meta_template = tuple(m)
+    _meta_template = _make_template(m)
     return 0
+
+
+cdef inline bint _key_matches(Reader* r, Py_ssize_t kat, PyObject* cand, Py_ssize_t* klen):
+    """Is the fixstr key at ``kat`` the compact ASCII str ``cand``? (*klen: its length)"""
+    cdef uint8_t b = r.buf[kat]
+    if (b & 0xE0) != 0xA0:
+        klen[0] = -1
+        return False
+    klen[0] = b & 0x1F
+    return (r.end - kat - 1 >= klen[0] and PyUnicode_IS_COMPACT_ASCII(cand)
+            and PyUnicode_GET_LENGTH(cand) == klen[0]
+            and _same_bytes(<const uint8_t*>PyUnicode_DATA(cand), r.buf + kat + 1, klen[0]))
 
 
 cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object tmpl,
                           bint* missed):
     r_container_size(r, n, 2, r.pos - 1 if depth else 0, "map")
-    cdef dict out = _PyDict_NewPresized(<Py_ssize_t>n)
-    cdef Py_ssize_t i, kat, klen, nt = 0
+    cdef dict out
+    cdef Py_ssize_t i, kat, klen, nt = 0, start = r.pos
     cdef PyObject* cand
-    cdef uint8_t b
+    cdef tuple keys = None
     if tmpl is not None:
-        nt = len(<tuple>tmpl)
+        keys = (<_Tmpl>tmpl).keys
+        nt = len(keys)
+        if nt == <Py_ssize_t>n and nt > 0:
+            out = PyDict_Copy((<_Tmpl>tmpl).proto)
+            for i in range(nt):
+                kat = r.pos
+                cand = PyTuple_GET_ITEM(keys, i)
+                if kat >= r.end or not _key_matches(r, kat, cand, &klen):
+                    break
+                r.pos = kat + 1 + klen
+                PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
+            else:
+                return out
+            r.pos = start      # a key differs: decode this map again, the general way
+    out = _PyDict_NewPresized(<Py_ssize_t>n)
     for i in range(<Py_ssize_t>n):
         kat = r.pos
         if kat < r.end:
-            b = r.buf[kat]
-            if (b & 0xE0) == 0xA0:
-                klen = b & 0x1F
-                if i < nt:
-                    cand = PyTuple_GET_ITEM(<tuple>tmpl, i)
-                    if (r.end - kat - 1 >= klen and PyUnicode_IS_COMPACT_ASCII(cand)
-                            and PyUnicode_GET_LENGTH(cand) == klen
-                            and _same_bytes(<const uint8_t*>PyUnicode_DATA(cand),
-                                            r.buf + kat + 1, klen)):
-                        r.pos = kat + 1 + klen
-                        PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
-                        continue
+            if i < nt:
+                cand = PyTuple_GET_ITEM(keys, i)
+                if _key_matches(r, kat, cand, &klen):
+                    r.pos = kat + 1 + klen
+                    PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
+                    continue
+            if (r.buf[kat] & 0xE0) == 0xA0:
                 missed[0] = True
                 r.pos = kat + 1
-                k = r_text(r, klen, kat)
+                k = r_text(r, r.buf[kat] & 0x1F, kat)
                 PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
                 continue
         missed[0] = True
@@ -1081,7 +1124,7 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
         if missed and n > 0:
             if len(_key_templates) >= TEMPLATE_SOURCES:
                 _key_templates.clear()
-            _key_templates[source] = tuple(<dict>out)
+            _key_templates[source] = _make_template(<dict>out)
         return out
     finally:
         PyBuffer_Release(&view)
