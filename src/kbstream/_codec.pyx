@@ -194,10 +194,19 @@ def make_dummy_timestamps():
 cdef dict _wire_dtypes = {}   # np.dtype -> packed str(dtype), for dtypes that may be sent
 
 
+cdef object _last_dt = None      # the last dtype packed, and its packed name: numpy's
+cdef bytes _last_dtb = None      # builtin dtypes are singletons, so identity hits
+
+
 cdef bytes _wire_dtype(dt, key, src):
     """Packed ``str(dtype)`` of a sendable dtype; EncodeError for object / structured."""
+    global _last_dt, _last_dtb
+    if dt is _last_dt:
+        return _last_dtb
     b = _wire_dtypes.get(dt)
     if b is not None:
+        _last_dtb = <bytes>b
+        _last_dt = dt
         return <bytes>b
     kind = dt.kind
     if kind not in _ARRAY_KINDS or dt.hasobject:
@@ -212,9 +221,19 @@ cdef bytes _wire_dtype(dt, key, src):
     return <bytes>b
 
 
+cdef int w_shape(Writer* w, cnp.ndarray arr) except -1:
+    """The shape as a msgpack array of ints: the bytes ``w_obj(arr.shape)`` writes."""
+    cdef int nd = cnp.PyArray_NDIM(arr), j
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(arr)
+    w_array_header(w, nd)
+    for j in range(nd):
+        w_ll(w, dims[j])
+    return 0
+
+
 cdef tuple _array_frame(arr, key, src):
     """(C-contiguous array, zero-copy frame on it, packed dtype) for an array value."""
-    dtb = _wire_dtype(arr.dtype, key, src)
+    dtb = _wire_dtype(<object>cnp.PyArray_DESCR(<cnp.ndarray>arr), key, src)
     try:
         mv = PyMemoryView_FromObject(arr)
     except ValueError:
@@ -566,6 +585,13 @@ cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
         return w_byte(w, 0xC3)
     if obj is False:
         return w_byte(w, 0xC2)
+    if t is tuple or t is list:
+        if depth >= C_MAX_DEPTH:
+            raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
+        w_array_header(w, len(obj))
+        for value in obj:
+            w_obj(w, value, v1, depth + 1, chunks)
+        return 0
     if isinstance(obj, int):
         return w_int(w, obj)
     if isinstance(obj, float):
@@ -1171,9 +1197,10 @@ def unpackb(buf):
 cdef object _source_meta(object metadata, object src, object props, object ts):
     m = None
     if metadata is not None:
-        m = metadata.get(src)
+        m = (<dict>metadata).get(src) if type(metadata) is dict else metadata.get(src)
     if m is None:
-        m = props.get("metadata", {})
+        m = (<dict>props).get("metadata", {}) if type(props) is dict else props.get(
+            "metadata", {})
     if ts is not None and "timestamp" not in m:
         m = dict(m)
         m.update(ts)
@@ -1341,6 +1368,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     cdef _Chunks chunks
     cdef list frames, arrays
     cdef Py_ssize_t start, end, nmain, i
+    cdef type vt
     if protocol_version == "1.0":
         train = {}
         for src, props in data.items():
@@ -1376,8 +1404,10 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
             arrays = []
             nmain = 0
             w.len = 5
-            for key, value in props.items():
-                if isinstance(value, _ndarray):
+            for key, value in (<dict>props).items():
+                vt = type(value)
+                if vt is _ndarray_type or (vt is not float and vt is not int and vt is not str
+                                           and vt is not bool and isinstance(value, _ndarray)):
                     arrays.append(key)
                     arrays.append(value)
                 else:
@@ -1406,7 +1436,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
                 w_lit(&w, b"\xa5dtype")
                 w_lit(&w, dtb)
                 w_lit(&w, b"\xa5shape")
-                w_obj(&w, arr.shape, False, 1, None)
+                w_shape(&w, <cnp.ndarray>arr)
                 frames.append(w_bytes(&w, 0))
                 frames.append(frame)
     finally:
