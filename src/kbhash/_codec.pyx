@@ -42,6 +42,7 @@ cdef extern from "Python.h":
     void* PyUnicode_DATA(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
+    Py_ssize_t PyDict_GET_SIZE(object d)   # a macro: no call, no checks
 
 __all__ = ["encode", "encode_bytes", "decode", "decode_prefix", "MAX_DEPTH"]
 
@@ -65,6 +66,11 @@ TYPE_IDS = {
 
 cdef dict _TYPE_NAME = {int(t): t.name for t in HashType}
 cdef frozenset _WIRE_TYPES = frozenset(WIRE_TYPES)
+# the same set as a C table for the ids that fit it (the check runs once per node)
+DEF _WIRE_TABLE_SIZE = 64
+cdef bint _wire_table[_WIRE_TABLE_SIZE]
+for _wt in range(_WIRE_TABLE_SIZE):
+    _wire_table[_wt] = _wt in _WIRE_TYPES
 cdef dict _VECTOR_DTYPE = dict(VECTOR_DTYPE)
 cdef object _frombuffer = np.frombuffer
 cdef object _ndarray = np.ndarray
@@ -404,17 +410,21 @@ cdef int _write_hash(_Writer w, object h, int depth) except -1:
     cdef dict atypes = h._at
     cdef object t, a
     cdef int ti
-    w.u32(<uint32_t>len(vals))
+    w.u32(<uint32_t>PyDict_GET_SIZE(vals))
+    cdef bint has_types = types is not None and PyDict_GET_SIZE(types) != 0
+    cdef bint has_attrs = attrs is not None and PyDict_GET_SIZE(attrs) != 0
     for key, value in vals.items():
-        t = types.get(key) if types else None
+        t = types.get(key) if has_types else None
         if t is None:
             ti = _fast_type(value)
             if ti == -1:
                 ti = _infer_type(value)
         else:
             ti = t
-        a = attrs.get(key) if attrs else None
-        _write_node(w, key, value, ti, a, atypes.get(key) if a else None, depth)
+        a = attrs.get(key) if has_attrs else None
+        _write_node(w, key, value, ti, a,
+                    atypes.get(key) if a is not None and PyDict_GET_SIZE(a) != 0 else None,
+                    depth)
     return 0
 
 
@@ -437,7 +447,7 @@ cdef int _write_node(_Writer w, object key, object value, int t, dict avals, dic
         for k, v, ct in children:
             _write_node(w, k, v, T_NDARRAY if ct is None else ct, None, None, depth + 1)
     else:
-        if t not in _WIRE_TYPES:
+        if not (0 <= t < _WIRE_TABLE_SIZE and _wire_table[t]) and t not in _WIRE_TYPES:
             raise EncodeError(f"{key!r}: {t} is not a Karabo type id")
         w.u32(<uint32_t>t)
         _write_attrs(w, avals, atypes, _EMPTY, depth)
@@ -449,18 +459,20 @@ cdef int _write_attrs(_Writer w, dict avals, dict atypes, bytes prefix, int dept
     cdef bint has_prefix = len(prefix) != 0
     cdef Py_ssize_t n = 1 if has_prefix else 0
     cdef int ti
-    if avals:
-        n += len(avals)
+    cdef Py_ssize_t na = PyDict_GET_SIZE(avals) if avals is not None else 0
+    cdef bint has_types = atypes is not None and PyDict_GET_SIZE(atypes) != 0
+    if na:
+        n += na
         if has_prefix and "__classId" in avals:
             n -= 1
     w.u32(<uint32_t>n)
     w.put(<const char*>prefix, len(prefix))
-    if not avals:
+    if not na:
         return 0
     for name, value in avals.items():
         if has_prefix and name == "__classId":
             continue
-        t = atypes.get(name) if atypes else None
+        t = atypes.get(name) if has_types else None
         if t is None:
             ti = _fast_type(value)
             if ti == -1:
@@ -605,7 +617,7 @@ cdef int _write_value(_Writer w, object key, object value, int t, int depth) exc
         if arr.size:
             _put_buffer(w, arr)
     elif t == T_HASH or t == T_HASH_POINTER:
-        _write_hash(w, V.as_hash(value, key, t), depth + 1)
+        _write_hash(w, value if type(value) is Hash else V.as_hash(value, key, t), depth + 1)
     elif t == T_VECTOR_HASH or t == T_VECTOR_HASH_POINTER:
         hashes = V.hash_list(value, key, t)
         _count(w, len(hashes), key)
