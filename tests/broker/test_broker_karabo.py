@@ -455,3 +455,50 @@ def test_status_cli_unreachable_broker(capsys):
     rc = status_main(["--broker", f"amqp://guest:guest@127.0.0.1:{free_port()}", "--topic", "x"])
     assert rc == 2
     assert "cannot connect to the Karabo broker" in capsys.readouterr().err
+
+
+# ---- SIGTERM: a terminated kbstream process still says goodbye --------------------------
+
+_TERM_SCRIPT = r"""
+import sys, time
+from kbstream.broker import BrokerInstance
+inst = BrokerInstance(sys.argv[1], heartbeat_interval=60, exit_on_sigterm=sys.argv[2] == "1")
+inst.start()
+print("up", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("handled", [True, False], ids=["exit_on_sigterm", "default_signal"])
+def test_sigterm_sends_instance_gone(instances, handled):
+    """SIGTERM ends the process through SystemExit: atexit stops the instance and
+    slotInstanceGone arrives at once.  With Python's default disposition (opt-out) the
+    process dies silently and nothing arrives (watchers would wait ~3 heartbeats)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    watcher = instances("kbTermWatcher", track_heartbeats=True)
+    gone = []
+    watcher.on_instance_gone(lambda iid, info: gone.append(iid))
+    watcher.start()
+    iid = "kbTerm" + ("On" if handled else "Off")
+    proc = subprocess.Popen([sys.executable, "-c", _TERM_SCRIPT, iid, "1" if handled else "0"],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        wait_until(lambda: iid in watcher.instances(), 20, what=f"{iid} announced")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == (128 + signal.SIGTERM if handled else -signal.SIGTERM)
+        if handled:
+            wait_until(lambda: iid in gone, 10, what=f"slotInstanceGone from {iid}")
+        else:
+            time.sleep(2.0)   # long enough for a goodbye sent at exit to arrive
+            assert iid not in gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

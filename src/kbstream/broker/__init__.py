@@ -16,12 +16,14 @@ from .config import BrokerConfig, parse_broker_urls
 from .errors import (BrokerConfigError, BrokerConnectionError, BrokerError, InstanceIdInUse,
                      InvalidInstanceId, MessageError, NotStartedError, RemoteError,
                      RequestTimeout)
-from .instance import BrokerInstance, InstanceRecord, validate_instance_id
+from .instance import (BrokerInstance, InstanceRecord, install_sigterm_exit,
+                       validate_instance_id)
 from .resolver import OutputResolver, resolve_host, split_output_id
 from .transport import MemoryBroker, MemoryTransport
 
 __all__ = [
     "BrokerInstance",
+    "install_sigterm_exit",
     "InstanceRecord",
     "OutputResolver",
     "BrokerConfig",

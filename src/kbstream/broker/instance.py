@@ -119,6 +119,37 @@ def _stop_all_at_exit():  # slotInstanceGone also when the program just ends
             pass
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def install_sigterm_exit():
+    """Make SIGTERM end the program like ``sys.exit`` so that live instances say goodbye.
+
+    With Python's default, SIGTERM kills the process at once: no ``atexit`` handler runs
+    and other Karabo instances only notice after about three heartbeat intervals.  This
+    installs a handler that raises ``SystemExit(128 + SIGTERM)`` in the main thread, so
+    ``finally`` blocks and the ``atexit`` hook that stops every live
+    :class:`BrokerInstance` (``slotInstanceGone``) run.  It does nothing, and returns
+    False, outside the main thread or when the program already handles SIGTERM (a
+    handler other than the default is never replaced).
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+    except (AttributeError, ValueError):  # pragma: no cover - no SIGTERM here
+        return False
+    if current is _exit_on_sigterm:
+        return True
+    if current is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return True
+
+
 class BrokerInstance:
     """A kbstream process (or part of it) as a Karabo instance.
 
@@ -150,12 +181,16 @@ class BrokerInstance:
         For tests: e.g. a :class:`~kbstream.broker.transport.MemoryTransport`.
     send_heartbeats : bool
         False only for tests of trackers (a silent instance).
+    exit_on_sigterm : bool
+        On :meth:`start`, call :func:`install_sigterm_exit` (default True): a SIGTERM'd
+        program then still broadcasts ``slotInstanceGone``.  Only takes effect from the
+        main thread and when SIGTERM has Python's default disposition.
     """
 
     def __init__(self, instance_id, *, broker=None, topic=None, heartbeat_interval=10,
                  instance_type="device", info_extra=None, track_heartbeats=False,
                  connect_timeout=0.0, reconnect_interval=1.0, self_check=True,
-                 transport=None, send_heartbeats=True):
+                 transport=None, send_heartbeats=True, exit_on_sigterm=True):
         self.instance_id = validate_instance_id(instance_id)
         if transport is None:
             self.config = BrokerConfig.resolve(broker, topic)
@@ -169,6 +204,7 @@ class BrokerInstance:
         self.reconnect_interval = reconnect_interval
         self.self_check = self_check
         self.send_heartbeats = send_heartbeats
+        self.exit_on_sigterm = exit_on_sigterm
         self._transport = transport
         self._ex = self.config.exchanges
         self.hostname = socket.gethostname()
@@ -279,6 +315,8 @@ class BrokerInstance:
         with self._lock:
             self._state = "up"
         _live_instances.add(self)
+        if self.exit_on_sigterm:
+            install_sigterm_exit()
         self._announce()
         if self.track_heartbeats:
             self.broadcast("slotDiscover", self.instance_id)
