@@ -8,7 +8,7 @@ Modes:
 ``client ID``
     A ``DeviceClient`` with instance tracking. Prints ``{"event": "new"|"gone", "id", "type"}``
     as the monitors fire, and answers commands read from stdin (one JSON object per line):
-    ``{"cmd": "topology"}``, ``{"cmd": "get", "id", "key"}``,
+    ``{"cmd": "topology"}``, ``{"cmd": "get", "id", "key"}``, ``{"cmd": "schema", "id"}``,
     ``{"cmd": "execute", "id", "slot"}``, ``{"cmd": "quit"}``.
 ``ask ID DEVICE:CHANNEL N``
     A ``SignalSlotable`` asks ``slotGetOutputChannelInformation`` N times (after 20 warm-up
@@ -97,6 +97,15 @@ def client_mode(client_id):
                      "instances": res})
             elif name == "get":
                 out({"reply": "get", "value": client.get(cmd["id"], cmd["key"])})
+            elif name == "schema":
+                sch = client.getDeviceSchema(cmd["id"])
+                paths = list(sch.getPaths())
+                out({"reply": "schema", "root": sch.getRootName(), "paths": paths,
+                     "leaves": {p: {"type": str(sch.getValueType(p)),
+                                    "readOnly": bool(sch.isAccessReadOnly(p)),
+                                    "displayedName": sch.getDisplayedName(p)}
+                                for p in paths if sch.isLeaf(p)},
+                     "nodes": [p for p in sch.getKeys() if sch.isNode(p)]})
             elif name == "execute":
                 client.execute(cmd["id"], cmd["slot"], cmd.get("timeout", 5))
                 out({"reply": "execute", "ok": True})

@@ -502,3 +502,38 @@ def test_sigterm_sends_instance_gone(instances, handled):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# ---- a device view for Karabo's clients: slotGetConfiguration / slotGetSchema -------------
+
+def test_device_client_reads_configuration_and_schema(instances, karabind_client):
+    """karabind's DeviceClient opens a kbstream instance like a device: its configuration
+    (slotGetConfiguration) and its schema (slotGetSchema) arrive and agree."""
+    peer = instances("kbView", heartbeat_interval=10, info_extra={"classId": "KbStreamProbe"})
+    peer.add_output_channel("output", Hash("connectionType", "tcp", "hostname", "127.0.0.1",
+                                           "port", 4321))
+    peer.start()
+    client = karabind_client()
+    client.wait_for(lambda m: m.get("event") == "new" and m.get("id") == "kbView", 20)
+
+    def get(key):
+        r = client.command({"cmd": "get", "id": "kbView", "key": key})
+        assert "error" not in r, r
+        return r["value"]
+
+    assert get("deviceId") == "kbView"
+    assert get("classId") == "KbStreamProbe"
+    assert get("state") == "ON"
+    assert get("pid") == peer.pid
+    assert get("output.port") == 4321
+    assert get("output.hostname") == "127.0.0.1"
+
+    sch = client.command({"cmd": "schema", "id": "kbView"})
+    assert "error" not in sch, sch
+    assert sch["root"] == "KbStreamProbe"
+    assert set(peer.configuration().paths()) == set(sch["leaves"])
+    assert sch["nodes"] == ["output"]
+    assert sch["leaves"]["pid"]["type"].endswith("INT32")
+    assert sch["leaves"]["output.port"]["type"].endswith("UINT32")
+    assert all(leaf["readOnly"] for leaf in sch["leaves"].values())
+    assert sch["leaves"]["deviceId"]["displayedName"] == "DeviceID"

@@ -27,7 +27,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 
-from kbhash import Hash, HashType
+from kbhash import Hash, HashType, Schema
 
 from . import codec
 from .config import BrokerConfig
@@ -561,6 +561,75 @@ class BrokerInstance:
         r["slotGetOutputChannelInformation"] = self._slot_output_info
         r["slotGetOutputChannelNames"] = lambda: codec.Typed(sorted(self._outputs),
                                                              HashType.VECTOR_STRING)
+        if self._info.get("type") == "device":
+            # what a GUI or DeviceClient asks a device for when it opens it (spec 10.3)
+            r["slotGetConfiguration"] = lambda *_: (self.configuration(), self.instance_id)
+            r["slotGetSchema"] = lambda *_: (self.schema(), self.instance_id)
+
+    # ---- device view: read-only properties ------------------------------------------
+
+    def _properties(self):
+        """[(path, value, HashType, displayed name)] of the read-only device view."""
+        info = self._info
+        props = [
+            ("deviceId", self.instance_id, HashType.STRING, "DeviceID"),
+            ("classId", info.get("classId") or "KbStreamInstance", HashType.STRING, "ClassID"),
+            ("serverId", info.get("serverId") or "__none__", HashType.STRING, "ServerID"),
+            ("hostName", self.hostname, HashType.STRING, "Host"),
+            ("pid", self.pid, HashType.INT32, "Process ID"),
+            ("karaboVersion", KARABO_VERSION, HashType.STRING, "Karabo version"),
+            ("heartbeatInterval", self.heartbeat_interval, HashType.INT32,
+             "Heartbeat interval"),
+            ("state", "ON" if self._state == "up" else "UNKNOWN", HashType.STRING, "State"),
+            ("status", str(info.get("status") or ""), HashType.STRING, "Status"),
+        ]
+        for name in sorted(self._outputs):
+            try:
+                oinfo = _output_info(self._outputs[name])
+            except Exception:  # an output without connection details yet
+                oinfo = None
+            host = oinfo.get("hostname") if oinfo is not None else ""
+            port = oinfo.get("port") if oinfo is not None else 0
+            props.append((f"{name}.hostname", str(host or ""), HashType.STRING, "Hostname"))
+            props.append((f"{name}.port", int(port or 0), HashType.UINT32, "Port"))
+        return props
+
+    def configuration(self) -> Hash:
+        """The device configuration ``slotGetConfiguration`` answers: the instance's
+        identity, its state and its output channels' addresses (all read-only)."""
+        h = Hash()
+        for path, value, t, _ in self._properties():
+            h.set(path, value, type=t)
+        return h
+
+    def schema(self) -> Schema:
+        """The Schema ``slotGetSchema`` answers, describing :meth:`configuration`: one
+        read-only leaf per property (Karabo's attribute names and codes: ``nodeType`` 0
+        leaf / 1 node, ``accessMode`` 2 read, ``assignment`` 0 optional), and one node per
+        output channel."""
+        params = Hash()
+        nodes = set()
+        for path, value, t, shown in self._properties():
+            head = path.rpartition(".")[0]
+            if head and head not in nodes:
+                nodes.add(head)
+                params.set(head, Hash())
+                for k, v in (("nodeType", 1), ("accessMode", 2), ("assignment", 0),
+                             ("requiredAccessLevel", 0)):
+                    params.set_attribute(head, k, v, type=HashType.INT32)
+                params.set_attribute(head, "displayedName", head, type=HashType.STRING)
+            params.set(path, Hash())
+            for k, v in (("nodeType", 0), ("accessMode", 2), ("assignment", 0),
+                         ("requiredAccessLevel", 0)):
+                params.set_attribute(path, k, v, type=HashType.INT32)
+            params.set_attribute(path, "valueType", t.name, type=HashType.STRING)
+            params.set_attribute(path, "displayedName", shown, type=HashType.STRING)
+            params.set_attribute(path, "defaultValue", value, type=t)
+            if path == "state":
+                params.set_attribute(path, "leafType", 2, type=HashType.INT32)
+                params.set_attribute(path, "displayType", "State", type=HashType.STRING)
+                params.set_attribute(path, "classId", "State", type=HashType.STRING)
+        return Schema(self._info.get("classId") or "KbStreamInstance", params)
 
     def _slot_ping(self, rand=None, *_):
         call = self.current_call
