@@ -500,25 +500,27 @@ class _Dataset:
             dst_rows = out[r - first:stop - first]
             addrs = self._block_addresses(k)
             staging, views = self._staging(nr)
+            top = max(addrs) + skip + want
+            if top > size:   # name the first chunk that lies beyond the end
+                a = min(x for x in addrs if x + skip + want > size) + skip
+                raise TruncatedFileError(
+                    f"{self.rf.path}: {self.name} data at byte {a}+{want} lies beyond "
+                    f"the end of the file ({size} bytes); the file is truncated",
+                    self.rf.path)
+            preadv = os.preadv
             for t0, n in self._segments():
-                missing = []
+                missing = None
                 for j in range(n):
                     a = addrs[t0 + j]
                     if a < 0:
+                        if missing is None:
+                            missing = []
                         missing.append(j)
-                        continue
-                    a += skip
-                    if a + want > size:
+                    elif preadv(fd, views[j], a + skip) != want:
                         raise TruncatedFileError(
-                            f"{self.rf.path}: {self.name} data at byte {a}+{want} lies beyond "
-                            f"the end of the file ({size} bytes); the file is truncated",
-                            self.rf.path)
-                    got = os.preadv(fd, views[j], a)
-                    if got != want:
-                        raise TruncatedFileError(
-                            f"{self.rf.path}: short read of {self.name} ({got} of {want} "
-                            f"bytes)", self.rf.path)
-                for j in missing:  # never written: the fill value
+                            f"{self.rf.path}: short read of {self.name} (chunk at byte "
+                            f"{a}, {want} bytes wanted)", self.rf.path)
+                for j in missing or ():  # never written: the fill value
                     if fv is None:
                         fv = self.ds.fillvalue
                         fv = 0 if fv is None else fv
