@@ -69,6 +69,7 @@ cdef extern from "Python.h":
     bint PyMemoryView_Check(object)
     object _PyDict_NewPresized(Py_ssize_t)
     bint PyUnicode_IS_COMPACT_ASCII(PyObject*)
+    bint PyUnicode_CheckExact(PyObject*)
     Py_ssize_t PyUnicode_GET_LENGTH(PyObject*)
     void* PyUnicode_DATA(PyObject*)
     void Py_XDECREF(PyObject*)
@@ -1049,13 +1050,17 @@ cdef int _set_meta_template(dict m) except -1:
 
 
 cdef inline bint _key_matches(Reader* r, Py_ssize_t kat, PyObject* cand, Py_ssize_t* klen):
-    """Is the fixstr key at ``kat`` the compact ASCII str ``cand``? (*klen: its length)"""
+    """Is the fixstr key at ``kat`` the compact ASCII str ``cand``? (*klen: its length)
+
+    ``cand`` comes from a template and may be any key type (a bytes key of an earlier
+    payload): only an exact ``str`` may be looked at as a unicode object."""
     cdef uint8_t b = r.buf[kat]
     if (b & 0xE0) != 0xA0:
         klen[0] = -1
         return False
     klen[0] = b & 0x1F
-    return (r.end - kat - 1 >= klen[0] and PyUnicode_IS_COMPACT_ASCII(cand)
+    return (r.end - kat - 1 >= klen[0] and PyUnicode_CheckExact(cand)
+            and PyUnicode_IS_COMPACT_ASCII(cand)
             and PyUnicode_GET_LENGTH(cand) == klen[0]
             and _same_bytes(<const uint8_t*>PyUnicode_DATA(cand), r.buf + kat + 1, klen[0]))
 
@@ -1404,7 +1409,10 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
             arrays = []
             nmain = 0
             w.len = 5
-            for key, value in (<dict>props).items():
+            # an exact dict is walked with PyDict_Next; a subclass (OrderedDict after
+            # move_to_end, an overridden items()) through its own items(), as in _pure
+            for key, value in ((<dict>props).items() if type(props) is dict
+                               else props.items()):
                 vt = type(value)
                 if vt is _ndarray_type or (vt is not float and vt is not int and vt is not str
                                            and vt is not bool and isinstance(value, _ndarray)):

@@ -153,3 +153,65 @@ def test_remembered_non_ascii_key_does_not_accept_invalid_utf8():
     for decode in (_pure.deserialize, _codec.deserialize):
         with pytest.raises(errors.ProtocolError, match="invalid UTF-8"):
             decode(bad)
+
+
+@pytest.mark.parametrize("where", ["payload", "metadata"])
+def test_remembered_bytes_key_is_never_read_as_a_str(where):
+    """A template can hold a bytes key (a msgpack bin key of an earlier train).  It must not
+    be looked at as a str: the str check of a bytes object can pass, and its "characters"
+    then lie past the bytes' contents.  The next key is made of exactly the bytes such a
+    confused compare would read, so a confused decoder returns the old bytes key."""
+    import ctypes
+    import sys
+
+    src = f"memo/binkey-{where}:output"
+    key = b"a" * 16
+    header = {"source": src, "content": "msgpack"}
+
+    def frames(mapping_bytes):
+        if where == "payload":
+            return [msgpack.packb(header), mapping_bytes]
+        # the header map with a third key, metadata = the given map
+        hdr = b"\x83" + msgpack.packb(header)[1:] + b"\xa8metadata" + mapping_bytes
+        return [hdr, msgpack.packb({"v": 1})]
+
+    first = frames(msgpack.packb({key: 1}, use_bin_type=True))
+    _check(first)                                   # remembers the bytes key
+    d, m = _codec.deserialize(first)
+    held = next(iter(d[src] if where == "payload" else m[src]))
+    assert held == key
+    # the 16 bytes a str view of ``held`` would compare (header size of a compact str)
+    shadow = ctypes.string_at(id(held) + sys.getsizeof("") - 1, 16)
+    second = frames(b"\x81" + bytes([0xA0 | 16]) + shadow + b"\x02")
+    try:
+        expected = _pure.deserialize(second)
+    except errors.ProtocolError as e:
+        with pytest.raises(type(e)):
+            _codec.deserialize(second)
+        return
+    got = _codec.deserialize(second)
+    target = got[0][src] if where == "payload" else got[1][src]
+    want = expected[0][src] if where == "payload" else expected[1][src]
+    assert target == want
+    assert all(type(k) is str for k in target)
+
+
+def test_dict_subclasses_are_encoded_through_their_own_items():
+    """An OrderedDict after move_to_end, or a dict subclass with its own items(), is encoded
+    as its items() says, as the pure twin does (not in the underlying dict's order)."""
+    import collections
+
+    od = collections.OrderedDict([("a", 1), ("x", np.arange(2.0)), ("b", 2),
+                                  ("y", np.arange(3, dtype=np.uint8))])
+    od.move_to_end("a")
+    od.move_to_end("x")
+
+    class Hiding(dict):
+        def items(self):
+            return [(k, v) for k, v in super().items() if not k.startswith("_")]
+
+    for props in (od, Hiding(a=1, _hidden=2)):
+        for version in ("2.2", "1.0"):
+            ours = [bytes(f) for f in _codec.serialize({"s": props}, protocol_version=version)]
+            ref = [bytes(f) for f in _pure.serialize({"s": props}, protocol_version=version)]
+            assert ours == ref, (type(props).__name__, version)
