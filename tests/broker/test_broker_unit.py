@@ -570,3 +570,27 @@ def test_renewed_resolutions_leave_no_pending_requests(mem):
     out.start()
     t.join(20)
     wait_until(lambda: not consumer._pending, 5, what="no pending requests")
+
+
+def test_device_view_with_outputs_named_like_properties_or_dotted(mem):
+    """Outputs whose names collide with a built-in property, or contain dots, still give a
+    configuration and a schema that agree (every enclosing node described)."""
+    dev = mem("kbNames")
+    dev.add_output_channel("state", Hash("connectionType", "tcp", "hostname", "h1", "port", 1))
+    dev.add_output_channel("a.b", Hash("connectionType", "tcp", "hostname", "h2", "port", 2))
+    dev.add_output_channel("output", Hash("connectionType", "tcp", "hostname", "h3", "port", 3))
+    dev.start()
+    ask = mem("kbAsker").start()
+    conf, did = ask.request("kbNames", "slotGetConfiguration", timeout=5)
+    schema, did2 = ask.request("kbNames", "slotGetSchema", False, timeout=5)
+    assert did == did2 == "kbNames"
+    assert conf["state"] == "ON"
+    assert conf["outputChannels.state.port"] == 1
+    assert conf["a.b.hostname"] == "h2" and conf["output.port"] == 3
+    params = schema.parameters
+    kinds = {p: params.get_attribute(p, "nodeType")
+             for p in params.paths(intermediate=True)}
+    assert {p for p, k in kinds.items() if k == 0} == set(conf.paths())
+    for node in ("a", "a.b", "outputChannels", "outputChannels.state", "output"):
+        assert kinds[node] == 1, node
+    assert set(kinds.values()) == {0, 1}   # every node of the schema is described

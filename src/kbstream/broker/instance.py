@@ -583,6 +583,7 @@ class BrokerInstance:
             ("state", "ON" if self._state == "up" else "UNKNOWN", HashType.STRING, "State"),
             ("status", str(info.get("status") or ""), HashType.STRING, "Status"),
         ]
+        taken = {p[0] for p in props}
         for name in sorted(self._outputs):
             try:
                 oinfo = _output_info(self._outputs[name])
@@ -590,8 +591,12 @@ class BrokerInstance:
                 oinfo = None
             host = oinfo.get("hostname") if oinfo is not None else ""
             port = oinfo.get("port") if oinfo is not None else 0
-            props.append((f"{name}.hostname", str(host or ""), HashType.STRING, "Hostname"))
-            props.append((f"{name}.port", int(port or 0), HashType.UINT32, "Port"))
+            # an output is shown under its own name (like a device's output channel
+            # property), or under outputChannels.<name> if that would collide with a
+            # property above
+            node = name if name.split(".")[0] not in taken else f"outputChannels.{name}"
+            props.append((f"{node}.hostname", str(host or ""), HashType.STRING, "Hostname"))
+            props.append((f"{node}.port", int(port or 0), HashType.UINT32, "Port"))
         return props
 
     def configuration(self) -> Hash:
@@ -610,14 +615,18 @@ class BrokerInstance:
         params = Hash()
         nodes = set()
         for path, value, t, shown in self._properties():
-            head = path.rpartition(".")[0]
-            if head and head not in nodes:
+            parts = path.split(".")
+            for depth in range(1, len(parts)):   # every enclosing node, outermost first
+                head = ".".join(parts[:depth])
+                if head in nodes:
+                    continue
                 nodes.add(head)
                 params.set(head, Hash())
                 for k, v in (("nodeType", 1), ("accessMode", 2), ("assignment", 0),
                              ("requiredAccessLevel", 0)):
                     params.set_attribute(head, k, v, type=HashType.INT32)
-                params.set_attribute(head, "displayedName", head, type=HashType.STRING)
+                params.set_attribute(head, "displayedName", parts[depth - 1],
+                                     type=HashType.STRING)
             params.set(path, Hash())
             for k, v in (("nodeType", 0), ("accessMode", 2), ("assignment", 0),
                          ("requiredAccessLevel", 0)):
