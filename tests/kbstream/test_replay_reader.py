@@ -322,11 +322,15 @@ class _FakeRunFile:
     ((5, 6, 64), (2, 6, 16)),             # 2-d entries
     ((9, 40), (4, 8)),                    # 1-d entries
 ])
-def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks):
+@pytest.mark.parametrize("staging", ["default", "one-row"])
+def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, staging):
     """Small chunks read with one preadv per chunk (only the wanted rows) equal h5py,
-    for every row range, including ranges across row blocks and partial last blocks."""
+    for every row range, including ranges across row blocks and partial last blocks,
+    also when the staging buffer holds only one row per tile (rows read in passes)."""
     import h5py
     monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    if staging == "one-row":
+        monkeypatch.setattr(reader_mod._Dataset, "STAGING_BYTES", 1)
     data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     path = tmp_path / "f.h5"
     _tiled_file(path, shape, chunks, data)

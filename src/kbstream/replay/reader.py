@@ -451,16 +451,35 @@ class _Dataset:
             cache[k] = addrs
         return addrs
 
-    def _staging(self, nrows):
-        """(array (G, nrows) + chunk tile, [[memoryview of tile j]] for os.preadv)."""
+    #: Upper bound of the staging buffer of the pread path (bytes); rows of a row block
+    #: beyond what fits are read in several passes.
+    STAGING_BYTES = 8 << 20
+
+    def _staging_rows(self, tile_bytes):
+        """How many rows of one chunk the staging buffer holds (1 .. c0)."""
+        glast = self._segments()[0][1]
+        return max(1, min(self.chunks[0], self.STAGING_BYTES // (glast * tile_bytes)))
+
+    def _staging(self, nrows, tile_bytes):
+        """(array (G, nrows) + chunk tile, [[memoryview of tile j]] for os.preadv), views
+        on one buffer of :meth:`_staging_rows` rows per tile."""
         cache = self.__dict__.setdefault("_staging_cache", {})
         st = cache.get(nrows)
         if st is None:
             glast = self._segments()[0][1]
             tile = tuple(self.chunks[1:])
-            arr = np.empty((glast, nrows) + tile, self.dtype)
-            flat = arr.reshape(glast, -1).view(np.uint8)
-            st = cache[nrows] = (arr, [[memoryview(flat[j])] for j in range(glast)])
+            base = cache.get("buffer")
+            if base is None:
+                base = cache["buffer"] = np.empty(
+                    (glast, self._staging_rows(tile_bytes)) + tile, self.dtype)
+            arr = base[:, :nrows]
+            views = []
+            for j in range(glast):
+                tile_rows = arr[j]
+                if not tile_rows.flags.c_contiguous:  # pragma: no cover - by construction
+                    raise AssertionError("staging rows of a tile must be contiguous")
+                views.append([memoryview(tile_rows.reshape(-1).view(np.uint8))])
+            st = cache[nrows] = (arr, views)
         return st
 
     def _read_tiles_pread(self, first, count, out):
@@ -491,15 +510,16 @@ class _Dataset:
         fv = None
         r = first
         end = first + count
+        batch = self._staging_rows(tile_bytes)
         while r < end:
             k = (r // c0) * c0
-            stop = min(end, k + c0)
+            stop = min(end, k + c0, r + batch)
             nr = stop - r
             skip = (r - k) * tile_bytes
             want = nr * tile_bytes
             dst_rows = out[r - first:stop - first]
             addrs = self._block_addresses(k)
-            staging, views = self._staging(nr)
+            staging, views = self._staging(nr, tile_bytes)
             top = max(addrs) + skip + want
             if top > size:   # name the first chunk that lies beyond the end
                 a = min(x for x in addrs if x + skip + want > size) + skip
