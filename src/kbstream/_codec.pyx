@@ -1411,17 +1411,27 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
             w.len = 5
             # an exact dict is walked with PyDict_Next; a subclass (OrderedDict after
             # move_to_end, an overridden items()) through its own items(), as in _pure
+            # Errors in _pure's order: an array's dtype is checked where the array comes in
+            # the iteration, the other values are packed after it (their first error is
+            # raised once every array has been checked).
+            value_error = None
             for key, value in ((<dict>props).items() if type(props) is dict
                                else props.items()):
                 vt = type(value)
                 if vt is _ndarray_type or (vt is not float and vt is not int and vt is not str
                                            and vt is not bool and isinstance(value, _ndarray)):
+                    _wire_dtype(<object>cnp.PyArray_DESCR(<cnp.ndarray>value), key, src)
                     arrays.append(key)
                     arrays.append(value)
-                else:
-                    w_obj(&w, key, False, 1, None)
-                    w_obj(&w, value, False, 1, None)
+                elif value_error is None:
+                    try:
+                        w_obj(&w, key, False, 1, None)
+                        w_obj(&w, value, False, 1, None)
+                    except EncodeError as e:
+                        value_error = e
                     nmain += 1
+            if value_error is not None:
+                raise value_error
             end = w.len
             if nmain <= 15:
                 start = 4

@@ -87,3 +87,20 @@ def test_encoders_agree_on_int_subclasses_and_empty_memoryviews():
     assert _codec.packb(Weird(5)) == _pure.packb(Weird(5)) == b"\x05"
     empty = memoryview(np.zeros((0, 3)))
     assert _codec.packb(empty) == _pure.packb(empty) == b"\xc4\x00"
+
+
+@pytest.mark.parametrize("order", ["value-first", "array-first"])
+def test_encode_error_order_matches_the_pure_twin(order):
+    """With a bad value and an unsendable array in one source, both codecs report the
+    same error: the array's dtype is checked where it comes, the values are packed after."""
+    from kbstream import _codec, _pure
+    bad_value = ("v", object())
+    bad_array = ("a", np.array([object()], dtype=object))
+    props = dict([bad_value, bad_array] if order == "value-first" else [bad_array, bad_value])
+    messages = []
+    for impl in (_codec, _pure):
+        with pytest.raises(errors.EncodeError) as info:
+            impl.serialize({"s": props})
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert "array 'a'" in messages[0]
