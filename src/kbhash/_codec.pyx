@@ -66,9 +66,10 @@ TYPE_IDS = {
 
 cdef dict _TYPE_NAME = {int(t): t.name for t in HashType}
 cdef frozenset _WIRE_TYPES = frozenset(WIRE_TYPES)
-# the same set as a C table for the ids that fit it (the check runs once per node)
+# the same set as a C table (the check runs once per node); every id fits it
 DEF _WIRE_TABLE_SIZE = 64
 cdef bint _wire_table[_WIRE_TABLE_SIZE]
+assert max(_WIRE_TYPES) < _WIRE_TABLE_SIZE and min(_WIRE_TYPES) >= 0
 for _wt in range(_WIRE_TABLE_SIZE):
     _wire_table[_wt] = _wt in _WIRE_TYPES
 cdef dict _VECTOR_DTYPE = dict(VECTOR_DTYPE)
@@ -447,7 +448,7 @@ cdef int _write_node(_Writer w, object key, object value, int t, dict avals, dic
         for k, v, ct in children:
             _write_node(w, k, v, T_NDARRAY if ct is None else ct, None, None, depth + 1)
     else:
-        if not (0 <= t < _WIRE_TABLE_SIZE and _wire_table[t]) and t not in _WIRE_TYPES:
+        if not (0 <= t < _WIRE_TABLE_SIZE and _wire_table[t]):
             raise EncodeError(f"{key!r}: {t} is not a Karabo type id")
         w.u32(<uint32_t>t)
         _write_attrs(w, avals, atypes, _EMPTY, depth)
@@ -527,26 +528,9 @@ cdef int _write_int(_Writer w, object key, object value, int t) except -1:
     cdef long long v = 0
     cdef unsigned long long u
     cdef bint fast = False
-    cdef unsigned char* p
     if type(value) is int:
         v = PyLong_AsLongLongAndOverflow(value, &overflow)
-        if overflow == 0:
-            if t == T_INT8:
-                fast = -128 <= v <= 127
-            elif t == T_UINT8:
-                fast = 0 <= v <= 255
-            elif t == T_INT16:
-                fast = -32768 <= v <= 32767
-            elif t == T_UINT16:
-                fast = 0 <= v <= 65535
-            elif t == T_INT32:
-                fast = -2147483648 <= v <= 2147483647
-            elif t == T_UINT32:
-                fast = 0 <= v <= 4294967295
-            elif t == T_INT64:
-                fast = True
-            else:
-                fast = v >= 0
+        fast = overflow == 0 and _int_in_range(v, t)
     if not fast:
         pv = V.check_int(value, t, key)
         if pv < 0:
@@ -554,18 +538,8 @@ cdef int _write_int(_Writer w, object key, object value, int t) except -1:
         else:
             u = pv
             v = <long long>u
-    u = <unsigned long long>v
     cdef int size = _scalar_size(t)
-    p = w.reserve(size)
-    if size == 1:
-        p[0] = <unsigned char>(u & 0xff)
-    elif size == 2:
-        p[0] = <unsigned char>(u & 0xff)
-        p[1] = <unsigned char>((u >> 8) & 0xff)
-    elif size == 4:
-        wr_u32(p, <uint32_t>(u & 0xffffffffU))
-    else:
-        wr_u64(p, <uint64_t>u)
+    _wr_sized(w.reserve(size), <unsigned long long>v, size)
     return 0
 
 

@@ -41,8 +41,17 @@ from libc.stdint cimport INT64_MAX
 cdef extern from *:
     Py_ssize_t PY_SSIZE_T_MAX
 
-import re
-import time
+# Helpers off the hot paths (errors, protocol 2.0/2.1 metadata, dummy timestamps, dtype
+# parsing on a cache miss) are the pure twin's own functions, not copies of them.
+from ._pure import (  # noqa: E402
+    _check_nbytes,
+    _dtype as _pure_dtype,
+    _header_field,
+    _meta_from_payload,
+    _shape_count,
+    _tname,
+    make_dummy_timestamps,
+)
 
 import numpy as np
 
@@ -91,19 +100,8 @@ ENCODE_VERSIONS = ("1.0", "2.2")
 MAX_DEPTH = 256
 MAX_NDIM = 64
 DEF C_MAX_DEPTH = 256
-cdef Py_ssize_t MAX_DTYPE_LEN = 64
 cdef str _ARRAY_KINDS = "biufcSUmM"
 
-#: What a wire dtype may look like before numpy parses it (numpy names and array-protocol
-#: type strings such as "uint16", "<u2", "|S3", "datetime64[ns]").  Checking the syntax
-#: first keeps numpy's deprecation warnings out of the way without touching the
-#: process-wide warning filters (which are not thread-safe).
-_DTYPE_RE = re.compile(
-    r"^(?:[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}(?:\[[a-zA-Z0-9]{1,6}\])?"
-    r"(?:,[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}){0,16}"
-    r"|object_?|bool_?|u?int(?:8|16|32|64)?|float(?:16|32|64|96|128)?|complex(?:64|128|192|256)?"
-    r"|half|single|double|longdouble|str_?[0-9]*|bytes_?[0-9]*"
-    r"|(?:datetime|timedelta)64(?:\[[a-zA-Z0-9]{1,6}\])?)$")
 cdef bytes _ERROR_PREFIX = b"Error: "
 cdef Py_ssize_t _COPY_NOGIL = 1 << 16
 
@@ -140,14 +138,19 @@ cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
     nor be freed while the object lives, so for them no export is kept (_fixed_view).
     """
     cdef Py_buffer view
-    cdef type t = type(frame)
-    if (t is bytes or t is _ZmqFrame) and type(shape) is tuple:
+    if _fixed_frame(frame, shape):
         PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
         try:
             return _fixed_view(<tuple>shape, dt, frame, &view, offset, count)
         finally:
             PyBuffer_Release(&view)
     return _frombuffer(memoryview(frame), dt, count, offset).reshape(shape)
+
+
+cdef inline bint _fixed_frame(frame, shape):
+    """bytes and zmq.Frame memory can neither move nor be freed while the object lives."""
+    cdef type t = type(frame)
+    return (t is bytes or t is _ZmqFrame) and type(shape) is tuple
 
 
 cdef object _fixed_view(tuple shape, dt, frame, const Py_buffer* view, Py_ssize_t offset,
@@ -177,20 +180,6 @@ cdef dict _dtype_cache = {}
 
 # ---------------------------------------------------------------------------------------
 # helpers (same messages as _pure)
-
-cdef str _tname(obj):
-    t = type(obj)
-    if t.__module__ == "builtins":
-        return t.__qualname__
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-def make_dummy_timestamps():
-    """Timestamp fields from the current time, as ``karabo_bridge`` makes them."""
-    epoch = time.time()
-    sec, _, frac = repr(epoch).partition(".")
-    return {"timestamp": epoch, "timestamp.sec": sec, "timestamp.frac": frac.ljust(18, "0")}
-
 
 cdef dict _wire_dtypes = {}   # np.dtype -> packed str(dtype), for dtypes that may be sent
 
@@ -232,78 +221,32 @@ cdef int w_shape(Writer* w, cnp.ndarray arr) except -1:
     return 0
 
 
-cdef tuple _array_frame(arr, key, src):
-    """(C-contiguous array, zero-copy frame on it, packed dtype) for an array value."""
-    dtb = _wire_dtype(<object>cnp.PyArray_DESCR(<cnp.ndarray>arr), key, src)
+cdef tuple _array_frame(arr):
+    """(C-contiguous array, zero-copy frame on it) for an array whose dtype was checked
+    by _wire_dtype."""
     try:
         mv = PyMemoryView_FromObject(arr)
     except ValueError:
         # datetime64 / timedelta64 do not export a buffer format: view the bytes
         if not arr.flags.c_contiguous:
             arr = _ascontiguousarray(arr)
-        return arr, memoryview(arr.reshape(-1).view(_uint8)), dtb
+        return arr, memoryview(arr.reshape(-1).view(_uint8))
     if not PyBuffer_IsContiguous(PyMemoryView_GET_BUFFER(mv), b'C'):
         arr = _ascontiguousarray(arr)
         mv = PyMemoryView_FromObject(arr)
-    return arr, mv, dtb
+    return arr, mv
 
 
 cdef object _dtype(name, Py_ssize_t index):
-    if not isinstance(name, (str, bytes)):
-        raise UnsupportedDtypeError(
-            f"frame {index}: dtype must be a short string, got {type(name).__name__}", index,
-            dtype=None
-        )
-    dt = _dtype_cache.get(name)
+    """numpy dtype of a wire dtype name: a hit in the compiled cache, else the twin's
+    validating parser (the same checks and messages by construction)."""
+    dt = _dtype_cache.get(name) if type(name) is str or type(name) is bytes else None
     if dt is not None:
         return dt
-    if isinstance(name, bytes):
-        try:
-            text = (<bytes>name).decode("ascii")
-        except UnicodeDecodeError:
-            text = None
-    else:
-        text = name
-    if not isinstance(text, str) or len(text) > MAX_DTYPE_LEN:
-        raise UnsupportedDtypeError(
-            f"frame {index}: dtype must be a short string, got {name!r}", index, dtype=name
-        )
-    if not _DTYPE_RE.match(text):
-        raise UnsupportedDtypeError(
-            f"frame {index}: unknown dtype {name!r}", index, dtype=name
-        )
-    try:
-        dt = np.dtype(text)
-    except Exception:
-        raise UnsupportedDtypeError(
-            f"frame {index}: unknown dtype {name!r}", index, dtype=name
-        ) from None
-    if dt.kind not in _ARRAY_KINDS or dt.hasobject or dt.itemsize == 0 or dt.shape:
-        raise UnsupportedDtypeError(
-            f"frame {index}: dtype {name!r} cannot be built from raw bytes", index, dtype=name
-        )
+    dt = _pure_dtype(name, index)
     if len(_dtype_cache) < 256:
         _dtype_cache[name] = dt
     return dt
-
-
-cdef tuple _shape_count(shape, Py_ssize_t index):
-    """Validate a wire shape; return (tuple shape, number of items as a Python int)."""
-    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
-        raise ShapeMismatchError(
-            f"frame {index}: shape must be a list of at most {MAX_NDIM} ints, got {shape!r}",
-            index,
-        )
-    count = 1
-    for d in shape:
-        if type(d) is not int or d < 0:
-            raise ShapeMismatchError(
-                f"frame {index}: shape must be a list of at most {MAX_NDIM} ints, "
-                f"got {shape!r}",
-                index,
-            )
-        count *= d
-    return tuple(shape), count
 
 
 cdef tuple _shape_c(shape, Py_ssize_t index, Py_ssize_t* count):
@@ -337,29 +280,6 @@ cdef tuple _shape_c(shape, Py_ssize_t index, Py_ssize_t* count):
                 c = 0
     count[0] = c
     return tuple(<list>shape)
-
-
-cdef int _check_nbytes(shape, count, dt, Py_ssize_t nbytes, Py_ssize_t index,
-                       what) except -1:
-    if count * dt.itemsize != nbytes:
-        raise ShapeMismatchError(
-            f"frame {index}: {what} declares shape {list(shape)} of {dt.str} "
-            f"({count * dt.itemsize} bytes) but carries {nbytes} bytes",
-            index,
-        )
-    if count == 0:
-        # numpy refuses shapes whose non-zero dimensions overflow, even for empty arrays
-        nonzero = 1
-        for d in shape:
-            if d:
-                nonzero *= d
-        if nonzero * dt.itemsize >= 2**63:
-            raise ShapeMismatchError(
-                f"frame {index}: {what} declares shape {list(shape)} of {dt.str}, "
-                f"too large for numpy",
-                index,
-            )
-    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -547,7 +467,8 @@ cdef int w_numpy_map(Writer* w, obj, _Chunks chunks) except -1:
     """msgpack_numpy's representation (protocol 1.0) of an array or a numpy scalar."""
     cdef Py_ssize_t d
     if isinstance(obj, _ndarray):
-        arr, frame, _ = _array_frame(obj, None, None)
+        _wire_dtype(<object>cnp.PyArray_DESCR(<cnp.ndarray>obj), None, None)
+        arr, frame = _array_frame(obj)
         w_lit(w, b"\x85\xc4\x02nd\xc3\xc4\x04type")
         w_str(w, arr.dtype.str)
         w_lit(w, b"\xc4\x04kind\xc4\x00\xc4\x05shape")
@@ -1006,6 +927,12 @@ cdef object r_top(Reader* r, object frame):
     v = r_value(r, 0, frame)
     if r.v1 and type(v) is _Bin:
         v = r_materialize(r, <_Bin>v)
+    r_check_end(r)
+    return v
+
+
+cdef int r_check_end(Reader* r) except -1:
+    """The frame must hold exactly one msgpack value."""
     if r.pos != r.end:
         raise ProtocolError(
             f"frame {r.index}: {r.end - r.pos} bytes of extra data after the "
@@ -1013,7 +940,7 @@ cdef object r_top(Reader* r, object frame):
             r.index,
             r.pos,
         )
-    return v
+    return 0
 
 
 # The payload map of a source has the same keys in the same order in every train.  The
@@ -1145,13 +1072,7 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
             return r_top(&r, frame)         # not a map: generic path (and its errors)
         tmpl = _key_templates.get(source)
         out = r_payload_map(&r, n, 0, frame, tmpl, &missed)
-        if r.pos != r.end:
-            raise ProtocolError(
-                f"frame {r.index}: {r.end - r.pos} bytes of extra data after the "
-                f"msgpack value, at offset {r.pos}",
-                r.index,
-                r.pos,
-            )
+        r_check_end(&r)
         if missed and n > 0:
             if len(_key_templates) >= TEMPLATE_SOURCES:
                 _key_templates.clear()
@@ -1420,9 +1341,10 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
                 vt = type(value)
                 if vt is _ndarray_type or (vt is not float and vt is not int and vt is not str
                                            and vt is not bool and isinstance(value, _ndarray)):
-                    _wire_dtype(<object>cnp.PyArray_DESCR(<cnp.ndarray>value), key, src)
                     arrays.append(key)
                     arrays.append(value)
+                    arrays.append(_wire_dtype(<object>cnp.PyArray_DESCR(<cnp.ndarray>value),
+                                              key, src))
                 elif value_error is None:
                     try:
                         w_obj(&w, key, False, 1, None)
@@ -1443,9 +1365,10 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
             w_map_header(&w, nmain)
             w.len = end
             frames.append(w_bytes(&w, start))
-            for i in range(0, len(arrays), 2):
+            for i in range(0, len(arrays), 3):
                 key = arrays[i]
-                arr, frame, dtb = _array_frame(arrays[i + 1], key, src)
+                dtb = arrays[i + 2]
+                arr, frame = _array_frame(arrays[i + 1])
                 w.len = 0
                 w_lit(&w, b"\x85\xa6source")
                 w_obj(&w, src, False, 1, None)
@@ -1460,25 +1383,6 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     finally:
         w_free(&w)
     return frames
-
-
-cdef object _meta_from_payload(dict payload):
-    m = payload.get("metadata")
-    if isinstance(m, dict):
-        return dict(m)
-    return {
-        k[9:]: v for k, v in payload.items() if isinstance(k, str) and k.startswith("metadata.")
-    }
-
-
-cdef object _header_field(dict hdr, str name, Py_ssize_t index, types):
-    try:
-        v = hdr[name]
-    except KeyError:
-        raise ProtocolError(f"frame {index}: header has no {name!r}", index) from None
-    if not isinstance(v, types):
-        raise ProtocolError(f"frame {index}: header {name!r} is {_tname(v)}", index)
-    return v
 
 
 cdef tuple _deserialize_v1(frame):
@@ -1743,7 +1647,6 @@ cdef int _add_array(dict data, object source, object path, object dt, object sha
     cdef Py_buffer view
     cdef Py_ssize_t nbytes, itemsize
     props = _props_of(data, source, i)
-    cdef type t = type(frame)
     get_frame_buffer(frame, &view, i + 1)
     try:
         nbytes = view.len
@@ -1751,7 +1654,7 @@ cdef int _add_array(dict data, object source, object path, object dt, object sha
         if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
             _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
                           f"array {path!r}")
-        if (t is bytes or t is _ZmqFrame) and type(shape) is tuple:
+        if _fixed_frame(frame, shape):
             arr = _fixed_view(<tuple>shape, dt, frame, &view, 0, nbytes // itemsize)
         else:
             arr = None
@@ -1783,7 +1686,7 @@ def deserialize(frames):
     cdef Py_ssize_t n = len(fl), i
     cdef dict data, meta, hdr, payload
     cdef Py_buffer view
-    cdef Py_ssize_t count, nbytes, itemsize
+    cdef Py_ssize_t count
     if n == 0:
         raise ProtocolError("empty message: no frames")
     if n == 1:

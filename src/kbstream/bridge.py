@@ -38,7 +38,7 @@ import zmq
 
 from . import _backend
 from ._memory import keep_large_buffers
-from .errors import ChannelTimeout, ProtocolError, ServerStateError
+from .errors import ChannelTimeout, ServerStateError
 
 __all__ = ["serialize", "deserialize", "flatten_hash", "ServerInThread", "ZMQStreamer", "Client"]
 

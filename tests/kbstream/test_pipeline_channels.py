@@ -79,6 +79,17 @@ def channels():
         ch.close()
 
 
+def copy_pair(channels, **input_options):
+    """An output and one copy input connected to it, with a Collector on the input."""
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(**input_options)
+    col = Collector(inp)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    return out, inp, col
+
+
 def send(out, n, start=0, shape=(4, 8)):
     frame = np.zeros(shape, np.uint16)
     for i in range(start, start + n):
@@ -234,12 +245,7 @@ def test_no_input_shared_accounting(channels, policy):
 
 
 def test_min_data_batches(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait", minData=3)
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait", minData=3)
     send(out, 10)
     out.signal_end_of_stream(timeout=TIMEOUT)
     col.wait_eos()
@@ -248,12 +254,7 @@ def test_min_data_batches(channels):
 
 
 def test_min_data_zero_collects_until_end_of_stream(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait", minData=0)
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait", minData=0)
     send(out, 12)
     time.sleep(0.2)
     assert col.items == []  # nothing handled before the end of stream
@@ -263,12 +264,7 @@ def test_min_data_zero_collects_until_end_of_stream(channels):
 
 
 def test_respond_to_end_of_stream_false(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait", respondToEndOfStream=False)
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait", respondToEndOfStream=False)
     send(out, 3)
     out.signal_end_of_stream(timeout=TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
@@ -278,12 +274,7 @@ def test_respond_to_end_of_stream_false(channels):
 
 
 def test_delay_on_input_still_delivers(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait", delayOnInput=20)
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait", delayOnInput=20)
     send(out, 5)
     out.signal_end_of_stream(timeout=TIMEOUT)
     col.wait_eos()
@@ -306,12 +297,7 @@ def test_wait_update_times_out_on_a_stuck_consumer(channels):
 
 
 def test_concurrent_writers(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait")
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait")
 
     def writer(k):
         for j in range(25):
@@ -541,12 +527,7 @@ def test_closed_channels(channels):
 
 
 def test_imagedata_and_timestamps_travel(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait")
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait")
     img = kbhash.ImageData(np.arange(12, dtype=np.uint16).reshape(3, 4))
     h = Hash("index", 7, "data.img", img)
     h.set("data.trainId", 2**40, type=HashType.UINT64)
@@ -617,12 +598,7 @@ def test_shared_memory_slots_are_recycled_when_released(channels):
 
 
 def test_input_without_shared_memory_gets_tcp(channels):
-    make_output, make_input = channels
-    out = make_output()
-    inp = make_input(onSlowness="wait", use_shm=False)
-    col = Collector(inp)
-    inp.connect(out.info, "sender:output")
-    out.wait_for_inputs(copy=["receiver:input"])
+    out, inp, col = copy_pair(channels, onSlowness="wait", use_shm=False)
     send(out, 5, shape=BIG_FRAME)
     out.signal_end_of_stream(timeout=TIMEOUT)
     col.wait_eos()

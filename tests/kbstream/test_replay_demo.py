@@ -1,23 +1,7 @@
 """The demo run writer: realistic layout, accepted by extra_data's validator."""
 
-import io
-
 import numpy as np
 import pytest
-
-import importlib.util as _ilu  # noqa: E402
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-try:
-    import kbstream  # noqa: F401
-except ImportError:
-    # kbstream's compiled core is not built yet: load the replay subpackage by
-    # its path, under a bare kbstream package (no serialize: tests fall back).
-    _pkg = _types.ModuleType("kbstream")
-    _pkg.__path__ = [str(_Path(__file__).resolve().parents[2] / "src" / "kbstream")]
-    _sys.modules["kbstream"] = _pkg
 
 extra_data = pytest.importorskip("extra_data")
 h5py = pytest.importorskip("h5py")

@@ -2,20 +2,6 @@
 
 import pytest
 
-import importlib.util as _ilu  # noqa: E402
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-try:
-    import kbstream  # noqa: F401
-except ImportError:
-    # kbstream's compiled core is not built yet: load the replay subpackage by
-    # its path, under a bare kbstream package (no serialize: tests fall back).
-    _pkg = _types.ModuleType("kbstream")
-    _pkg.__path__ = [str(_Path(__file__).resolve().parents[2] / "src" / "kbstream")]
-    _sys.modules["kbstream"] = _pkg
-
 from kbstream.replay import (RunNotFoundError, files_for_run, find_proposal, find_run,
                              open_run, run_files)
 from kbstream.replay.demo import make_demo_run

@@ -13,20 +13,6 @@ import threading
 import numpy as np
 import pytest
 
-import importlib.util as _ilu  # noqa: E402
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-try:
-    import kbstream  # noqa: F401
-except ImportError:
-    # kbstream's compiled core is not built yet: load the replay subpackage by
-    # its path, under a bare kbstream package (no serialize: tests fall back).
-    _pkg = _types.ModuleType("kbstream")
-    _pkg.__path__ = [str(_Path(__file__).resolve().parents[2] / "src" / "kbstream")]
-    _sys.modules["kbstream"] = _pkg
-
 karabo_bridge = pytest.importorskip("karabo_bridge")
 extra_data = pytest.importorskip("extra_data")
 
@@ -38,18 +24,11 @@ SHAPE = (4, 16, 32)
 SRC = "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
 
 
-def _kbstream_serialize():
+@pytest.fixture
+def serializer():
+    """The serializer serve_data uses by default."""
     import kbstream
-    return getattr(kbstream, "serialize", None)
-
-
-@pytest.fixture(autouse=True)
-def serializer(monkeypatch):
-    """kbstream.serialize when it is built; until then the reference one (tests only)."""
-    func = _kbstream_serialize()
-    if func is None:
-        monkeypatch.setattr(serve, "_default_serialize", lambda: karabo_bridge.serialize)
-    return func or karabo_bridge.serialize
+    return kbstream.serialize
 
 
 @pytest.fixture
@@ -277,25 +256,14 @@ def test_rate_and_stop_event(root, tmp_path, serializer):
 
 def test_subprocess_smoke(root, tmp_path):
     ep = f"ipc://{tmp_path}/bridge"
-    script = (
-        "import sys, types, karabo_bridge\n"
-        "try:\n"
-        "    import kbstream\n"
-        "except ImportError:\n"
-        "    kbstream = types.ModuleType('kbstream')\n"
-        "    kbstream.__path__ = [sys.argv.pop(1)]\n"
-        "    sys.modules['kbstream'] = kbstream\n"
-        "else:\n"
-        "    sys.argv.pop(1)\n"
-        "from kbstream.replay import serve\n"
-        "if not hasattr(kbstream, 'serialize'):\n"
-        "    serve._default_serialize = lambda: karabo_bridge.serialize\n"
-        "sys.exit(serve.serve_run_main(sys.argv[1:]))\n")
+    script = ("import sys\n"
+              "from kbstream.replay import serve\n"
+              "sys.exit(serve.serve_run_main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(__import__("pathlib").Path(serve.__file__).parents[2])] + sys.path))
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(_Path(serve.__file__).parents[1]), "700000", "12", "--port", ep, "--include",
-         "*JNGFR01*[data.adc]", "--trains", ":2"],
+        [sys.executable, "-c", script, "700000", "12", "--port", ep, "--include",
+        "*JNGFR01*[data.adc]", "--trains", ":2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with karabo_bridge.Client(ep, timeout=30) as c:

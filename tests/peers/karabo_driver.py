@@ -259,6 +259,18 @@ def first_difference(want, got, path="$"):
 # karabind (C++ serializer)
 # ---------------------------------------------------------------------------------------
 
+def check_round_trip(peer, did, undo, load, data, content):
+    """``data`` (what ``peer`` made of ``content``) loads back to the same content."""
+    try:
+        back = load(data)
+    except Exception as exc:
+        raise Mismatch(f"{peer} {did} the content but cannot {undo}: "
+                       f"{type(exc).__name__}: {exc}") from None
+    diff = first_difference(normalize(content), normalize(back))
+    if diff:
+        raise Mismatch(f"{peer} does not reproduce the content: {diff}")
+    return data
+
 class KarabindCodec:
     """Content <-> karabind.Hash, and archives through BinarySerializerHash("Bin")."""
 
@@ -342,15 +354,7 @@ class KarabindCodec:
             data = self.ser.save(h)
         finally:
             self._keepalive = []
-        try:
-            back = self.load(data)
-        except Exception as exc:
-            raise Mismatch("karabind saved the content but cannot load it back: "
-                           f"{type(exc).__name__}: {exc}") from None
-        diff = first_difference(normalize(content), normalize(back))
-        if diff:
-            raise Mismatch(f"karabind does not reproduce the content: {diff}")
-        return data
+        return check_round_trip("karabind", "saved", "load it back", self.load, data, content)
 
     def pick_sep(self, key):
         for sep in self.SEPARATORS:
@@ -577,15 +581,8 @@ class NativeCodec:
 
     def save(self, content):
         data = self.encode(self.content_to_hash(content))
-        try:
-            back = self.load(data)
-        except Exception as exc:
-            raise Mismatch("karabo.native encoded the content but cannot decode it: "
-                           f"{type(exc).__name__}: {exc}") from None
-        diff = first_difference(normalize(content), normalize(back))
-        if diff:
-            raise Mismatch(f"karabo.native does not reproduce the content: {diff}")
-        return data
+        return check_round_trip("karabo.native", "encoded", "decode it", self.load, data,
+                                content)
 
     def content_to_hash(self, nodes):
         if not isinstance(nodes, list):
@@ -655,6 +652,7 @@ class NativeCodec:
 # ---------------------------------------------------------------------------------------
 # Request loop
 # ---------------------------------------------------------------------------------------
+
 
 def versions():
     from importlib import metadata

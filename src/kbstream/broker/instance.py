@@ -614,25 +614,23 @@ class BrokerInstance:
         output channel."""
         params = Hash()
         nodes = set()
+
+        def element(path, node_type, shown):
+            params.set(path, Hash())
+            for k, v in (("nodeType", node_type), ("accessMode", 2), ("assignment", 0),
+                         ("requiredAccessLevel", 0)):
+                params.set_attribute(path, k, v, type=HashType.INT32)
+            params.set_attribute(path, "displayedName", shown, type=HashType.STRING)
+
         for path, value, t, shown in self._properties():
             parts = path.split(".")
             for depth in range(1, len(parts)):   # every enclosing node, outermost first
                 head = ".".join(parts[:depth])
-                if head in nodes:
-                    continue
-                nodes.add(head)
-                params.set(head, Hash())
-                for k, v in (("nodeType", 1), ("accessMode", 2), ("assignment", 0),
-                             ("requiredAccessLevel", 0)):
-                    params.set_attribute(head, k, v, type=HashType.INT32)
-                params.set_attribute(head, "displayedName", parts[depth - 1],
-                                     type=HashType.STRING)
-            params.set(path, Hash())
-            for k, v in (("nodeType", 0), ("accessMode", 2), ("assignment", 0),
-                         ("requiredAccessLevel", 0)):
-                params.set_attribute(path, k, v, type=HashType.INT32)
+                if head not in nodes:
+                    nodes.add(head)
+                    element(head, 1, parts[depth - 1])
+            element(path, 0, shown)
             params.set_attribute(path, "valueType", t.name, type=HashType.STRING)
-            params.set_attribute(path, "displayedName", shown, type=HashType.STRING)
             params.set_attribute(path, "defaultValue", value, type=t)
             if path == "state":
                 params.set_attribute(path, "leafType", 2, type=HashType.INT32)

@@ -507,7 +507,6 @@ class _Dataset:
         even = all(e % c == 0 for e, c in zip(self.entry_shape, chunks[1:]))
         # staging axes (G, rows, C1 .. C_{nd-1}, C_nd) -> (rows, C1 .. C_{nd-1}, G, C_nd)
         order = (1,) + tuple(range(2, nd + 1)) + (0, nd + 1)
-        fv = None
         r = first
         end = first + count
         batch = self._staging_rows(tile_bytes)
@@ -541,10 +540,7 @@ class _Dataset:
                             f"{self.rf.path}: short read of {self.name} (chunk at byte "
                             f"{a}, {want} bytes wanted)", self.rf.path)
                 for j in missing or ():  # never written: the fill value
-                    if fv is None:
-                        fv = self.ds.fillvalue
-                        fv = 0 if fv is None else fv
-                    staging[j, :nr] = fv
+                    self.fill(staging[j, :nr])
                 src = staging[:n, :nr]
                 if even and n * last_c == last_e:
                     dest = tiles[t0][2]
