@@ -370,3 +370,38 @@ def test_pread_tile_reads_truncated_file(tmp_path, monkeypatch):
         with pytest.raises(TruncatedFileError, match="the file is truncated"):
             dsr.read(3, 1, out)
         os.close(dsr.rf._fd)
+
+
+def test_pread_tile_reads_from_two_threads_at_once(tmp_path, monkeypatch):
+    """Each thread stages through its own buffer: concurrent reads of one dataset stay
+    exact without a lock around the file reads."""
+    import h5py
+    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    shape, chunks = (9, 4, 16, 32), (3, 2, 8, 16)
+    data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    path = tmp_path / "f.h5"
+    _tiled_file(path, shape, chunks, data)
+    errors = []
+    with h5py.File(path, "r") as h5:
+        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        dsr.rf.fd()   # open the file descriptor before the threads share it
+
+        def reader(rows):
+            out = np.empty((1,) + shape[1:], np.int32)
+            try:
+                for _ in range(50):
+                    for r in rows:
+                        dsr.read(r, 1, out)
+                        if not np.array_equal(out[0], data[r]):
+                            errors.append(r)
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(rows,))
+                   for rows in (range(0, 9, 2), range(1, 9, 2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        os.close(dsr.rf._fd)
+    assert errors == []

@@ -462,8 +462,12 @@ class _Dataset:
 
     def _staging(self, nrows, tile_bytes):
         """(array (G, nrows) + chunk tile, [[memoryview of tile j]] for os.preadv), views
-        on one buffer of :meth:`_staging_rows` rows per tile."""
-        cache = self.__dict__.setdefault("_staging_cache", {})
+        on one buffer of :meth:`_staging_rows` rows per tile, owned by the calling thread
+        (so that reads of one dataset from several threads need no lock around the I/O)."""
+        tls = self.__dict__.setdefault("_staging_tls", threading.local())
+        cache = getattr(tls, "cache", None)
+        if cache is None:
+            cache = tls.cache = {}
         st = cache.get(nrows)
         if st is None:
             glast = self._segments()[0][1]
@@ -492,10 +496,6 @@ class _Dataset:
         axis, and one strided copy puts the run in place (or one copy per tile where the
         chunks do not tile the entry evenly).
         """
-        with self.__dict__.setdefault("_staging_lock", threading.Lock()):
-            self._read_tiles_pread_locked(first, count, out)
-
-    def _read_tiles_pread_locked(self, first, count, out):
         fd = self.rf.fd()
         size = os.fstat(fd).st_size
         chunks = self.chunks
