@@ -610,12 +610,22 @@ cdef inline int r_need(Reader* r, Py_ssize_t n, Py_ssize_t at) except -1:
 
 cdef inline uint64_t r_be(Reader* r, int n, Py_ssize_t at) except? 0xFFFFFFFFFFFFFFFF:
     """n big-endian bytes as an unsigned int, bounds checked."""
-    cdef uint64_t v = 0
-    cdef int i
+    cdef uint64_t v
+    cdef const uint8_t* p = r.buf + r.pos
     if r.end - r.pos < n:
         r_truncated(r, n, at)
-    for i in range(n):
-        v = (v << 8) | r.buf[r.pos + i]
+    # fixed-size forms: the compiler makes each a single load (+ byte swap)
+    if n == 8:
+        v = ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40)
+             | (<uint64_t>p[3] << 32) | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16)
+             | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
+    elif n == 4:
+        v = ((<uint64_t>p[0] << 24) | (<uint64_t>p[1] << 16) | (<uint64_t>p[2] << 8)
+             | <uint64_t>p[3])
+    elif n == 2:
+        v = (<uint64_t>p[0] << 8) | <uint64_t>p[1]
+    else:
+        v = p[0]
     r.pos += n
     return v
 
