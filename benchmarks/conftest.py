@@ -34,6 +34,33 @@ def make_train(nsources, seed=0):
     return {s: _module_source(rng) for s in srcs}, {s: _meta(s) for s in srcs}
 
 
+def later_train(data, k, all_scalars=False):
+    """Train ``k`` after ``data`` (same array objects): the train id and the timestamps
+    change, as in every train of a live stream; with ``all_scalars`` every other scalar
+    changes too (new random ints, floats, strings and bools each train)."""
+    tid = 10_000_000_000 + k
+    rng = np.random.default_rng(1000 + k)
+    out, meta = {}, {}
+    for src, props in data.items():
+        p = dict(props)
+        if all_scalars:
+            for key, v in p.items():
+                if isinstance(v, bool):
+                    p[key] = bool(rng.integers(2))
+                elif isinstance(v, int):
+                    p[key] = int(rng.integers(0, 1 << 40))
+                elif isinstance(v, float):
+                    p[key] = float(rng.random())
+                elif isinstance(v, str):
+                    p[key] = f"value-{rng.integers(1000):03d}"
+        p["data.trainId"] = tid
+        out[src] = p
+        meta[src] = {"source": src, "timestamp": 1.7e9 + k / 10,
+                     "timestamp.sec": str(1_700_000_000 + k // 10),
+                     "timestamp.frac": f"{(k % 10) * 10**17:018d}", "timestamp.tid": tid}
+    return out, meta
+
+
 @pytest.fixture(scope="session")
 def module_train():
     return make_train(1)

@@ -26,7 +26,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject, PyTypeObject
@@ -962,7 +962,23 @@ cdef int r_check_end(Reader* r) except -1:
 # each key is still compared with the template's key at the same position before the
 # string cache is probed.  Only compact ASCII str entries are compared byte for byte, so a
 # template can never produce a different key than decoding would.
+#
+# A payload template also remembers the last train's values that are immutable scalars
+# (int, float, bool, None, and str or bytes whose key and value take at most SPAN_MAX
+# bytes): ``proto`` holds them, ``raw`` the bytes each was decoded from (its key included),
+# ``spans`` where.  A key/value pair whose bytes equal the remembered ones decodes to an
+# equal value, so the copy of ``proto`` already holds the right object: nothing to decode,
+# allocate or set.  Any other value is decoded and set.  Mutable values (lists, maps) are
+# never shared: ``proto`` holds None for them and they are decoded every time.  A value
+# seen to change (a train id) is not remembered again by that template, so the templates
+# of a source are remade at most once per key while its keys stay the same.  A template
+# is never changed once made; when values changed, the decode that saw them makes a new
+# one and puts it in place of the old (so concurrent decodes of one source never see a
+# half-made template).  ``raw`` is at most RAW_MAX bytes per source.
 DEF TEMPLATE_SOURCES = 1024
+DEF SPAN_MAX = 256
+DEF RAW_MAX = 16384
+DEF STACK_KEYS = 64
 cdef dict _key_templates = {}
 cdef object _meta_template = None
 
@@ -971,6 +987,12 @@ cdef object _meta_template = None
 cdef class _Tmpl:
     cdef tuple keys
     cdef dict proto
+    cdef bytes raw            # the remembered values' bytes, None: nothing remembered
+    cdef Py_ssize_t* spans    # per key: (offset in raw, length), length -1: not remembered
+    cdef Py_ssize_t kept      # keys whose values are remembered
+
+    def __dealloc__(self):
+        PyMem_Free(self.spans)
 
 
 cdef _Tmpl _make_template(dict m):
@@ -978,6 +1000,88 @@ cdef _Tmpl _make_template(dict m):
     t.keys = tuple(m)
     t.proto = dict.fromkeys(t.keys)
     return t
+
+
+cdef inline bint _shareable(object v):
+    """An immutable scalar, which one decoded value may stand for in every train."""
+    cdef type t = type(v)
+    return (t is float or t is int or t is str or t is bool or t is bytes
+            or v is None)
+
+
+cdef object r_payload_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t,
+                            Py_ssize_t* cur, bint* changed):
+    """Decode a payload map of ``n`` keys with template ``t`` (which has ``n`` keys):
+    the dict, or None at the first key that is not the template's (``r.pos`` is then
+    somewhere inside the map).  ``cur`` receives, per key, (offset in the frame, length of
+    key and value; -1 if the value is not to be remembered); ``*changed``: a new template
+    is due (``t`` remembered nothing yet, or one of its values changed)."""
+    cdef dict out = PyDict_Copy(t.proto)
+    cdef Py_ssize_t i, kat, klen, ln
+    cdef const Py_ssize_t* spans = t.spans
+    cdef const uint8_t* raw = NULL
+    cdef PyObject* cand
+    cdef tuple keys = t.keys
+    if t.raw is not None:
+        raw = <const uint8_t*>PyBytes_AS_STRING(t.raw)
+    for i in range(n):
+        kat = r.pos
+        cur[2 * i] = kat
+        if raw != NULL:
+            ln = spans[2 * i + 1]
+            if ln > 0:
+                if r.end - kat >= ln and memcmp(r.buf + kat, raw + spans[2 * i], ln) == 0:
+                    r.pos = kat + ln
+                    cur[2 * i + 1] = ln
+                    continue
+                changed[0] = True   # a remembered value changed: not remembered again
+            cur[2 * i + 1] = -1
+        cand = PyTuple_GET_ITEM(keys, i)
+        if kat >= r.end or not _key_matches(r, kat, cand, &klen):
+            return None
+        r.pos = kat + 1 + klen
+        v = r_value(r, 1, frame)
+        PyDict_SetItem(out, <object>cand, v)
+        if raw == NULL:
+            changed[0] = True
+            ln = r.pos - kat
+            cur[2 * i + 1] = ln if ln <= SPAN_MAX and _shareable(v) else -1
+    return out
+
+
+cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
+                          Py_ssize_t* cur, Py_ssize_t n) except -1:
+    """Put a template with the values of ``out`` (decoded from ``buf``; ``cur`` as
+    r_payload_reuse filled it) in place of ``t``."""
+    cdef Py_ssize_t i, total = 0, at = 0
+    cdef _Tmpl nt = _Tmpl.__new__(_Tmpl)
+    cdef char* dst
+    nt.keys = t.keys
+    for i in range(n):
+        if cur[2 * i + 1] > 0:
+            if total + cur[2 * i + 1] > RAW_MAX:
+                cur[2 * i + 1] = -1
+            else:
+                total += cur[2 * i + 1]
+    nt.spans = <Py_ssize_t*>PyMem_Malloc(2 * n * sizeof(Py_ssize_t))
+    if nt.spans == NULL:
+        raise MemoryError()
+    nt.raw = PyBytes_FromStringAndSize(NULL, total)
+    dst = PyBytes_AS_STRING(nt.raw)
+    nt.proto = PyDict_Copy(out)
+    for i in range(n):
+        if cur[2 * i + 1] > 0:
+            memcpy(dst + at, buf + cur[2 * i], cur[2 * i + 1])
+            nt.spans[2 * i] = at
+            nt.spans[2 * i + 1] = cur[2 * i + 1]
+            at += cur[2 * i + 1]
+            nt.kept += 1
+        else:
+            nt.spans[2 * i] = 0
+            nt.spans[2 * i + 1] = -1
+            PyDict_SetItem(nt.proto, <object>PyTuple_GET_ITEM(nt.keys, i), None)
+    _key_templates[source] = nt
+    return 0
 
 
 cdef int _set_meta_template(dict m) except -1:
@@ -1003,7 +1107,7 @@ cdef inline bint _key_matches(Reader* r, Py_ssize_t kat, PyObject* cand, Py_ssiz
 
 
 cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object tmpl,
-                          bint* missed):
+                          bint* missed, bint copy_first):
     r_container_size(r, n, 2, r.pos - 1 if depth else 0, "map")
     cdef dict out
     cdef Py_ssize_t i, kat, klen, nt = 0, start = r.pos
@@ -1012,7 +1116,7 @@ cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object
     if tmpl is not None:
         keys = (<_Tmpl>tmpl).keys
         nt = len(keys)
-        if nt == <Py_ssize_t>n and nt > 0:
+        if copy_first and nt == <Py_ssize_t>n and nt > 0:
             out = PyDict_Copy((<_Tmpl>tmpl).proto)
             for i in range(nt):
                 kat = r.pos
@@ -1081,7 +1185,14 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
         else:
             return r_top(&r, frame)         # not a map: generic path (and its errors)
         tmpl = _key_templates.get(source)
-        out = r_payload_map(&r, n, 0, frame, tmpl, &missed)
+        if (tmpl is not None and n > 0 and PyTuple_GET_SIZE((<_Tmpl>tmpl).keys) == <Py_ssize_t>n
+                and ((<_Tmpl>tmpl).raw is None or (<_Tmpl>tmpl).kept > 0)):
+            out = _decode_reuse(&r, <Py_ssize_t>n, frame, <_Tmpl>tmpl, source)
+            if out is not None:
+                return out
+            r.pos = 1 if (r.buf[0] & 0xF0) == 0x80 else 3   # a key differs: start again
+            missed = True
+        out = r_payload_map(&r, n, 0, frame, tmpl, &missed, not missed)
         r_check_end(&r)
         if missed and n > 0:
             if len(_key_templates) >= TEMPLATE_SOURCES:
@@ -1090,6 +1201,28 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
         return out
     finally:
         PyBuffer_Release(&view)
+
+
+cdef object _decode_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t, object source):
+    """r_payload_reuse, then the end check, then the new template if values changed."""
+    cdef Py_ssize_t stack[2 * STACK_KEYS]
+    cdef Py_ssize_t* cur = stack
+    cdef bint changed = False
+    if n > STACK_KEYS:
+        cur = <Py_ssize_t*>PyMem_Malloc(2 * n * sizeof(Py_ssize_t))
+        if cur == NULL:
+            raise MemoryError()
+    try:
+        out = r_payload_reuse(r, n, frame, t, cur, &changed)
+        if out is None:
+            return None
+        r_check_end(r)
+        if changed:
+            _remember_values(source, t, <dict>out, r.buf, cur, n)
+        return out
+    finally:
+        if cur != stack:
+            PyMem_Free(cur)
 
 
 cdef int get_frame_buffer(object frame, Py_buffer* view, Py_ssize_t index) except -1:
@@ -1561,7 +1694,7 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
                         # metadata: the same keys for every source and train
                         r.pos += 1
                         missed = False
-                        v = r_payload_map(&r, b & 0x0F, 1, frame, _meta_template, &missed)
+                        v = r_payload_map(&r, b & 0x0F, 1, frame, _meta_template, &missed, True)
                         if missed:
                             _set_meta_template(v)
                     else:

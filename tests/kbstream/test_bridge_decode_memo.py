@@ -215,3 +215,139 @@ def test_dict_subclasses_are_encoded_through_their_own_items():
             ours = [bytes(f) for f in _codec.serialize({"s": props}, protocol_version=version)]
             ref = [bytes(f) for f in _pure.serialize({"s": props}, protocol_version=version)]
             assert ours == ref, (type(props).__name__, version)
+
+
+# ---- remembered values: a payload's scalars that repeat from the source's last train ----
+
+def _payload_frames(src, payload):
+    hdr = {"source": src, "content": "msgpack", "metadata": {"source": src}}
+    return [msgpack.packb(hdr), msgpack.packb(payload, use_bin_type=True)]
+
+
+_scalars = (st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.booleans()
+            | st.none() | st.text(max_size=4) | st.binary(max_size=4)
+            | st.sampled_from(["", "x" * 300, b"y" * 300, 1, 1.0, True, 0, 0.0, -0.0]))
+_values = _scalars | st.lists(_scalars, max_size=2) | st.dictionaries(
+    st.sampled_from(["p", "q"]), _scalars, max_size=2)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries({k: _values for k in ("k0", "k1", "k2", "k3")}),
+                min_size=2, max_size=10))
+def test_trains_with_the_same_keys_and_changing_values_decode_as_sent(trains):
+    """Same keys every train (the template's fast path), values changing in type, length and
+    bytes (1 and True and 1.0, 0.0 and -0.0, long strings that are never remembered)."""
+    src = "memo/values:output"
+    for payload in trains:
+        data, _ = _check(_payload_frames(src, payload))
+        assert data[src] == payload
+
+
+def test_changed_values_of_every_kind_between_trains():
+    src = "memo/kinds:output"
+    base = {"tid": 10_000_000_000, "f": 0.25, "s": "value", "b": b"\x00\x01", "n": None,
+            "t": True, "big": 2**64 - 1, "neg": -5, "u": "é"}
+    trains = [dict(base) for _ in range(3)]
+    trains += [dict(base, tid=10_000_000_001 + k) for k in range(3)]   # one key changes
+    trains += [dict(base, s="other value"),       # longer: later keys move in the frame
+               dict(base, s="v"),                  # shorter
+               dict(base, f=1, t=1, n=0),          # same value, other type
+               dict(base, b="\x00\x01"),          # str in place of bytes of the same text
+               dict(base, f=float("inf")),
+               dict(base, neg=[1, 2]), dict(base), dict(base, neg={"x": 1}), dict(base)]
+    for payload in trains:
+        frames = _payload_frames(src, payload)
+        data, _ = _check(frames)
+        got = data[src]
+        assert got == payload
+        assert [type(v) for v in got.values()] == [type(v) for v in payload.values()]
+
+
+def test_nan_and_signed_zero_are_kept_bit_for_bit():
+    src = "memo/nan:output"
+    for v in [float("nan"), float("nan"), -0.0, 0.0, -0.0, float("-nan")]:
+        frames = _payload_frames(src, {"x": v, "y": 1})
+        got = _codec.deserialize(frames)[0][src]["x"]
+        assert np.float64(got).tobytes() == np.float64(v).tobytes()
+
+
+def test_mutating_what_was_returned_never_changes_a_later_train():
+    src = "memo/mutate:output"
+    payload = {"a": 1, "lst": [1, 2], "m": {"x": 1}, "s": "text"}
+    frames = _payload_frames(src, payload)
+    for _ in range(3):
+        data, _ = _codec.deserialize(frames)
+        got = data[src]
+        assert got == payload
+        got["lst"].append(3)
+        got["m"]["y"] = 2
+        got["a"] = "changed"
+        del got["s"]
+        got["new"] = 0
+    first = _codec.deserialize(frames)[0][src]
+    second = _codec.deserialize(frames)[0][src]
+    assert first == second == payload
+    assert first is not second
+    assert first["lst"] is not second["lst"] and first["m"] is not second["m"]
+
+
+def test_many_long_values_beyond_what_a_template_keeps():
+    """More remembered bytes than one template keeps (16 KiB): the rest is decoded."""
+    src = "memo/long:output"
+    payload = {f"key{i:03d}": "v" * 200 + str(i) for i in range(200)}
+    for k in range(4):
+        changed = dict(payload, key199=f"changed {k}", key000=k)
+        for p in (payload, changed, payload):
+            data, _ = _check(_payload_frames(src, p))
+            assert data[src] == p
+
+
+def test_sources_with_many_keys_and_a_changing_train_id():
+    """More keys than fit the decoder's stack scratch; one value changes every train."""
+    src = "memo/many:output"
+    for tid in range(5):
+        payload = {f"k{i}": i * 1.5 for i in range(300)}
+        payload["k150"] = tid
+        data, _ = _check(_payload_frames(src, payload))
+        assert data[src] == payload
+
+
+def test_threads_decoding_one_source_with_different_values():
+    import threading
+
+    src = "memo/threads:output"
+    variants = [{"a": i, "b": f"s{i % 3}", "c": [i], "d": i * 0.5} for i in range(6)]
+    messages = [(_payload_frames(src, p), p) for p in variants]
+    errors_seen = []
+
+    def work(offset):
+        try:
+            for j in range(3000):
+                frames, want = messages[(j * (offset + 1) + offset) % len(messages)]
+                got = _codec.deserialize(frames)[0][src]
+                if got != want:
+                    errors_seen.append((got, want))
+                    return
+        except Exception as e:   # a failure in a thread must reach the test
+            errors_seen.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors_seen == []
+
+
+def test_repeated_scalars_are_shared_and_changed_ones_are_not():
+    """What the template is for: a scalar whose bytes repeat is the object decoded before
+    (no new float or int); a changed one is new; a list never is."""
+    src = "memo/shared:output"
+    base = {"f": 0.25, "big": 10_000_000_000, "lst": [1.5], "s": "x" * 20}
+    decoded = [_codec.deserialize(_payload_frames(src, dict(base, tid=t)))[0][src]
+               for t in (1000, 1000, 1000, 1001, 1002)]
+    last = decoded[-1]
+    assert all(d["f"] is last["f"] and d["big"] is last["big"] for d in decoded[1:])
+    assert decoded[3]["tid"] is not decoded[4]["tid"]
+    assert len({id(d["lst"]) for d in decoded}) == len(decoded)
+    assert all(d == dict(base, tid=t) for d, t in zip(decoded, (1000, 1000, 1000, 1001, 1002)))
