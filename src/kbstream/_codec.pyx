@@ -1208,6 +1208,7 @@ cdef object _decode_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t, object
     cdef Py_ssize_t stack[2 * STACK_KEYS]
     cdef Py_ssize_t* cur = stack
     cdef bint changed = False
+    r_container_size(r, n, 2, 0, "map")    # the general path's first check (same error)
     if n > STACK_KEYS:
         cur = <Py_ssize_t*>PyMem_Malloc(2 * n * sizeof(Py_ssize_t))
         if cur == NULL:

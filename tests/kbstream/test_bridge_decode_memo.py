@@ -351,3 +351,43 @@ def test_repeated_scalars_are_shared_and_changed_ones_are_not():
     assert decoded[3]["tid"] is not decoded[4]["tid"]
     assert len({id(d["lst"]) for d in decoded}) == len(decoded)
     assert all(d == dict(base, tid=t) for d, t in zip(decoded, (1000, 1000, 1000, 1001, 1002)))
+
+
+def _outcome(decode, frames):
+    try:
+        return "ok", decode(frames)
+    except Exception as e:  # noqa: BLE001 - type and message are what is compared
+        return type(e), str(e)
+
+
+_WARM = {"tid": 10_000_000_000, "f": 0.5, "s": "text", "lst": [1, 2], "n": None, "b": b"ab"}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["flip", "truncate", "insert"]),
+                          st.integers(0, 10**6), st.binary(min_size=1, max_size=4)),
+                min_size=1, max_size=3))
+def test_damaged_payload_after_warm_trains_fails_as_a_fresh_decoder_does(ops):
+    """Two good trains make a template that remembers values; then a damaged payload of
+    the same source must give the same result, or the same error and message, as the pure
+    twin (which remembers nothing)."""
+    src = "memo/damaged:output"
+    good = _payload_frames(src, _WARM)
+    for _ in range(2):
+        _codec.deserialize(good)
+    payload = bytearray(good[1])
+    for op, pos, blob in ops:
+        pos %= len(payload) + 1
+        if op == "flip" and pos < len(payload):
+            payload[pos] = blob[0]
+        elif op == "truncate":
+            del payload[pos:]
+        else:
+            payload[pos:pos] = blob
+    frames = [good[0], bytes(payload)]
+    got, want = _outcome(_codec.deserialize, frames), _outcome(_pure.deserialize, frames)
+    if want[0] == "ok":
+        assert got[0] == "ok"
+        _same(got[1][0], want[1][0])
+    else:
+        assert got == want
