@@ -3,7 +3,7 @@
     python _e2e_worker.py LIBRARY SERVER_SOCK CLIENT_SOCK NSOURCES
 
 LIBRARY is kbstream, karabo_bridge or raw-pyzmq.  The worker starts that library's server
-(in a thread, fed with the same JF4M-like train again and again) and its client, receives
+(in a thread, fed with consecutive JF4M-like trains) and its client, receives
 three warm-up trains, prints ``ready`` and then, for every line ``next`` on stdin, receives
 one train and prints the number of array bytes it got.  ``quit`` (or end of input) stops.
 
@@ -21,23 +21,29 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_train  # noqa: E402
+from conftest import later_train, make_train  # noqa: E402
 
 
 class Feeder:
-    """Keeps a server's queue full with the same train until stopped."""
+    """Keeps a server's queue full until stopped, with consecutive trains of one stream
+    (the same arrays; train id and timestamps change from train to train)."""
 
-    def __init__(self, server, data, meta):
+    def __init__(self, server, data):
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, args=(server, data, meta), daemon=True)
+        self.thread = threading.Thread(target=self.run, args=(server, data), daemon=True)
         self.thread.start()
 
-    def run(self, server, data, meta):
+    def run(self, server, data):
+        k = 0
         while not self.stop.is_set():
-            try:
-                server.feed(data, meta, timeout=0.1)
-            except queue.Full:
-                pass
+            d, m = later_train(data, k)
+            while not self.stop.is_set():
+                try:
+                    server.feed(d, m, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            k += 1
 
     def close(self):
         self.stop.set()
@@ -116,7 +122,7 @@ def main(library, server_sock, client_sock, nsources):
             import karabo_bridge as mod
         server = mod.ServerInThread("tcp://127.0.0.1:0", sock=server_sock, maxlen=2)
         server.start()
-        feeder = Feeder(server, data, meta)
+        feeder = Feeder(server, data)
         client = mod.Client(server.endpoint, sock=client_sock, timeout=30)
 
         def received(msg):

@@ -1815,7 +1815,9 @@ def deserialize(frames):
 
     Accepts protocol 1.0 (one frame) and 2.0 / 2.1 / 2.2 (header / payload pairs).  Frames
     may be ``zmq.Frame``, ``bytes``, ``bytearray``, ``memoryview`` or any C-contiguous
-    buffer.  Arrays are views on the frames (no copy); they keep the frames alive.
+    buffer.  Arrays are views on the frames (no copy); they keep the frames alive.  Every
+    call returns new dicts and lists; an immutable scalar (int, float, str, bytes) that
+    repeats from a source's previous train may be the object returned then.
 
     Raises
     ------
