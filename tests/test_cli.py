@@ -25,6 +25,11 @@ def test_demo_replays_a_small_generated_run(capfd):
     out = capfd.readouterr().out
     assert rc == 0
     assert "client: received 3 trains" in out and "train ids 10000..10002" in out
+    # the server's summary and the client's report are lines of their own, in that order
+    lines = out.splitlines()
+    sent = [i for i, line in enumerate(lines) if line.startswith("Sent 3 trains")]
+    got = [i for i, line in enumerate(lines) if line.startswith("client: received 3 trains")]
+    assert len(sent) == 1 and len(got) == 1 and sent[0] < got[0]
 
 
 def test_make_demo_run(tmp_path, capsys):

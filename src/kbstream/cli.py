@@ -97,13 +97,20 @@ def demo(argv=None):
         print(f"demo run: {args.trains} trains x {args.modules} JUNGFRAU modules {shape} uint16 "
               f"written to {rundir} in {time.perf_counter() - t0:.1f} s")
         endpoint = f"ipc://{tmp}/bridge"
-        client = subprocess.Popen([sys.executable, "-c", _CLIENT, endpoint, str(args.trains)])
+        # the client's report is collected and printed after the server's summary, so the
+        # two processes' lines never interleave
+        client = subprocess.Popen([sys.executable, "-c", _CLIENT, endpoint, str(args.trains)],
+                                  stdout=subprocess.PIPE, text=True)
         rc = serve_files_main([rundir, endpoint, "--include", "SPB_IRDA_JF4M/DET/JNGFR*:daqOutput[data.adc]"])
         try:
-            client_rc = client.wait(120)
+            client_out, _ = client.communicate(timeout=120)
+            client_rc = client.returncode
         except subprocess.TimeoutExpired:
             client.kill()
+            client_out, _ = client.communicate()
             client_rc = 1
+        sys.stdout.flush()
+        print(client_out, end="", flush=True)
         return rc or client_rc
 
 

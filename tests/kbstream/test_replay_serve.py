@@ -277,3 +277,26 @@ def test_subprocess_smoke(root, tmp_path):
     assert [m[SRC]["timestamp.tid"] for _, m in got] == [10000, 10001]
     assert got[0][0][SRC]["data.adc"].shape == SHAPE
     assert "Sent 2 trains" in out
+
+
+def test_progress_in_a_log_has_each_state_once():
+    """Not a terminal: one line per drawn state, and finish() adds the final state only
+    when the last line drawn is not already it."""
+    out = io.StringIO()
+    stats = serve.ReplayStats(3, stream=out, interval=0.0)
+    for tid in (10, 11, 12):
+        stats.sent_train(tid, 100)
+    stats.finish()
+    lines = out.getvalue().splitlines()
+    assert [line.split("]")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert lines[-1].endswith("train 12")
+
+    out = io.StringIO()
+    stats = serve.ReplayStats(3, stream=out, interval=3600.0)
+    for tid in (10, 11, 12):
+        stats.sent_train(tid, 100)
+    stats.finish()
+    lines = out.getvalue().splitlines()
+    # the first train is drawn (no line yet), the next two fall in the interval,
+    # finish() draws the final state
+    assert [line.split("]")[1].split()[0] for line in lines] == ["1/3", "3/3"]

@@ -222,6 +222,7 @@ class ReplayStats:
         self.last_tid = None
         self.start = time.perf_counter()
         self._last_print = 0.0
+        self._drawn = None   # (sent, skipped) of the last line drawn
         self._window = collections.deque(maxlen=20)
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
@@ -258,9 +259,12 @@ class ReplayStats:
             line += f"  ({self.skipped} skipped)"
         self.stream.write(("\r" + line) if self._tty else (line + "\n"))
         self.stream.flush()
+        self._drawn = (self.sent, self.skipped)
 
     def finish(self):
-        if self.progress and self.sent:
+        # the final state, unless a log (not a terminal) already has that very line
+        if self.progress and self.sent and (
+                self._tty or self._drawn != (self.sent, self.skipped)):
             self._draw(time.perf_counter())
             if self._tty:
                 self.stream.write("\n")
