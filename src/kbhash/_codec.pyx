@@ -212,16 +212,14 @@ cdef int _key(_Writer w, object key) except -1:
     if type(key) is str and PyUnicode_IS_COMPACT_ASCII(key):
         # the common case: an ASCII key is its own UTF-8, no conversion call
         n = PyUnicode_GET_LENGTH(key)
-        if n <= 255:
-            w.byte(<unsigned char>n)
-            w.put(PyUnicode_DATA(key), n)
-            return 0
-    if not isinstance(key, str):
+        s = <const char*>PyUnicode_DATA(key)
+    elif not isinstance(key, str):
         raise EncodeError(f"Hash keys must be str, not {type(key).__name__}")
-    try:
-        s = PyUnicode_AsUTF8AndSize(key, &n)
-    except UnicodeEncodeError:
-        raise EncodeError(f"key {key!r} is not valid UTF-8") from None
+    else:
+        try:
+            s = PyUnicode_AsUTF8AndSize(key, &n)
+        except UnicodeEncodeError:
+            raise EncodeError(f"key {key!r} is not valid UTF-8") from None
     if n > 255:
         raise EncodeError(f"key {key[:40]!r}... is longer than 255 bytes")
     cdef unsigned char* p = w.reserve(1 + n)

@@ -24,7 +24,7 @@ cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
@@ -60,7 +60,6 @@ from .errors import (
     EncodeOverflowError,
     ProtocolError,
     ServerError,
-    ShapeMismatchError,
     TruncatedError,
     UnknownContentError,
     UnsupportedDtypeError,
@@ -105,8 +104,7 @@ cdef str _ARRAY_KINDS = "biufcSUmM"
 cdef bytes _ERROR_PREFIX = b"Error: "
 cdef Py_ssize_t _COPY_NOGIL = 1 << 16
 
-cdef object _ndarray = np.ndarray
-cdef type _ndarray_type = np.ndarray
+cdef type _ndarray = np.ndarray
 cnp.import_array()
 
 cdef extern from "numpy/arrayobject.h":
@@ -168,7 +166,7 @@ cdef object _fixed_view(tuple shape, dt, frame, const Py_buffer* view, Py_ssize_
     if not view.readonly:
         flags |= cnp.NPY_ARRAY_WRITEABLE
     Py_INCREF(dt)   # PyArray_NewFromDescr steals a reference to the dtype
-    arr = PyArray_NewFromDescr(<PyTypeObject*>_ndarray_type, <_Descr*>dt, nd, dims,
+    arr = PyArray_NewFromDescr(<PyTypeObject*>_ndarray, <_Descr*>dt, nd, dims,
                                NULL, <char*>view.buf + offset, flags, NULL)
     cnp.set_array_base(<cnp.ndarray>arr, frame)
     return arr
@@ -491,9 +489,6 @@ cdef int w_numpy_map(Writer* w, obj, _Chunks chunks) except -1:
 
 cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
     cdef type t = type(obj)
-    cdef Py_ssize_t pos
-    cdef PyObject* k
-    cdef PyObject* v
     # exact types first (the common case), then the subclass checks in _pure's order
     if t is str:
         return w_str(w, obj)
@@ -507,7 +502,7 @@ cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
         return w_byte(w, 0xC3)
     if obj is False:
         return w_byte(w, 0xC2)
-    if t is tuple or t is list:
+    if t is tuple or t is list or isinstance(obj, (list, tuple)):   # no other type's subclass
         if depth >= C_MAX_DEPTH:
             raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
         w_array_header(w, len(obj))
@@ -534,13 +529,6 @@ cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
         # (the iteration then raises RuntimeError, as in the pure codec)
         for key, value in obj.items():
             w_obj(w, key, v1, depth + 1, chunks)
-            w_obj(w, value, v1, depth + 1, chunks)
-        return 0
-    if isinstance(obj, (list, tuple)):
-        if depth >= C_MAX_DEPTH:
-            raise EncodeError(f"nesting deeper than {MAX_DEPTH} levels")
-        w_array_header(w, len(obj))
-        for value in obj:
             w_obj(w, value, v1, depth + 1, chunks)
         return 0
     if isinstance(obj, _np_scalar):
@@ -591,6 +579,15 @@ cdef struct Reader:
     Py_ssize_t end
     Py_ssize_t index
     bint v1
+
+
+cdef inline void r_init(Reader* r, const Py_buffer* view, Py_ssize_t index, bint v1) noexcept:
+    """A reader at the start of ``view`` (frame ``index`` of the message)."""
+    r.buf = <const uint8_t*>view.buf
+    r.pos = 0
+    r.end = view.len
+    r.index = index
+    r.v1 = v1
 
 
 cdef int r_truncated(Reader* r, Py_ssize_t n, Py_ssize_t at) except -1:
@@ -851,28 +848,32 @@ cdef object r_array(Reader* r, uint64_t n, int depth, Py_ssize_t at, object fram
     return out
 
 
+cdef inline object r_map_key(Reader* r, int depth, object frame):
+    """The key at ``r.pos`` of a map at nesting ``depth``: a str or bytes."""
+    cdef Py_ssize_t kat = r.pos
+    if kat < r.end and (r.buf[kat] & 0xE0) == 0xA0:     # fixstr: the usual key
+        r.pos = kat + 1
+        return r_text(r, r.buf[kat] & 0x1F, kat)
+    k = r_value(r, depth + 1, frame)
+    if r.v1 and type(k) is _Bin:
+        k = r_materialize(r, <_Bin>k)
+    if type(k) is not str and not isinstance(k, (str, bytes)):
+        raise ProtocolError(
+            f"frame {r.index}: msgpack map key at offset {kat} is "
+            f"{_tname(k)}, not str or bytes",
+            r.index,
+            kat,
+        )
+    return k
+
+
 cdef object r_map(Reader* r, uint64_t n, int depth, Py_ssize_t at, object frame):
     r_depth(r, depth, at)
     r_container_size(r, n, 2, at, "map")
     cdef dict out = _PyDict_NewPresized(<Py_ssize_t>n)
-    cdef Py_ssize_t i, kat
+    cdef Py_ssize_t i
     for i in range(<Py_ssize_t>n):
-        kat = r.pos
-        if kat < r.end and (r.buf[kat] & 0xE0) == 0xA0:     # fixstr: the usual key
-            r.pos = kat + 1
-            k = r_text(r, r.buf[kat] & 0x1F, kat)
-            PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
-            continue
-        k = r_value(r, depth + 1, frame)
-        if r.v1 and type(k) is _Bin:
-            k = r_materialize(r, <_Bin>k)
-        if type(k) is not str and not isinstance(k, (str, bytes)):
-            raise ProtocolError(
-                f"frame {r.index}: msgpack map key at offset {kat} is "
-                f"{_tname(k)}, not str or bytes",
-                r.index,
-                kat,
-            )
+        k = r_map_key(r, depth, frame)
         PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
     if r.v1:
         if b"nd" in out:
@@ -987,9 +988,9 @@ cdef object _meta_template = None
 cdef class _Tmpl:
     cdef tuple keys
     cdef dict proto
-    cdef bytes raw            # the remembered values' bytes, None: nothing remembered
+    cdef bytes raw            # the remembered values' bytes; None: not made from a payload
+                              # with value memory yet; empty: no value to remember
     cdef Py_ssize_t* spans    # per key: (offset in raw, length), length -1: not remembered
-    cdef Py_ssize_t kept      # keys whose values are remembered
 
     def __dealloc__(self):
         PyMem_Free(self.spans)
@@ -1009,24 +1010,27 @@ cdef inline bint _shareable(object v):
             or v is None)
 
 
-cdef object r_payload_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t,
-                            Py_ssize_t* cur, bint* changed):
-    """Decode a payload map of ``n`` keys with template ``t`` (which has ``n`` keys):
-    the dict, or None at the first key that is not the template's (``r.pos`` is then
-    somewhere inside the map).  ``cur`` receives, per key, (offset in the frame, length of
-    key and value; -1 if the value is not to be remembered); ``*changed``: a new template
-    is due (``t`` remembered nothing yet, or one of its values changed)."""
+cdef object r_tmpl_map(Reader* r, Py_ssize_t n, int depth, object frame, _Tmpl t,
+                       Py_ssize_t* cur, bint* changed):
+    """Decode a map of ``n`` keys at nesting ``depth`` into a copy of template ``t``
+    (which has ``n`` keys): the dict, or None at the first key that is not the
+    template's (``r.pos`` is then somewhere inside the map).  With ``cur`` (a payload
+    template), values are taken from ``t`` where their bytes are the remembered ones;
+    ``cur`` receives, per key, (offset in the frame, length of key and value; -1 if the
+    value is not to be remembered) and ``*changed`` says whether a new template is due
+    (``t`` remembered nothing yet, or one of its values changed)."""
     cdef dict out = PyDict_Copy(t.proto)
     cdef Py_ssize_t i, kat, klen, ln
     cdef const Py_ssize_t* spans = t.spans
     cdef const uint8_t* raw = NULL
     cdef PyObject* cand
     cdef tuple keys = t.keys
-    if t.raw is not None:
+    if cur != NULL and t.raw is not None:
         raw = <const uint8_t*>PyBytes_AS_STRING(t.raw)
     for i in range(n):
         kat = r.pos
-        cur[2 * i] = kat
+        if cur != NULL:
+            cur[2 * i] = kat
         if raw != NULL:
             ln = spans[2 * i + 1]
             if ln > 0:
@@ -1040,9 +1044,9 @@ cdef object r_payload_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t,
         if kat >= r.end or not _key_matches(r, kat, cand, &klen):
             return None
         r.pos = kat + 1 + klen
-        v = r_value(r, 1, frame)
+        v = r_value(r, depth + 1, frame)
         PyDict_SetItem(out, <object>cand, v)
-        if raw == NULL:
+        if cur != NULL and raw == NULL:
             changed[0] = True
             ln = r.pos - kat
             cur[2 * i + 1] = ln if ln <= SPAN_MAX and _shareable(v) else -1
@@ -1052,7 +1056,7 @@ cdef object r_payload_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t,
 cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
                           Py_ssize_t* cur, Py_ssize_t n) except -1:
     """Put a template with the values of ``out`` (decoded from ``buf``; ``cur`` as
-    r_payload_reuse filled it) in place of ``t``."""
+    r_tmpl_map filled it) in place of ``t``."""
     cdef Py_ssize_t i, total = 0, at = 0
     cdef _Tmpl nt = _Tmpl.__new__(_Tmpl)
     cdef char* dst
@@ -1075,18 +1079,11 @@ cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
             nt.spans[2 * i] = at
             nt.spans[2 * i + 1] = cur[2 * i + 1]
             at += cur[2 * i + 1]
-            nt.kept += 1
         else:
             nt.spans[2 * i] = 0
             nt.spans[2 * i + 1] = -1
             PyDict_SetItem(nt.proto, <object>PyTuple_GET_ITEM(nt.keys, i), None)
     _key_templates[source] = nt
-    return 0
-
-
-cdef int _set_meta_template(dict m) except -1:
-    global _meta_template
-    _meta_template = _make_template(m)
     return 0
 
 
@@ -1117,42 +1114,21 @@ cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object
         keys = (<_Tmpl>tmpl).keys
         nt = len(keys)
         if copy_first and nt == <Py_ssize_t>n and nt > 0:
-            out = PyDict_Copy((<_Tmpl>tmpl).proto)
-            for i in range(nt):
-                kat = r.pos
-                cand = PyTuple_GET_ITEM(keys, i)
-                if kat >= r.end or not _key_matches(r, kat, cand, &klen):
-                    break
-                r.pos = kat + 1 + klen
-                PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
-            else:
-                return out
+            o = r_tmpl_map(r, nt, depth, frame, <_Tmpl>tmpl, NULL, NULL)
+            if o is not None:
+                return o
             r.pos = start      # a key differs: decode this map again, the general way
     out = _PyDict_NewPresized(<Py_ssize_t>n)
     for i in range(<Py_ssize_t>n):
         kat = r.pos
-        if kat < r.end:
-            if i < nt:
-                cand = PyTuple_GET_ITEM(keys, i)
-                if _key_matches(r, kat, cand, &klen):
-                    r.pos = kat + 1 + klen
-                    PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
-                    continue
-            if (r.buf[kat] & 0xE0) == 0xA0:
-                missed[0] = True
-                r.pos = kat + 1
-                k = r_text(r, r.buf[kat] & 0x1F, kat)
-                PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
+        if kat < r.end and i < nt:
+            cand = PyTuple_GET_ITEM(keys, i)
+            if _key_matches(r, kat, cand, &klen):
+                r.pos = kat + 1 + klen
+                PyDict_SetItem(out, <object>cand, r_value(r, depth + 1, frame))
                 continue
         missed[0] = True
-        k = r_value(r, depth + 1, frame)
-        if type(k) is not str and not isinstance(k, (str, bytes)):
-            raise ProtocolError(
-                f"frame {r.index}: msgpack map key at offset {kat} is "
-                f"{_tname(k)}, not str or bytes",
-                r.index,
-                kat,
-            )
+        k = r_map_key(r, depth, frame)
         PyDict_SetItem(out, k, r_value(r, depth + 1, frame))
     if <Py_ssize_t>n != nt:
         missed[0] = True
@@ -1166,13 +1142,10 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
     cdef uint8_t b
     cdef uint64_t n
     cdef bint missed = False
+    cdef Py_ssize_t start
     get_frame_buffer(frame, &view, index)
     try:
-        r.buf = <const uint8_t*>view.buf
-        r.pos = 0
-        r.end = view.len
-        r.index = index
-        r.v1 = False
+        r_init(&r, &view, index, False)
         if r.end < 1:
             return r_top(&r, frame)         # raises TruncatedError
         b = r.buf[0]
@@ -1186,11 +1159,12 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
             return r_top(&r, frame)         # not a map: generic path (and its errors)
         tmpl = _key_templates.get(source)
         if (tmpl is not None and n > 0 and PyTuple_GET_SIZE((<_Tmpl>tmpl).keys) == <Py_ssize_t>n
-                and ((<_Tmpl>tmpl).raw is None or (<_Tmpl>tmpl).kept > 0)):
+                and ((<_Tmpl>tmpl).raw is None or PyBytes_GET_SIZE((<_Tmpl>tmpl).raw) > 0)):
+            start = r.pos
             out = _decode_reuse(&r, <Py_ssize_t>n, frame, <_Tmpl>tmpl, source)
             if out is not None:
                 return out
-            r.pos = 1 if (r.buf[0] & 0xF0) == 0x80 else 3   # a key differs: start again
+            r.pos = start       # a key differs: decode the map again, the general way
             missed = True
         out = r_payload_map(&r, n, 0, frame, tmpl, &missed, not missed)
         r_check_end(&r)
@@ -1204,7 +1178,8 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
 
 
 cdef object _decode_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t, object source):
-    """r_payload_reuse, then the end check, then the new template if values changed."""
+    """r_tmpl_map with value memory, then the end check, then the new template if
+    values changed."""
     cdef Py_ssize_t stack[2 * STACK_KEYS]
     cdef Py_ssize_t* cur = stack
     cdef bint changed = False
@@ -1214,7 +1189,7 @@ cdef object _decode_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t, object
         if cur == NULL:
             raise MemoryError()
     try:
-        out = r_payload_reuse(r, n, frame, t, cur, &changed)
+        out = r_tmpl_map(r, n, 0, frame, t, cur, &changed)
         if out is None:
             return None
         r_check_end(r)
@@ -1245,11 +1220,7 @@ cdef object decode_frame(object frame, Py_ssize_t index, bint v1):
     cdef Reader r
     get_frame_buffer(frame, &view, index)
     try:
-        r.buf = <const uint8_t*>view.buf
-        r.pos = 0
-        r.end = view.len
-        r.index = index
-        r.v1 = v1
+        r_init(&r, &view, index, v1)
         return r_top(&r, frame)
     finally:
         PyBuffer_Release(&view)
@@ -1348,9 +1319,6 @@ cdef class Buffer:
     cdef Py_ssize_t size
     cdef Py_ssize_t cap
 
-    def __cinit__(self):
-        self.data = NULL
-
     def __dealloc__(self):
         if self.data != NULL:
             _pool_give(self.data, self.cap)
@@ -1358,9 +1326,6 @@ cdef class Buffer:
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         PyBuffer_FillInfo(view, self, self.data, self.size, 1, flags)
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
 
     def __len__(self):
         return self.size
@@ -1474,8 +1439,8 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
             arrays = []
             nmain = 0
             w.len = 5
-            # an exact dict is walked with PyDict_Next; a subclass (OrderedDict after
-            # move_to_end, an overridden items()) through its own items(), as in _pure
+            # a dict subclass (OrderedDict after move_to_end, an overridden items()) is
+            # walked through its own items(), as in _pure
             # Errors in _pure's order: an array's dtype is checked where the array comes in
             # the iteration, the other values are packed after it (their first error is
             # raised once every array has been checked).
@@ -1483,7 +1448,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
             for key, value in ((<dict>props).items() if type(props) is dict
                                else props.items()):
                 vt = type(value)
-                if vt is _ndarray_type or (vt is not float and vt is not int and vt is not str
+                if vt is _ndarray or (vt is not float and vt is not int and vt is not str
                                            and vt is not bool and isinstance(value, _ndarray)):
                     arrays.append(key)
                     arrays.append(value)
@@ -1577,6 +1542,7 @@ cdef inline bint _key_is(const uint8_t* p, Py_ssize_t n, const char* name, Py_ss
 
 cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hdr h) except -1:
     """Parse the header in ``view`` (borrowed from ``frame`` by the caller)."""
+    global _meta_template
     cdef Reader r
     cdef const uint8_t* p
     cdef Py_ssize_t nkeys, k, klen, j, nd
@@ -1586,137 +1552,132 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
     cdef Py_ssize_t c
     cdef int ok = 0
     cdef bint missed
-    if True:
-        r.buf = <const uint8_t*>view.buf
-        r.pos = 0
-        r.end = view.len
-        r.index = index
-        r.v1 = False
-        if r.end < 1 or (r.buf[0] & 0xF0) != 0x80:
+    r_init(&r, view, index, False)
+    if r.end < 1 or (r.buf[0] & 0xF0) != 0x80:
+        return 0
+    nkeys = r.buf[0] & 0x0F
+    r.pos = 1
+    if nkeys * 2 > r.end - r.pos:
+        return 0
+    h.metadata = None
+    h.path = None
+    h.dtype = None
+    h.shape = None
+    h.content = 0
+    for k in range(nkeys):
+        if r.pos >= r.end:
             return 0
-        nkeys = r.buf[0] & 0x0F
-        r.pos = 1
-        if nkeys * 2 > r.end - r.pos:
+        b = r.buf[r.pos]
+        if (b & 0xE0) != 0xA0:
             return 0
-        h.metadata = None
-        h.path = None
-        h.dtype = None
-        h.shape = None
-        h.content = 0
-        for k in range(nkeys):
-            if r.pos >= r.end:
+        klen = b & 0x1F
+        if r.end - r.pos - 1 < klen + 1:
+            return 0
+        p = r.buf + r.pos + 1
+        r.pos += 1 + klen
+        b = r.buf[r.pos]       # first byte of the value (bounds checked above)
+        if _key_is(p, klen, "source", 6):
+            bit = 1
+            if (b & 0xE0) != 0xA0 and b != 0xD9:
                 return 0
-            b = r.buf[r.pos]
+        elif _key_is(p, klen, "content", 7):
+            bit = 2
             if (b & 0xE0) != 0xA0:
                 return 0
+        elif _key_is(p, klen, "metadata", 8):
+            bit = 4
+            if (b & 0xF0) != 0x80 and b != 0xDE and b != 0xDF:
+                return 0
+        elif _key_is(p, klen, "path", 4):
+            bit = 8
+            if (b & 0xE0) != 0xA0 and b != 0xD9:
+                return 0
+        elif _key_is(p, klen, "dtype", 5):
+            bit = 16
+            if (b & 0xE0) != 0xA0:
+                return 0
+        elif _key_is(p, klen, "shape", 5):
+            bit = 32
+            if (b & 0xF0) != 0x90:
+                return 0
+        else:
+            return 0
+        if seen & bit:
+            return 0
+        seen |= bit
+        if bit == 2:
             klen = b & 0x1F
-            if r.end - r.pos - 1 < klen + 1:
+            if r.end - r.pos - 1 < klen:
                 return 0
             p = r.buf + r.pos + 1
+            if _key_is(p, klen, "msgpack", 7):
+                h.content = 1
+            elif _key_is(p, klen, "array", 5):
+                h.content = 2
+            else:
+                return 0
             r.pos += 1 + klen
-            b = r.buf[r.pos]       # first byte of the value (bounds checked above)
-            if _key_is(p, klen, "source", 6):
-                bit = 1
-                if (b & 0xE0) != 0xA0 and b != 0xD9:
+        elif bit == 32:
+            nd = b & 0x0F
+            r.pos += 1
+            shape = PyTuple_New(nd)
+            c = 1
+            for j in range(nd):
+                if r.pos >= r.end:
                     return 0
-            elif _key_is(p, klen, "content", 7):
-                bit = 2
-                if (b & 0xE0) != 0xA0:
-                    return 0
-            elif _key_is(p, klen, "metadata", 8):
-                bit = 4
-                if (b & 0xF0) != 0x80 and b != 0xDE and b != 0xDF:
-                    return 0
-            elif _key_is(p, klen, "path", 4):
-                bit = 8
-                if (b & 0xE0) != 0xA0 and b != 0xD9:
-                    return 0
-            elif _key_is(p, klen, "dtype", 5):
-                bit = 16
-                if (b & 0xE0) != 0xA0:
-                    return 0
-            elif _key_is(p, klen, "shape", 5):
-                bit = 32
-                if (b & 0xF0) != 0x90:
-                    return 0
-            else:
-                return 0
-            if seen & bit:
-                return 0
-            seen |= bit
-            if bit == 2:
-                klen = b & 0x1F
-                if r.end - r.pos - 1 < klen:
-                    return 0
-                p = r.buf + r.pos + 1
-                if _key_is(p, klen, "msgpack", 7):
-                    h.content = 1
-                elif _key_is(p, klen, "array", 5):
-                    h.content = 2
+                b = r.buf[r.pos]
+                if b <= 0x7F:
+                    d = b
+                    r.pos += 1
+                elif b >= 0xCC and b <= 0xCF:
+                    r.pos += 1
+                    if r.end - r.pos < (1 << (b - 0xCC)):
+                        return 0
+                    d = r_be(&r, 1 << (b - 0xCC), r.pos)
+                    if d >= (<uint64_t>1 << 62):
+                        return 0
                 else:
                     return 0
-                r.pos += 1 + klen
-            elif bit == 32:
-                nd = b & 0x0F
-                r.pos += 1
-                shape = PyTuple_New(nd)
-                c = 1
-                for j in range(nd):
-                    if r.pos >= r.end:
-                        return 0
-                    b = r.buf[r.pos]
-                    if b <= 0x7F:
-                        d = b
-                        r.pos += 1
-                    elif b >= 0xCC and b <= 0xCF:
-                        r.pos += 1
-                        if r.end - r.pos < (1 << (b - 0xCC)):
-                            return 0
-                        d = r_be(&r, 1 << (b - 0xCC), r.pos)
-                        if d >= (<uint64_t>1 << 62):
-                            return 0
+                v = PyLong_FromUnsignedLongLong(d)
+                Py_INCREF(v)
+                PyTuple_SET_ITEM(shape, j, v)
+                if c >= 0:
+                    if d != 0 and <uint64_t>c > <uint64_t>PY_SSIZE_T_MAX // d:
+                        c = -1
                     else:
-                        return 0
-                    v = PyLong_FromUnsignedLongLong(d)
-                    Py_INCREF(v)
-                    PyTuple_SET_ITEM(shape, j, v)
-                    if c >= 0:
-                        if d != 0 and <uint64_t>c > <uint64_t>PY_SSIZE_T_MAX // d:
-                            c = -1
-                        else:
-                            c *= <Py_ssize_t>d
-                if c < 0:
-                    return 0
-                h.shape = shape
-                h.count = c
-            else:
-                try:
-                    if bit == 4 and (b & 0xF0) == 0x80:
-                        # metadata: the same keys for every source and train
-                        r.pos += 1
-                        missed = False
-                        v = r_payload_map(&r, b & 0x0F, 1, frame, _meta_template, &missed, True)
-                        if missed:
-                            _set_meta_template(v)
-                    else:
-                        v = r_value(&r, 1, frame)
-                except ProtocolError:
-                    return 0
-                if bit == 1:
-                    h.source = v
-                elif bit == 4:
-                    h.metadata = v
-                elif bit == 8:
-                    h.path = v
-                else:
-                    h.dtype = v
-        if r.pos != r.end or not (seen & 1) or not (seen & 2):
-            return 0
-        if h.content == 1:
-            ok = (seen & ~7) == 0
+                        c *= <Py_ssize_t>d
+            if c < 0:
+                return 0
+            h.shape = shape
+            h.count = c
         else:
-            ok = seen == (1 | 2 | 8 | 16 | 32)
-        return ok
+            try:
+                if bit == 4 and (b & 0xF0) == 0x80:
+                    # metadata: the same keys for every source and train
+                    r.pos += 1
+                    missed = False
+                    v = r_payload_map(&r, b & 0x0F, 1, frame, _meta_template, &missed, True)
+                    if missed:
+                        _meta_template = _make_template(v)
+                else:
+                    v = r_value(&r, 1, frame)
+            except ProtocolError:
+                return 0
+            if bit == 1:
+                h.source = v
+            elif bit == 4:
+                h.metadata = v
+            elif bit == 8:
+                h.path = v
+            else:
+                h.dtype = v
+    if r.pos != r.end or not (seen & 1) or not (seen & 2):
+        return 0
+    if h.content == 1:
+        ok = (seen & ~7) == 0
+    else:
+        ok = seen == (1 | 2 | 8 | 16 | 32)
+    return ok
 
 
 # Array headers repeat byte for byte in every train (same source, path, dtype, shape), so
@@ -1785,28 +1746,26 @@ cdef object _props_of(dict data, object source, Py_ssize_t i):
     return props
 
 
-cdef int _add_array(dict data, object source, object path, object dt, object shape,
-                    Py_ssize_t count, object frame, Py_ssize_t i) except -1:
+cdef int _add_array(dict props, object path, object dt, object shape, Py_ssize_t count,
+                    object frame, Py_ssize_t i) except -1:
     """props[path] = view of frame i + 1 (validated against dtype and shape)."""
     cdef Py_buffer view
-    cdef Py_ssize_t nbytes, itemsize
-    props = _props_of(data, source, i)
+    cdef Py_ssize_t nbytes, itemsize, items
+    cdef bint fixed = _fixed_frame(frame, shape)
     get_frame_buffer(frame, &view, i + 1)
     try:
         nbytes = view.len
         itemsize = (<cnp.dtype>dt).itemsize   # C field, not a getattr
-        if count <= 0 or count > nbytes // itemsize or count * itemsize != nbytes:
+        items = nbytes // itemsize
+        if count <= 0 or count > items or count * itemsize != nbytes:
             _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
                           f"array {path!r}")
-        if _fixed_frame(frame, shape):
-            arr = _fixed_view(<tuple>shape, dt, frame, &view, 0, nbytes // itemsize)
-        else:
-            arr = None
+        if fixed:
+            props[path] = _fixed_view(<tuple>shape, dt, frame, &view, 0, items)
     finally:
         PyBuffer_Release(&view)
-    if arr is None:
-        arr = _view(shape, dt, frame, 0, nbytes // itemsize)
-    (<dict>props)[path] = arr
+    if not fixed:   # exported while the array lives (see _view)
+        props[path] = _frombuffer(memoryview(frame), dt, items, 0).reshape(shape)
     return 0
 
 
@@ -1855,7 +1814,8 @@ def deserialize(frames):
         finally:
             PyBuffer_Release(&view)
         if ah is not None:
-            _add_array(data, ah.source, ah.path, ah.dt, ah.shape, ah.count, fl[i + 1], i)
+            _add_array(_props_of(data, ah.source, i), ah.path, ah.dt, ah.shape, ah.count,
+                       fl[i + 1], i)
             continue
         if fast:
             source = fh.source
@@ -1869,11 +1829,10 @@ def deserialize(frames):
                 data[source] = p
                 meta[source] = m
             else:
-                _props_of(data, source, i)
+                props = _props_of(data, source, i)
                 dt = _dtype(fh.dtype, i)
-                _add_array(data, source, fh.path, dt, fh.shape, fh.count, fl[i + 1], i)
-                if type(source) is str and type(fh.path) is str:
-                    _memo_store(fl[i], slot, fh, dt)
+                _add_array(props, fh.path, dt, fh.shape, fh.count, fl[i + 1], i)
+                _memo_store(fl[i], slot, fh, dt)   # source and path are str (fixstr/str8)
             continue
         h = decode_frame(fl[i], i, False)
         if type(h) is not dict:
@@ -1895,11 +1854,11 @@ def deserialize(frames):
             data[source] = payload
             meta[source] = m
         elif content == "array":
-            _props_of(data, source, i)
+            props = _props_of(data, source, i)
             path = _header_field(hdr, "path", i, str)
             dt = _dtype(_header_field(hdr, "dtype", i, (str, bytes)), i)
             shape = _shape_c(hdr.get("shape"), i, &count)
-            _add_array(data, source, path, dt, shape, count, fl[i + 1], i)
+            _add_array(props, path, dt, shape, count, fl[i + 1], i)
         else:
             raise UnknownContentError(
                 f"frame {i}: unknown content {content!r}", i, content=content

@@ -149,9 +149,9 @@ def flatten_hash(h):
     Raises
     ------
     TypeError
-        if *h* is not a ``kbhash.Hash`` (kbhash is imported lazily, only here).
+        if *h* is not a ``kbhash.Hash``.
     """
-    import kbhash  # lazy: kbstream works without kbhash for plain dict input
+    import kbhash
 
     if not isinstance(h, kbhash.Hash):
         raise TypeError(f"expected a dict or kbhash.Hash source, got {type(h).__name__}")
