@@ -1,6 +1,7 @@
 """kbstream output -> kbstream input over TCP loopback, for every channel option."""
 
 import socket
+from pathlib import Path
 import struct
 import threading
 import time
@@ -552,6 +553,63 @@ def _shm_files():
     return sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"kbstream-{os.getpid()}-"))
 
 
+def test_a_slot_that_cannot_be_allocated_falls_back_to_tcp_and_leaves_no_file(tmp_path, monkeypatch):
+    """No space for a slot: acquire() says None (the caller sends over TCP), the file it
+    began is removed, and a slot being replaced stays usable."""
+    import errno
+    import os
+
+    monkeypatch.setattr(pshm, "SHM_DIR", str(tmp_path))
+    ring = pshm.SlotRing(1)
+    index, seg = ring.acquire(1 << 16)
+    ring.release(index)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert ring.acquire(4 << 20) is None          # would replace the free slot: fails first
+    assert os.listdir(tmp_path) == [seg.name]     # the old slot is still there...
+    got = ring.acquire(1 << 10)
+    assert got is not None and got[1] is seg      # ...and usable
+    got[1].view[:4] = b"abcd"
+    ring.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_shared_memory_file_system_never_kills_the_sender(tmp_path):
+    """On a real 2 MiB tmpfs (a private mount): a 4 MiB slot is refused instead of being
+    mapped and then killing the process with SIGBUS when written; a slot that fits works."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("LOUD SKIP: cannot make a private mount namespace (unshare -m) here")
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(pshm.__file__).parents[2])!r})
+from kbstream.pipeline import shm
+shm.SHM_DIR = sys.argv[1]
+ring = shm.SlotRing(4)
+assert ring.acquire(4 << 20) is None
+assert os.listdir(sys.argv[1]) == [], os.listdir(sys.argv[1])
+index, seg = ring.acquire(1 << 20)
+seg.view[:] = b"x" * seg.size
+ring.close()
+print("ok", seg.size)
+"""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    cmd = f'mount -t tmpfs -o size=2m tmpfs "{mnt}" && exec "{sys.executable}" -c "$0" "{mnt}"'
+    r = subprocess.run(["unshare", "-m", "sh", "-c", cmd, script], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["ok", str(1 << 20)]
+
+
 @needs_shm
 def test_shared_memory_path_is_used_and_slots_are_not_reused_while_held(channels):
     make_output, make_input = channels
@@ -595,6 +653,47 @@ def test_shared_memory_slots_are_recycled_when_released(channels):
     assert st["shm"] == n  # released slots were reused: no fallback to TCP was needed
     with out._cond:
         assert len(out._inputs["receiver:input"].ring.slots) <= 12
+
+
+@needs_shm
+def test_messages_queued_for_a_slow_input_still_travel_through_shared_memory(channels):
+    """queueDrop keeps messages the input has no credit for; sent later, they still go
+    through shared memory (and hold the values of when they were written)."""
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(onSlowness="queueDrop", maxQueueLength=50)
+    col = Collector(inp)
+
+    def slow(d, m):
+        time.sleep(0.01)
+        col.on_data(Hash("index", d["index"], "sum", int(d["image"].sum())), m)
+
+    inp.register_data_handler(slow)
+    inp.connect(out.info, "sender:output")
+    out.wait_for_inputs(copy=["receiver:input"])
+    n = 30
+    send(out, n, shape=BIG_FRAME)   # one frame array, overwritten for every message
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    st = out.stats()["receiver:input"]
+    assert col.indices() == list(range(n)) and st["dropped"] == 0
+    assert [d["sum"] for *_, d in col.items] == [i * int(np.prod(BIG_FRAME)) for i in range(n)]
+    assert st["shm"] == n
+
+
+def test_serving_an_empty_queue_never_waits_behind_a_send_in_flight(channels):
+    """update() serves every input's queue after each message; with nothing queued for
+    an input it must not wait for that input's send lock (a stalled send can hold it for
+    send_timeout)."""
+    out, inp, col = copy_pair(channels, onSlowness="wait")
+    peer = out._inputs["receiver:input"]
+    with peer.send_lock:   # as if a send to this input were in flight
+        t = threading.Thread(target=out._serve_queue, args=(peer,), daemon=True)
+        t.start()
+        t.join(20)
+        blocked = t.is_alive()
+    t.join()
+    assert not blocked
 
 
 def test_input_without_shared_memory_gets_tcp(channels):

@@ -359,6 +359,9 @@ class OutputChannel:
 
     def _serve_queue(self, peer):
         """Send queued messages for ``peer`` while it has credit (one sender at a time)."""
+        with self._cond:   # nothing to do: never wait behind a send in flight to find out
+            if not (peer.alive and peer.credits > 0 and self._has_queued(peer)):
+                return
         with peer.send_lock:
             while True:
                 with self._cond:
@@ -473,7 +476,10 @@ class OutputChannel:
             raise late
 
     def _materialize(self, msg):
-        # a queued message outlives update(): copy it so the caller may reuse the arrays
+        # a queued message outlives update(): copy it so the caller may reuse the arrays;
+        # a data message stays one, so a same-host input still gets it in shared memory
+        if isinstance(msg, wire.Message):
+            return msg.copied()
         return [bytes(memoryview(b).cast("B")) for b in msg]
 
     def _distribute(self, msg, eos, timeout):

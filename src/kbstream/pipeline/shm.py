@@ -49,8 +49,14 @@ class _Segment:
         self.path = os.path.join(SHM_DIR, self.name)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # tmpfs reserves nothing on ftruncate: without the allocation, a full /dev/shm
+            # would kill the process with SIGBUS on the first write into the mapping.
+            # posix_fallocate raises OSError (ENOSPC) instead, and the caller uses TCP.
+            os.posix_fallocate(fd, 0, size)
             self.mm = mmap.mmap(fd, size)
+        except BaseException:
+            self.unlink()
+            raise
         finally:
             os.close(fd)
         self.size = size
@@ -101,8 +107,9 @@ class SlotRing:
                     if not free:
                         return None
                     best = free[0]
+                    new = _Segment(-(-size // _ROUND) * _ROUND)   # first: it may fail
                     self.slots[best].close()
-                    self.slots[best] = _Segment(-(-size // _ROUND) * _ROUND)
+                    self.slots[best] = new
             except OSError:
                 return None
         seg = self.slots[best]

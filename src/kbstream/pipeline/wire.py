@@ -178,13 +178,13 @@ def _u32_vector(values):
     return list(values)
 
 
-def data_message(items, shm=None):
+def data_message(items):
     """Buffers of one data message for ``items`` = [(data Hash, ChannelMetaData), ...].
 
     Returns a list of buffers for ``socket.sendmsg``: the framed header first,
     then the items' archives as kbhash.encode returned them (array payloads are
     the arrays' own memory).  The header's ``_bufferSetLayout_`` etc. describe
-    the body; :func:`shm_message` moves that body into a shared-memory slot.
+    the body; :meth:`Message.via_shm` moves that body into a shared-memory slot.
     """
     source_info = []
     layouts = []
@@ -214,8 +214,7 @@ def data_message(items, shm=None):
     total = sum(byte_sizes)
     if total > 0xFFFFFFFF:
         raise PipelineProtocolError(f"message body of {total} bytes does not fit the u32 size field")
-    msg = Message(header, [b for b in body if memoryview(b).nbytes], total)
-    return msg
+    return Message(header, [b for b in body if memoryview(b).nbytes], total)
 
 
 class Message(list):
@@ -227,6 +226,15 @@ class Message(list):
         self.header = header
         self.body = body
         self.body_size = body_size
+
+    def copied(self):
+        """The same message with its own copy of the body (the one copy of the items'
+        buffers), for a message that outlives the arrays it was made from."""
+        m = Message.__new__(Message)
+        body = [bytes(memoryview(b).cast("B")) for b in self.body]
+        list.__init__(m, [self[0]] + body)
+        m.header, m.body, m.body_size = self.header, body, self.body_size
+        return m
 
     def via_shm(self, name, slot):
         """The same message with its body in shared-memory slot ``slot`` of segment ``name``."""
