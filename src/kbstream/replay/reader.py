@@ -243,7 +243,6 @@ class RunFile:
     def fd(self):
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-            self.size = os.fstat(self._fd).st_size
         return self._fd
 
     def map_region(self, addr, nbytes, populate=False):
@@ -320,6 +319,8 @@ class _Dataset:
             self.chunks = ds.chunks
             self.mode = "rows" if tuple(ds.chunks[1:]) == self.entry_shape else "tiles"
             self._chunk_addr = None
+            self._block_addr_cache = {}
+            self._staging_tls = threading.local()
 
     def _chunk_map(self):
         if self._chunk_addr is None:
@@ -368,13 +369,17 @@ class _Dataset:
         return self.cache
 
     def _pread(self, addr, nbytes, dest):
+        """File bytes ``addr:addr+nbytes`` into ``dest``.  A read past the end of the file
+        is short (never a fault): only then is the file's current size looked up, to say
+        whether it was truncated, even after it was opened."""
         fd = self.rf.fd()
-        if addr + nbytes > self.rf.size:
-            raise TruncatedFileError(
-                f"{self.rf.path}: {self.name} data at byte {addr}+{nbytes} lies beyond the "
-                f"end of the file ({self.rf.size} bytes); the file is truncated", self.rf.path)
         got = os.preadv(fd, [dest], addr)
         if got != nbytes:
+            size = os.fstat(fd).st_size
+            if addr + nbytes > size:
+                raise TruncatedFileError(
+                    f"{self.rf.path}: {self.name} data at byte {addr}+{nbytes} lies beyond "
+                    f"the end of the file ({size} bytes); the file is truncated", self.rf.path)
             raise TruncatedFileError(
                 f"{self.rf.path}: short read of {self.name} ({got} of {nbytes} bytes)",
                 self.rf.path)
@@ -438,7 +443,7 @@ class _Dataset:
 
     def _block_addresses(self, k):
         """File offsets of the chunks of row block ``k`` in tile order (-1: not written)."""
-        cache = self.__dict__.setdefault("_block_addr_cache", {})
+        cache = self._block_addr_cache
         addrs = cache.get(k)
         if addrs is None:
             cmap = self._chunk_map()
@@ -461,10 +466,10 @@ class _Dataset:
         return max(1, min(self.chunks[0], self.STAGING_BYTES // (glast * tile_bytes)))
 
     def _staging(self, nrows, tile_bytes):
-        """(array (G, nrows) + chunk tile, [[memoryview of tile j]] for os.preadv), views
-        on one buffer of :meth:`_staging_rows` rows per tile, owned by the calling thread
-        (so that reads of one dataset from several threads need no lock around the I/O)."""
-        tls = self.__dict__.setdefault("_staging_tls", threading.local())
+        """(array (G, nrows) + chunk tile, [memoryview of tile j]), views on one buffer of
+        :meth:`_staging_rows` rows per tile, owned by the calling thread (so that reads of
+        one dataset from several threads need no lock around the I/O)."""
+        tls = self._staging_tls
         cache = getattr(tls, "cache", None)
         if cache is None:
             cache = tls.cache = {}
@@ -482,7 +487,7 @@ class _Dataset:
                 tile_rows = arr[j]
                 if not tile_rows.flags.c_contiguous:  # pragma: no cover - by construction
                     raise AssertionError("staging rows of a tile must be contiguous")
-                views.append([memoryview(tile_rows.reshape(-1).view(np.uint8))])
+                views.append(memoryview(tile_rows.reshape(-1).view(np.uint8)))
             st = cache[nrows] = (arr, views)
         return st
 
@@ -496,8 +501,6 @@ class _Dataset:
         axis, and one strided copy puts the run in place (or one copy per tile where the
         chunks do not tile the entry evenly).
         """
-        fd = self.rf.fd()
-        size = os.fstat(fd).st_size
         chunks = self.chunks
         c0 = chunks[0]
         tile_bytes = int(np.prod(chunks[1:], dtype=np.int64)) * self.dtype.itemsize
@@ -519,14 +522,6 @@ class _Dataset:
             dst_rows = out[r - first:stop - first]
             addrs = self._block_addresses(k)
             staging, views = self._staging(nr, tile_bytes)
-            top = max(addrs) + skip + want
-            if top > size:   # name the first chunk that lies beyond the end
-                a = min(x for x in addrs if x + skip + want > size) + skip
-                raise TruncatedFileError(
-                    f"{self.rf.path}: {self.name} data at byte {a}+{want} lies beyond "
-                    f"the end of the file ({size} bytes); the file is truncated",
-                    self.rf.path)
-            preadv = os.preadv
             for t0, n in self._segments():
                 missing = None
                 for j in range(n):
@@ -535,10 +530,8 @@ class _Dataset:
                         if missing is None:
                             missing = []
                         missing.append(j)
-                    elif preadv(fd, views[j], a + skip) != want:
-                        raise TruncatedFileError(
-                            f"{self.rf.path}: short read of {self.name} (chunk at byte "
-                            f"{a}, {want} bytes wanted)", self.rf.path)
+                    else:
+                        self._pread(a + skip, want, views[j])
                 for j in missing or ():  # never written: the fill value
                     self.fill(staging[j, :nr])
                 src = staging[:n, :nr]
