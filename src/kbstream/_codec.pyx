@@ -1300,12 +1300,15 @@ cdef void _pool_give(char* p, Py_ssize_t cap) noexcept:
 
 
 def release_pool():
-    """Free the recycled protocol 1.0 frame memory (it is otherwise kept for reuse)."""
-    cdef int i
+    """Free the recycled protocol 1.0 frame memory (it is otherwise kept for reuse);
+    returns the number of blocks freed."""
+    cdef int i, freed = 0
     for i in range(POOL_SLOTS):
         if _pool_ptr[i] != NULL:
             free(_pool_ptr[i])
             _pool_ptr[i] = NULL
+            freed += 1
+    return freed
 
 
 @cython.final

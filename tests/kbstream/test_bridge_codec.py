@@ -415,3 +415,8 @@ def test_1_0_large_frames_recycle_memory():
     assert addr(f3) != first, "a block with live views is not reused"
     np.testing.assert_array_equal(d["s"]["a"], a)
     _codec.release_pool()
+    # the pool itself: a freed frame's block is kept (not handed back to the allocator)
+    g = _codec.serialize(train, protocol_version="1.0")[0]
+    del g
+    assert _codec.release_pool() == 1
+    assert _codec.release_pool() == 0

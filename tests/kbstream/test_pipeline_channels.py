@@ -398,6 +398,24 @@ def _fake_output(script):
     return {"hostname": "127.0.0.1", "port": srv.getsockname()[1]}, srv, accepted
 
 
+def _against_fake_output(make_input, frame, connections=2, **input_options):
+    """An input connected to a _fake_output that sends ``frame`` after each hello, until
+    the input has connected ``connections`` times (it came back after each connection the
+    output broke); returns its Collector."""
+    info, srv, accepted = _fake_output(lambda s: s.sendall(frame))
+    inp = make_input(**input_options)
+    col = Collector(inp)
+    inp.connect(info, "fake:output")
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while len(accepted) < connections:
+            assert time.monotonic() < deadline, f"the input connected {len(accepted)} times"
+            time.sleep(0.01)
+    finally:
+        srv.close()
+    return col
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -410,15 +428,7 @@ def _fake_output(script):
 )
 def test_input_closes_garbage_connections_and_reconnects(channels, payload, caplog):
     make_output, make_input = channels
-    info, srv, accepted = _fake_output(lambda s: s.sendall(payload))
-    inp = make_input(onSlowness="wait", max_message_size=1 << 30)
-    col = Collector(inp)
-    inp.connect(info, "fake:output")
-    deadline = time.monotonic() + TIMEOUT
-    while len(accepted) < 2:  # it came back after closing the bad connection
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    srv.close()
+    col = _against_fake_output(make_input, payload, onSlowness="wait", max_message_size=1 << 30)
     assert col.items == []
     assert any("closing connection to fake:output" in r.message or "lost" in r.message for r in caplog.records)
 
@@ -427,15 +437,7 @@ def test_input_survives_a_peer_that_dies_mid_message(channels):
     make_output, make_input = channels
     msg = b"".join(bytes(b) for b in wire.data_message(
         [(Hash("index", 1, "arr", np.zeros(1000, np.uint8)), wire.ChannelMetaData("x"))]))
-    info, srv, accepted = _fake_output(lambda s: s.sendall(msg[: len(msg) - 500]))
-    inp = make_input(onSlowness="wait")
-    col = Collector(inp)
-    inp.connect(info, "fake:output")
-    deadline = time.monotonic() + TIMEOUT
-    while len(accepted) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    srv.close()
+    col = _against_fake_output(make_input, msg[: len(msg) - 500], onSlowness="wait")
     assert col.items == []
 
 
@@ -704,12 +706,14 @@ def test_input_without_shared_memory_gets_tcp(channels):
     assert col.indices() == list(range(5)) and out.stats()["receiver:input"]["shm"] == 0
 
 
-@pytest.mark.parametrize("ref", [
-    {"name": "/etc/passwd", "slot": 0, "size": 4},
-    {"name": "kbstream-does-not-exist", "slot": 0, "size": 4},
+@needs_shm
+@pytest.mark.parametrize("ref, why", [
+    ({"name": "/etc/passwd", "slot": 0}, "refusing shared memory segment '/etc/passwd'"),
+    ({"name": "kbstream-does-not-exist", "slot": 0}, "No such file or directory"),
 ])
-def test_input_refuses_bad_shared_memory_references(channels, ref):
+def test_input_refuses_bad_shared_memory_references(channels, ref, why, caplog):
     make_output, make_input = channels
+    caplog.set_level("INFO", logger="kbstream.pipeline")
     msg = wire.data_message([(Hash("a", 1), wire.ChannelMetaData("x"))])
     h = Hash(msg.header)
     r = Hash()
@@ -719,16 +723,10 @@ def test_input_refuses_bad_shared_memory_references(channels, ref):
     h["kbShm"] = r
     hb = kbhash.encode_bytes(h)
     frame = struct.pack("<I", len(hb)) + hb + struct.pack("<I", 0)
-    info, srv, accepted = _fake_output(lambda s: s.sendall(frame))
-    inp = make_input(onSlowness="wait")
-    col = Collector(inp)
-    inp.connect(info, "fake:output")
-    deadline = time.monotonic() + TIMEOUT
-    while len(accepted) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    srv.close()
+    col = _against_fake_output(make_input, frame, onSlowness="wait")
     assert col.items == []
+    # the connection ended for the reason wanted (not some other error of the message)
+    assert any(why in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 # ------------------------------------------------------- regressions (review findings)
@@ -875,7 +873,7 @@ def test_a_stalled_input_with_credit_is_disconnected_after_send_timeout(channels
     ],
     ids=["negative", "strings", "layout-not-sizes", "scalar"],
 )
-def test_malformed_sizes_close_the_connection_and_the_input_retries(channels, layout):
+def test_malformed_sizes_close_the_connection_and_the_input_retries(channels, layout, caplog):
     make_output, make_input = channels
     h = Hash()
     h.set("sourceInfo", [wire.ChannelMetaData("x").to_hash()], type=HashType.VECTOR_HASH)
@@ -883,14 +881,14 @@ def test_malformed_sizes_close_the_connection_and_the_input_retries(channels, la
         h.set(k, v, type=t)
     hb = kbhash.encode_bytes(h)
     frame = struct.pack("<I", len(hb)) + hb + struct.pack("<I", 1) + b"\0"
-    info, srv, accepted = _fake_output(lambda s: s.sendall(frame))
-    inp = make_input(onSlowness="wait")
-    inp.connect(info, "fake:output")
-    deadline = time.monotonic() + TIMEOUT
-    while len(accepted) < 3:
-        assert time.monotonic() < deadline, "the input stopped retrying"
-        time.sleep(0.01)
-    srv.close()
+    with pytest.raises(wire.PipelineProtocolError):
+        wire.parse_header(hb, 1)
+    col = _against_fake_output(make_input, frame, connections=3, onSlowness="wait")
+    assert col.items == []
+    # refused as a protocol error (a warning), not as a failure of the input (an error)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("closing connection to fake:output" in m for m in msgs), msgs
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 @needs_shm
@@ -917,5 +915,6 @@ def test_replaced_shared_memory_slots_keep_held_arrays_intact(channels):
     out.signal_end_of_stream(timeout=TIMEOUT)
     assert done.wait(TIMEOUT)
     assert out.stats()["receiver:input"]["shm"] > 0
+    assert sorted(held) == [3, 4]
     for i, arr in held.items():
         assert arr.size == (i % 12 + 1) << 20 and (arr == i % 251).all()

@@ -279,24 +279,18 @@ def test_subprocess_smoke(root, tmp_path):
     assert "Sent 2 trains" in out
 
 
-def test_progress_in_a_log_has_each_state_once():
+@pytest.mark.parametrize("interval, states", [
+    (0.0, ["1/3", "2/3", "3/3"]),   # every train drawn; finish() adds nothing
+    (3600.0, ["1/3", "3/3"]),       # the first train drawn, the next two inside the
+])                                  # interval; finish() draws the final state
+def test_progress_in_a_log_has_each_state_once(interval, states):
     """Not a terminal: one line per drawn state, and finish() adds the final state only
     when the last line drawn is not already it."""
     out = io.StringIO()
-    stats = serve.ReplayStats(3, stream=out, interval=0.0)
+    stats = serve.ReplayStats(3, stream=out, interval=interval)
     for tid in (10, 11, 12):
         stats.sent_train(tid, 100)
     stats.finish()
     lines = out.getvalue().splitlines()
-    assert [line.split("]")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert [line.split("]")[1].split()[0] for line in lines] == states
     assert lines[-1].endswith("train 12")
-
-    out = io.StringIO()
-    stats = serve.ReplayStats(3, stream=out, interval=3600.0)
-    for tid in (10, 11, 12):
-        stats.sent_train(tid, 100)
-    stats.finish()
-    lines = out.getvalue().splitlines()
-    # the first train is drawn (no line yet), the next two fall in the interval,
-    # finish() draws the final state
-    assert [line.split("]")[1].split()[0] for line in lines] == ["1/3", "3/3"]
