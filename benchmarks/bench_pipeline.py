@@ -1,9 +1,11 @@
 """Pipeline channel throughput: kbstream and Karabo's C++ channels, same run.
 
 16 MiB items (uint16 (16, 512, 1024) + 20 scalars), copy / wait, sender and
-receiver in separate processes on tcp loopback.  Pairs: kbstream -> kbstream,
-kbstream -> karabind, karabind -> kbstream, karabind -> karabind, and one
-kbstream output -> 4 shared kbstream inputs (aggregate).  Each round streams
+receiver in separate processes on one host.  Pairs: kbstream -> kbstream (its
+same-host shared-memory path, and over tcp loopback alone: KBSTREAM_NO_SHM=1 in
+the receiver), kbstream -> karabind, karabind -> kbstream, karabind -> karabind
+(tcp loopback), and one kbstream output -> 4 shared kbstream inputs (aggregate,
+a group of its own).  Each round streams
 ``KB_PIPE_ITEMS`` items (default 100) and ends with the end of stream; the
 rate is items / (time of the round).  The Karabo side runs in the side
 environment (tests/peers/pipeline_driver.py); run with ``scripts/bench.sh``.
@@ -36,6 +38,7 @@ ROUNDS = int(os.environ.get("KB_PIPE_ROUNDS", "3"))
 SHAPE = (16, 512, 1024)
 ITEM_BYTES = 16 * 1024 * 1024
 GROUP = "pipeline-16MiB-copy-wait"
+SHARED_GROUP = "pipeline-16MiB-shared-wait"
 
 RECEIVER = r"""
 import json, sys, threading, time
@@ -68,21 +71,24 @@ def item_hash(i, frame):
     return h
 
 
-def kb_receivers(port, ids, dist="copy"):
+def kb_receivers(port, ids, dist="copy", tcp_only=False):
+    env = dict(os.environ, KBSTREAM_NO_SHM="1") if tcp_only else None
     procs = []
     for iid in ids:
         p = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), iid, dist],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, env=env)
         assert json.loads(p.stdout.readline())["ready"]
         procs.append(p)
     return procs
 
 
-def kb_stream(out, n):
+def kb_stream(out, n, before_eos=None):
     frame = np.ones(SHAPE, np.uint16)
     for i in range(n):
         out.write(item_hash(i, frame), {"tid": i})
         out.update()
+    if before_eos is not None:
+        before_eos()
     out.signal_end_of_stream()
 
 
@@ -91,25 +97,30 @@ def _record(benchmark, pair, counts):
                                 bytes=N * ITEM_BYTES, correct=all(c == N for c in counts))
 
 
-def test_kbstream_to_kbstream(benchmark):
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_kbstream_to_kbstream(benchmark, path):
     counts = []
+    shm_items = []
 
     def setup():
         out = OutputChannel("bench:output", hostname="127.0.0.1")
-        procs = kb_receivers(out.port, ["bench:input"])
+        procs = kb_receivers(out.port, ["bench:input"], tcp_only=path == "tcp")
         out.wait_for_inputs(copy=["bench:input"])
         return (out, procs), {}
 
     def run(out, procs):
-        kb_stream(out, N)
+        # the input leaves after the end of stream: its counters are read before
+        kb_stream(out, N, lambda: shm_items.append(out.stats()["bench:input"]["shm"]))
         for p in procs:
             counts.append(json.loads(p.communicate(timeout=600)[0].splitlines()[-1])["count"])
         out.close()
 
     benchmark.group = GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
-    _record(benchmark, "kbstream->kbstream", counts)
+    _record(benchmark, f"kbstream->kbstream ({path})", counts)
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median
+    # the path measured is the one named
+    assert all((n > 0) if path == "shm" else (n == 0) for n in shm_items), shm_items
 
 
 def test_kbstream_to_4_shared_kbstream(benchmark):
@@ -127,7 +138,7 @@ def test_kbstream_to_4_shared_kbstream(benchmark):
         counts.append(sum(json.loads(p.communicate(timeout=600)[0].splitlines()[-1])["count"] for p in procs))
         out.close()
 
-    benchmark.group = GROUP
+    benchmark.group = SHARED_GROUP
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
     _record(benchmark, "kbstream->4 shared kbstream", counts)
     benchmark.extra_info["items_per_s"] = N / benchmark.stats.stats.median
