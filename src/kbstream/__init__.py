@@ -24,7 +24,7 @@ from .errors import (
     ServerError,
     ServerStateError,
     ShapeMismatchError,
-    TruncatedError,
+    TruncatedFrameError,
     UnknownContentError,
     UnsupportedDtypeError,
 )
@@ -66,7 +66,7 @@ __all__ = [
     # errors
     "KbStreamError",
     "ProtocolError",
-    "TruncatedError",
+    "TruncatedFrameError",
     "UnknownContentError",
     "UnsupportedDtypeError",
     "ShapeMismatchError",

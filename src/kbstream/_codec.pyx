@@ -60,7 +60,7 @@ from .errors import (
     EncodeOverflowError,
     ProtocolError,
     ServerError,
-    TruncatedError,
+    TruncatedFrameError,
     UnknownContentError,
     UnsupportedDtypeError,
 )
@@ -591,7 +591,7 @@ cdef inline void r_init(Reader* r, const Py_buffer* view, Py_ssize_t index, bint
 
 
 cdef int r_truncated(Reader* r, Py_ssize_t n, Py_ssize_t at) except -1:
-    raise TruncatedError(
+    raise TruncatedFrameError(
         f"frame {r.index}: msgpack data truncated at offset {at}: "
         f"{n} bytes needed, {r.end - r.pos} left",
         r.index,
@@ -630,7 +630,7 @@ cdef inline uint64_t r_be(Reader* r, int n, Py_ssize_t at) except? 0xFFFFFFFFFFF
 cdef int r_container_size(Reader* r, uint64_t n, int per_item, Py_ssize_t at,
                           str what) except -1:
     if n * per_item > <uint64_t>(r.end - r.pos):
-        raise TruncatedError(
+        raise TruncatedFrameError(
             f"frame {r.index}: msgpack {what} at offset {at} declares {n} items, "
             f"only {r.end - r.pos} bytes left",
             r.index,
@@ -1155,7 +1155,7 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
     try:
         r_init(&r, &view, index, False)
         if r.end < 1:
-            return r_top(&r, frame)         # raises TruncatedError
+            return r_top(&r, frame)         # raises TruncatedFrameError
         b = r.buf[0]
         if (b & 0xF0) == 0x80:
             n = b & 0x0F

@@ -43,7 +43,7 @@ from .errors import (
     ProtocolError,
     ServerError,
     ShapeMismatchError,
-    TruncatedError,
+    TruncatedFrameError,
     UnknownContentError,
     UnsupportedDtypeError,
 )
@@ -419,7 +419,7 @@ class _Reader:
 
     def need(self, n, at):
         if self.end - self.pos < n:
-            raise TruncatedError(
+            raise TruncatedFrameError(
                 f"frame {self.index}: msgpack data truncated at offset {at}: "
                 f"{n} bytes needed, {self.end - self.pos} left",
                 self.index,
@@ -434,7 +434,7 @@ class _Reader:
 
     def container_size(self, n, per_item, at, what):
         if n * per_item > self.end - self.pos:
-            raise TruncatedError(
+            raise TruncatedFrameError(
                 f"frame {self.index}: msgpack {what} at offset {at} declares {n} items, "
                 f"only {self.end - self.pos} bytes left",
                 self.index,

@@ -1,30 +1,45 @@
-"""Exceptions of kbstream, shared by the compiled codec, its pure-Python twin and the sockets.
+"""Every exception kbstream raises, in one tree under :class:`KbStreamError`.
 
-Every class also subclasses the builtin that callers of ``karabo_bridge`` already catch, so
-code written against the peer keeps working: decoding problems are ``ValueError``s,
-unencodable values ``TypeError``s, receive timeouts ``TimeoutError``s.
+This module is neutral: it imports nothing (no zmq, no codec), so the compiled codecs,
+their pure-Python twins, the sockets and every subpackage can share it.
 
-Hierarchy::
+Every class also subclasses the builtin that callers of the peers already catch, so code
+written against ``karabo_bridge`` or ``extra_data`` keeps working: malformed input is a
+``ValueError``, unencodable values ``TypeError``, timeouts ``TimeoutError``, a wrong call
+order ``RuntimeError``, files and sockets ``OSError``.
+
+Hierarchy (the subpackages' own modules add their leaves; each is listed here)::
 
     KbStreamError
-    +-- ProtocolError (ValueError)          a message does not follow the bridge protocol
-    |   +-- TruncatedError                  a msgpack frame ends inside a value
-    |   +-- UnknownContentError             header 'content' is not 'msgpack' / 'array'
+    +-- ProtocolError (ValueError)          a message does not follow its protocol
+    |   +-- TruncatedFrameError             a bridge msgpack frame ends inside a value
+    |   +-- UnknownContentError             bridge header 'content' is not 'msgpack' / 'array'
     |   +-- UnsupportedDtypeError           object, structured, zero-size or unknown dtype
     |   +-- ShapeMismatchError              prod(shape) * itemsize != frame length, bad shape
-    |   +-- ServerError                     the server answered 'Error: ...' (bad request)
-    +-- EncodeError (TypeError)             a value cannot be put on the wire
+    |   +-- ServerError                     a bridge server answered 'Error: ...'
+    |   +-- pipeline.PipelineProtocolError  a pipeline peer broke Karabo's TCP protocol
+    +-- EncodeError (TypeError, ValueError) a value cannot be put on the wire
     |   +-- EncodeOverflowError (OverflowError)   int outside [-2**63, 2**64)
-    +-- ChannelTimeout (TimeoutError)       nothing received within the timeout
-    +-- ServerStateError (RuntimeError)     start() twice, feed() after stop(), ...
+    +-- ChannelTimeout (TimeoutError)       nothing arrived / no peer within the timeout
+    |   +-- pipeline.ConnectTimeout         an input's outputs did not connect in time
+    +-- StateError (RuntimeError)           a call in the wrong life-cycle state
+    |   +-- ServerStateError                bridge server or client: feed() after close() ...
+    |   +-- pipeline.ChannelClosed          the channel was closed
+    |   +-- broker.NotStartedError          the broker instance is not started
+    +-- BindError (OSError)                 a socket cannot bind its endpoint
+    +-- pipeline.PipelineError              pipeline channels (SchemaError, ...)
+    +-- broker.BrokerError                  broker layer (connection, requests, ids)
+    +-- replay.ReplayError                  finding, reading and replaying run files
 
-The codec raises these with the same messages in both implementations; the tests pin them.
+kbhash raises its own tree (:class:`kbhash.KbHashError`); where kbstream encodes a Hash
+for the wire it turns :class:`kbhash.EncodeError` into :class:`EncodeError` (the kbhash
+error is the ``__cause__``), so a kbstream caller needs to catch one tree only.
 """
 
 __all__ = [
     "KbStreamError",
     "ProtocolError",
-    "TruncatedError",
+    "TruncatedFrameError",
     "UnknownContentError",
     "UnsupportedDtypeError",
     "ShapeMismatchError",
@@ -32,7 +47,9 @@ __all__ = [
     "EncodeError",
     "EncodeOverflowError",
     "ChannelTimeout",
+    "StateError",
     "ServerStateError",
+    "BindError",
 ]
 
 
@@ -41,7 +58,7 @@ class KbStreamError(Exception):
 
 
 class ProtocolError(KbStreamError, ValueError):
-    """A received message does not follow the Karabo Bridge protocol.
+    """A received message does not follow its protocol.
 
     Attributes
     ----------
@@ -57,8 +74,12 @@ class ProtocolError(KbStreamError, ValueError):
         self.offset = offset
 
 
-class TruncatedError(ProtocolError):
-    """A msgpack frame ends before the value it announces."""
+class TruncatedFrameError(ProtocolError):
+    """A bridge msgpack frame ends before the value it announces.
+
+    (A truncated Hash archive is :class:`kbhash.TruncatedError`, a run file cut short
+    :class:`kbstream.replay.TruncatedFileError`.)
+    """
 
 
 class UnknownContentError(ProtocolError):
@@ -93,8 +114,8 @@ class ServerError(ProtocolError):
     """
 
 
-class EncodeError(KbStreamError, TypeError):
-    """A value cannot be serialized (``karabo_bridge`` raises ``TypeError`` here too)."""
+class EncodeError(KbStreamError, TypeError, ValueError):
+    """A value cannot be put on the wire (``karabo_bridge`` raises ``TypeError`` here too)."""
 
 
 class EncodeOverflowError(EncodeError, OverflowError):
@@ -102,12 +123,12 @@ class EncodeOverflowError(EncodeError, OverflowError):
 
 
 class ChannelTimeout(KbStreamError, TimeoutError):
-    """No message arrived within the receive timeout.
+    """Nothing arrived (or no peer connected) within the timeout.
 
     Attributes
     ----------
-    endpoint : str
-        The endpoint the socket was waiting on.
+    endpoint : str or None
+        The endpoint or channel that was waited on.
     timeout : float or None
         The timeout in seconds.
     """
@@ -118,5 +139,25 @@ class ChannelTimeout(KbStreamError, TimeoutError):
         self.timeout = timeout
 
 
-class ServerStateError(KbStreamError, RuntimeError):
-    """A server method was called in the wrong state (e.g. ``start()`` twice)."""
+class StateError(KbStreamError, RuntimeError):
+    """A method was called in the wrong life-cycle state (``start()`` twice, ...)."""
+
+
+class ServerStateError(StateError):
+    """A bridge server or client was used in the wrong state (``feed()`` after ``close()``)."""
+
+
+class BindError(KbStreamError, OSError):
+    """A socket cannot bind its endpoint (in use, bad address, no such interface).
+
+    Attributes
+    ----------
+    endpoint : str or None
+    """
+
+    def __init__(self, message, endpoint=None):
+        super().__init__(message)
+        self.endpoint = endpoint
+
+    def __str__(self):
+        return self.args[0]

@@ -333,7 +333,7 @@ def test_unpackb_truncated_every_prefix(impl):
     for frame in impl.serialize(data, meta)[:2]:
         frame = bytes(frame)
         for n in range(len(frame)):
-            with pytest.raises(errors.TruncatedError):
+            with pytest.raises(errors.TruncatedFrameError):
                 impl.unpackb(frame[:n])
 
 
@@ -343,9 +343,9 @@ def test_unpackb_truncated_every_prefix(impl):
     (b"\xa1\xff", errors.ProtocolError, r"^frame 0: invalid UTF-8 in msgpack str at offset 0$"),
     (b"\x81\x01\x02", errors.ProtocolError, r"^frame 0: msgpack map key at offset 1 is int, not str or bytes$"),
     (b"\x01\x02", errors.ProtocolError, r"^frame 0: 1 bytes of extra data after the msgpack value, at offset 1$"),
-    (b"\xdd\xff\xff\xff\xff", errors.TruncatedError, r"^frame 0: msgpack array at offset 0 declares 4294967295 items, only 0 bytes left$"),
-    (b"\xc6\xff\xff\xff\xff", errors.TruncatedError, r"^frame 0: msgpack data truncated at offset 0: 4294967295 bytes needed, 0 left$"),
-    (b"", errors.TruncatedError, r"^frame 0: msgpack data truncated at offset 0: 1 bytes needed, 0 left$"),
+    (b"\xdd\xff\xff\xff\xff", errors.TruncatedFrameError, r"^frame 0: msgpack array at offset 0 declares 4294967295 items, only 0 bytes left$"),
+    (b"\xc6\xff\xff\xff\xff", errors.TruncatedFrameError, r"^frame 0: msgpack data truncated at offset 0: 4294967295 bytes needed, 0 left$"),
+    (b"", errors.TruncatedFrameError, r"^frame 0: msgpack data truncated at offset 0: 1 bytes needed, 0 left$"),
 ])
 def test_unpackb_errors(impl, blob, exc, message):
     with pytest.raises(exc, match=message):

@@ -34,7 +34,7 @@ CASES = [
      r"^frame 0: invalid msgpack byte 0xc1 at offset 0$"),
     ("header not a map", [mp([1]), b"\x80"], errors.ProtocolError,
      r"^frame 0: header is not a msgpack map$"),
-    ("header truncated", [hdr()[:-3], b"\x80"], errors.TruncatedError,
+    ("header truncated", [hdr()[:-3], b"\x80"], errors.TruncatedFrameError,
      r"^frame 0: msgpack data truncated at offset \d+: \d+ bytes needed, \d+ left$"),
     ("no source", [mp({"content": "msgpack"}), b"\x80"], errors.ProtocolError,
      r"^frame 0: header has no 'source'$"),
@@ -119,7 +119,7 @@ def test_error_attributes(impl):
     with pytest.raises(errors.UnsupportedDtypeError) as info:
         impl.deserialize(OK_PAIR + [arr_hdr("object", (1,)), b"\x00" * 8])
     assert (info.value.frame_index, info.value.dtype) == (2, "object")
-    with pytest.raises(errors.TruncatedError) as info:
+    with pytest.raises(errors.TruncatedFrameError) as info:
         impl.deserialize([hdr()[:10], b"\x80"])
     assert info.value.frame_index == 0 and info.value.offset == 10
 
