@@ -22,7 +22,7 @@ import zmq
 
 import kbstream
 from conftest import later_train
-from kbstream import _codec, _pure
+from kbstream.bridge import _codec, _pure
 
 kb = pytest.importorskip("karabo_bridge")
 
