@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 import kbstream
-from conftest import later_train
+from payloads import later_train
 from kbstream.bridge import _codec, _pure
 
 kb = pytest.importorskip("karabo_bridge")
