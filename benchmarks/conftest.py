@@ -1,7 +1,8 @@
 """Payload fixtures for the benchmarks (run: ``pytest benchmarks/bench_bridge.py``).
 
 "module" = one JUNGFRAU module train: ``data.adc`` uint16 (16, 512, 1024) (random) + 20
-scalar keys; "jf4m" = 8 such sources (134 MB per train), as in the bridge spec section 16.
+scalar keys; "jf4m" = 8 such sources (134 MB per train), as in
+docs/wire/karabo-bridge-protocol.md, section 15.
 """
 
 import numpy as np
