@@ -3,7 +3,7 @@
 A fresh clone must build and test on its own, so no tracked source, test, benchmark, script
 or build file may mention the reference folder that sat beside the project while it was
 written (its vectors now live in ``tests/data``, its facts in ``docs/``). And every
-``docs/....md`` that code or tests cite must be a file of this repository.
+Markdown document under ``docs/`` that code or tests cite must be a file of this repository.
 """
 
 import re
