@@ -1,7 +1,8 @@
 """Bridge payloads for the benchmarks: JUNGFRAU module trains and a stream of them.
 
 "module" = one JUNGFRAU module train: ``data.adc`` uint16 (16, 512, 1024) (random) + 20
-scalar keys; "jf4m" = 8 such sources (134 MB per train).  Used by the pytest fixtures
+scalar keys; "jf4m" = 8 such sources (134 MB per train), as in
+docs/wire/karabo-bridge-protocol.md, section 15.  Used by the pytest fixtures
 (conftest.py) and by the end-to-end worker processes (_e2e_worker.py).
 """
 

@@ -5,7 +5,7 @@
 #   bash scripts/rabbitmq.sh
 #
 # The tests never use a system-wide server: tests/broker/conftest.py starts a private
-# broker on 127.0.0.1 with all state in a temporary directory (peers.md, section 5.2) and
+# broker on 127.0.0.1 with all state in a temporary directory (docs/peers.md, section 5.2) and
 # needs only the package's programs in /usr/lib/rabbitmq/bin.
 #
 # * Already installed: returns at once (no apt call), after making sure no service runs.

@@ -3,7 +3,7 @@
 * ``impl``: every codec test runs on the compiled codec and on its pure-Python twin.
 * ``ipc_endpoint`` / ``tcp_endpoint`` / ``endpoint``: ZeroMQ endpoints that only listen
   locally (``ipc://`` under ``tmp_path``, ``tcp://127.0.0.1`` on a free port).
-* ``vectors_dir``: ``/work/shared/vectors`` (golden bytes from the real producers).
+* ``vectors_dir``: ``tests/data`` (golden bytes from the real producers; see its README.md).
 """
 
 import importlib
@@ -24,8 +24,8 @@ def impl(request):
 
 @pytest.fixture
 def vectors_dir():
-    """Folder of the shared golden vectors (read-only)."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+    """Folder of the golden vectors, ``tests/data`` (read-only)."""
+    return Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture

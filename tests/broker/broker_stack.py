@@ -1,7 +1,7 @@
 """Real RabbitMQ and karabo-cppserver processes for the broker interop tests.
 
 Everything listens on 127.0.0.1 only and keeps its state in a temporary directory
-(peers.md, section 5.2). Every process leads its own process group and is stopped with
+(docs/peers.md, section 5.2). Every process leads its own process group and is stopped with
 SIGTERM, then SIGKILL after a grace period, also when a test fails.
 """
 
@@ -166,7 +166,7 @@ def karabo_bin(python: str) -> Path:
 
 
 class CppServer:
-    """A ``karabo-cppserver`` with PropertyTest devices (peers.md, section 5.3)."""
+    """A ``karabo-cppserver`` with PropertyTest devices (docs/peers.md, section 5.3)."""
 
     def __init__(self, kbin: Path, base: Path, broker_url: str, topic: str, server_id: str,
                  devices: dict):

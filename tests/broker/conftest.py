@@ -1,7 +1,7 @@
 """Fixtures of the broker tests: a private RabbitMQ, a karabo-cppserver, karabind clients.
 
 * ``rabbitmq`` (session): RabbitMQ on 127.0.0.1 with all state in a temp dir, stopped at
-  the end (peers.md, section 5.2).
+  the end (docs/peers.md, section 5.2).
 * ``topic``: a fresh ``KARABO_BROKER_TOPIC`` per test, so tests never see each other.
 * ``karabo_python``: the Python 3.12 side interpreter with karabo.cpp (``KBSTREAM_KARABO_PYTHON``
   or ``<repo>/.venv-karabo/bin/python``).

@@ -1,4 +1,5 @@
-"""kbstream instances on a real RabbitMQ with real Karabo 3.1.2 programs (peers.md, 5.6).
+"""kbstream instances on a real RabbitMQ with real Karabo 3.1.2 programs (docs/peers.md,
+section 5.6).
 
 (a) a karabind DeviceClient lists the kbstream instance, keeps it alive by its heartbeats and
 drops it after shutdown; (b) a C++ PropertyTest input connects to a kbstream output by name

@@ -1,6 +1,6 @@
 """Broker layer without a broker: configuration, message bytes against the captured Karabo
-messages (broker spec, section 13), topic matching, and whole instances on the in-memory
-transport (life cycle, slots, request/reply, discovery, tracking, faults)."""
+messages (docs/wire/karabo-broker-amqp.md, section 13), topic matching, and whole instances
+on the in-memory transport (life cycle, slots, request/reply, discovery, tracking, faults)."""
 
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from kbstream.broker.transport import topic_matches
 
 from broker_stack import wait_until
 
-# ---- captured Karabo 3.1.2 messages (broker spec, section 13) ---------------------------
+# ---- captured Karabo 3.1.2 messages (docs/wire/karabo-broker-amqp.md, section 13) --------
 
 PING_13_1 = bytes.fromhex(
     "03000000077265706c79546f1c000000000000002400000033376130333666322d363364392d343831312d"

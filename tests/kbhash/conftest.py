@@ -12,7 +12,7 @@ try:
 except ImportError:  # reported by test_package.py; here only the pure codec runs
     _codec = None
 
-VECTORS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+VECTORS_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def load_hash_vectors():

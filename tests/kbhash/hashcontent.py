@@ -1,6 +1,6 @@
 """Convert between kbhash.Hash and the typed "content" form of the test vectors.
 
-The content form (``../shared/vectors/karabo_hash_vectors.json``, field
+The content form (``tests/data/karabo_hash_vectors.json``, field
 ``content``) is an ordered list of nodes ``{key, type, attrs, value}``; it is
 also what the Karabo peer driver (tests/peers) reads and writes, so archives
 can be compared with Karabo's own implementations value by value, with types.

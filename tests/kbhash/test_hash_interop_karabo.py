@@ -107,9 +107,9 @@ def test_inferred_types_are_karabinds(karabo_peer, value, expected):
 
 
 def test_karabind_writes_big_endian_arrays_as_little_endian(karabo_peer):
-    """Spec section 5: isBigEndian describes the payload.  karabind's binding ignores the
-    numpy byte order: it copies big-endian bytes but writes isBigEndian=false, so the values
-    change.  kbhash writes the flag and keeps the values."""
+    """isBigEndian describes the payload (docs/wire/karabo-hash-binary.md, section 5).
+    karabind's binding ignores the numpy byte order: it copies big-endian bytes but writes
+    isBigEndian=false, so the values change.  kbhash writes the flag and keeps the values."""
     values = [1, 2, 3]
     theirs = kbhash.decode(karabo_peer.kb_save_array(">u2", values, [3]))["x"]
     assert theirs.dtype == np.dtype("<u2")

@@ -30,7 +30,7 @@ kb = pytest.importorskip("karabo_bridge")
 def vectors(request):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "bridge_frames.json"
+    path = Path(__file__).resolve().parents[1] / "data" / "bridge_frames.json"
     doc = json.loads(path.read_text())
     return {v["name"]: v for v in doc["vectors"]}
 

@@ -126,13 +126,16 @@ def test_error_attributes(impl):
 
 
 def test_peer_behaviour_on_bad_input():
-    """What karabo_bridge 0.7.0 really does with the same bad input (spec section 13)."""
+    """What karabo_bridge 0.7.0 really does with the same bad input.
+
+    See docs/wire/karabo-bridge-protocol.md, section 13.
+    """
     kb = pytest.importorskip("karabo_bridge")
     # odd frame count: the trailing frame is silently dropped
     d, _ = kb.deserialize(OK_PAIR + [arr_hdr()])
     assert d == {"s": {"x": 1}}
-    # spec 13 says the peer "never checks" shape x itemsize against the frame; in fact
-    # numpy's reshape does, with an untyped ValueError (and an odd byte count fails in
+    # the peer does no size check of its own (section 13 of that doc): numpy's reshape
+    # catches a mismatch, with an untyped ValueError (and an odd byte count fails in
     # frombuffer)
     with pytest.raises(ValueError, match="cannot reshape array of size 3 into shape"):
         kb.deserialize(OK_PAIR + [arr_hdr("uint16", (2,)), b"\x00" * 6])

@@ -270,7 +270,10 @@ def test_rep_bad_request_keeps_the_train(ipc_endpoint):
 
 
 def test_peer_rep_bad_request_loses_the_train(ipc_endpoint):
-    """Real karabo_bridge behaviour (spec section 2), for comparison."""
+    """Real karabo_bridge behaviour, for comparison.
+
+    See docs/wire/karabo-bridge-protocol.md, section 2.
+    """
     ctx = zmq.Context()
     req = ctx.socket(zmq.REQ)
     req.linger = 0

@@ -10,7 +10,10 @@ SRC_B = "SPB_IRDA_JF4M/MDL/POWER"
 
 
 def example_train():
-    """The train of vectors/bridge_frames.json (section 15 of the bridge spec)."""
+    """The train of tests/data/bridge_frames.json.
+
+    See docs/wire/karabo-bridge-protocol.md, section 14.
+    """
     data = {
         SRC_A: {
             "data.adc": np.arange(12, dtype=np.uint16).reshape(1, 3, 4),

@@ -11,7 +11,7 @@ import kbhash
 from kbhash import Hash, Timestamp
 from kbstream.pipeline import ChannelMetaData, PipelineProtocolError, wire
 
-SESSION = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "karabo_pipeline_session.json"
+SESSION = Path(__file__).resolve().parents[1] / "data" / "karabo_pipeline_session.json"
 with open(SESSION) as _f:
     REMOTE = json.load(_f)["variants"]["remote"]
 META = ChannelMetaData("capSender:output", Timestamp(1700000000, 5 * 10**17, 4242))

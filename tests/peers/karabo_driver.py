@@ -33,10 +33,11 @@ keeps serving. It ends at end of input.
 
 Typed content C
 ---------------
-Exactly the ``content`` format of ``/work/shared/vectors/karabo_hash_vectors.json``: an
+Exactly the ``content`` format of ``tests/data/karabo_hash_vectors.json``: an
 ordered list of nodes ``{"key", "type", "attrs", "value"}``; ``attrs`` is an ordered list of
-``{"key", "type", "value"}``. Type names are those of the Hash spec (``INT32``,
-``VECTOR_UINT64``, ``HASH``, ..., plus ``HASH_POINTER`` and ``VECTOR_HASH_POINTER``).
+``{"key", "type", "value"}``. Type names are those of ``docs/wire/karabo-hash-binary.md``,
+section 4 (``INT32``, ``VECTOR_UINT64``, ``HASH``, ..., plus ``HASH_POINTER`` and
+``VECTOR_HASH_POINTER``).
 Values: integers of any size as JSON ints; BOOL as JSON booleans; FLOAT and DOUBLE as JSON
 numbers (a FLOAT is sent as the exact float64 value of the float32), with ``"nan"``,
 ``"inf"`` and ``"-inf"`` for the special values (the sign and payload of a NaN are not kept);
@@ -48,10 +49,10 @@ lists; VECTOR_HASH and VECTOR_HASH_POINTER as lists of node lists; SCHEMA as
 list of ``null``.
 
 NDArray and ImageData are ordinary HASH nodes with a ``__classId`` attribute and the
-children of the spec (sections 5 and 6). On ``kb_load`` the driver reports the Hash that
-karabind's C++ reader built (``Hash.getNode(key).getValue()``), not the numpy view that
+children of sections 5 and 6 of that document. On ``kb_load`` the driver reports the Hash
+that karabind's C++ reader built (``Hash.getNode(key).getValue()``), not the numpy view that
 ``h[key]`` would give; if karabind ever hands back an ndarray, it is written out in the
-spec's NDArray form (data, type, shape, isBigEndian; ``__classId="NDArray"``). On
+NDArray form of section 5 there (data, type, shape, isBigEndian; ``__classId="NDArray"``). On
 ``kb_save`` a HASH node with ``__classId="NDArray"`` is turned into a real numpy array (dtype
 from ``type``, shape, byte order) so that karabind's own NDArray code serializes it. If the
 NDArray that karabind makes from that array does not reproduce the requested node exactly
@@ -106,7 +107,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 # ---------------------------------------------------------------------------------------
-# Type names (Karabo's Types.hh ids, as listed in the Hash spec, section 4)
+# Type names (Karabo's Types.hh ids, as listed in docs/wire/karabo-hash-binary.md, section 4)
 # ---------------------------------------------------------------------------------------
 
 TYPE_IDS = {
@@ -130,7 +131,8 @@ COMPLEX_TYPES = {"COMPLEX_FLOAT", "COMPLEX_DOUBLE"}
 HASH_TYPES = {"HASH", "HASH_POINTER"}
 VECTOR_HASH_TYPES = {"VECTOR_HASH", "VECTOR_HASH_POINTER"}
 
-# numpy scalar type per Karabo simple type (also the NDArray element types, spec section 5)
+# numpy scalar type per Karabo simple type (also the NDArray element types:
+# docs/wire/karabo-hash-binary.md, section 5)
 NUMPY_TYPES = {
     "BOOL": np.bool_, "INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16,
     "UINT16": np.uint16, "INT32": np.int32, "UINT32": np.uint32, "INT64": np.int64,
@@ -305,7 +307,8 @@ class KarabindCodec:
                      for a in node.getAttributes()]
             value = node.getValue()
             if isinstance(value, np.ndarray):
-                # The binding's NDArray view: write it out as the spec's HASH node.
+                # The binding's NDArray view: write it out as the HASH node of the
+                # format (docs/wire/karabo-hash-binary.md, section 5).
                 value = self.ndarray_to_nodes(value)
             else:
                 value = self.value_to_json(tname, value)
@@ -329,7 +332,7 @@ class KarabindCodec:
 
     @staticmethod
     def ndarray_to_nodes(arr):
-        """Spec NDArray children (section 5) for a numpy array."""
+        """NDArray children (docs/wire/karabo-hash-binary.md, section 5) for a numpy array."""
         name = NUMPY_TO_NAME.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == "|"
                                  else arr.dtype)
         if name is None:
@@ -501,7 +504,7 @@ class KarabindCodec:
 
     @staticmethod
     def ndarray_from_nodes(children):
-        """numpy array for spec NDArray children, or None if they do not describe one."""
+        """numpy array for NDArray children (format doc, section 5), or None if not one."""
         if not isinstance(children, list):
             return None
         by_key = {c.get("key"): c for c in children if isinstance(c, dict)}

@@ -3,8 +3,8 @@
 These tests check the oracle, not kbstream: ``pipeline_driver.py`` runs the real C++
 OutputChannel / InputChannel (karabind 3.1.2) in separate processes of the Python 3.12 side
 environment, and ``peers.pipeline`` drives them. Only when these pass can kbstream's pipeline
-tests trust the peer. Expectations are those of the pipeline spec
-(``/work/shared/specs/karabo-pipeline-protocol.md``, sections 5-12).
+tests trust the peer. Expectations are those of
+``docs/wire/karabo-pipeline-protocol.md``, sections 5-12.
 
 Without the side interpreter the tests are skipped, loudly; with ``CI`` set they fail
 instead.
@@ -138,7 +138,8 @@ def test_copy_wait_blocks_the_writer(python):
         out.eos()
         got, _ = inp.receive_stream(timeout=20)
         assert [g["index"] for g in got] == list(range(8))      # nothing dropped
-        # the input holds about 3 items before it stops granting credit (spec section 6)
+        # the input holds about 3 items before it stops granting credit
+        # (docs/wire/karabo-pipeline-protocol.md, section 6)
         assert elapsed > 0.15 * 3, elapsed
 
 
@@ -182,8 +183,9 @@ def test_copy_queue_drop_drops_the_new_message(python):
         # C++: once the queue holds maxQueueLength messages, the NEW one is dropped, so the
         # end of the burst is lost (drop-oldest, as the MDL does, would deliver the last
         # two). Typically a prefix: [0, 1, 2] (0 on the hello's credit, 1 and 2 queued) or
-        # [0 .. 4] (the spec's run, 10.1: credits for 1 and 2 came in between); a run with
-        # ten slower writes gave [0, 1, 2, 7, 8] (a queue slot freed in mid-burst)
+        # [0 .. 4] (the run in docs/wire/karabo-pipeline-protocol.md, section 10.1: credits
+        # for 1 and 2 came in between); a run with ten slower writes gave [0, 1, 2, 7, 8]
+        # (a queue slot freed in mid-burst)
         assert indices[:3] == [0, 1, 2], indices
         assert indices == sorted(set(indices)) and len(indices) <= 8, indices
         assert BURST - 1 not in indices and BURST - 2 not in indices, indices
@@ -277,7 +279,7 @@ def test_relay_records_both_directions(python):
 def test_driver_errors_are_reported(python):
     out, inp = _connected_pair(python)
     with out, inp:
-        # an output string the input is not configured for (peers.md 4.3, pitfall 1)
+        # an output string the input is not configured for (docs/peers.md, section 4.3, pitfall 1)
         with pytest.raises(PeerError, match="Numerical argument out of domain"):
             inp.connect(out.port, output="someone:else")
         with pytest.raises(PeerError, match="not registered"):

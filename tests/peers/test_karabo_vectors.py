@@ -2,7 +2,7 @@
 
 These tests check the oracle, not kbstream: ``karabo_driver.py`` (run in the Python 3.12
 side environment) must load every C++-made vector of
-``/work/shared/vectors/karabo_hash_vectors.json`` to exactly the typed content recorded
+``tests/data/karabo_hash_vectors.json`` to exactly the typed content recorded
 there, and build exactly those bytes again from that content, with karabind and, where it
 can, with karabo.native. Only when they pass can other interop tests trust the peer.
 
@@ -19,7 +19,7 @@ from peers.karabo import SETUP_HINT, peer_missing, KaraboPeer, PeerError, karabo
 
 pytestmark = pytest.mark.karabo
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "data"
 VECTOR_FILE = VECTORS / "karabo_hash_vectors.json"
 NAMES = [f"TV{i}" for i in range(1, 9)]
 # karabo.native cannot decode COMPLEX_* (TV4: id 24 first) nor VECTOR_COMPLEX_* (TV5: 27)

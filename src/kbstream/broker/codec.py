@@ -1,7 +1,7 @@
 """Broker message payloads: header Hash archive immediately followed by body Hash archive.
 
 Karabo 3 writes ``Bin(header) ++ Bin(body)`` as the AMQP message body, with no separator,
-no length prefix and no AMQP properties (broker spec, sections 6 to 8). The body holds the
+no length prefix and no AMQP properties (docs/wire/karabo-broker-amqp.md, sections 6 to 8). The body holds the
 positional arguments as ``a1 ... aN``.
 """
 
@@ -90,7 +90,7 @@ def now_ms() -> int:
 
 def make_header(sender, *, reply_to=None, reply_from=None, error=False, reply_function=None,
                 timestamp_ms=None):
-    """A header in the key order of the C++ sender (broker spec, section 7)."""
+    """A header in the key order of the C++ sender (docs/wire/karabo-broker-amqp.md, section 7)."""
     h = Hash()
     if error:
         h.set("error", True, type=HashType.BOOL)

@@ -2,7 +2,7 @@
 
 ``KARABO_BROKER`` is a comma-separated list of ``amqp://user:password@host:port[/vhost]``
 URLs, tried in order; ``KARABO_BROKER_TOPIC`` is the installation-wide "domain" that
-prefixes every exchange and queue name (broker spec, section 12). Explicit arguments win
+prefixes every exchange and queue name (docs/wire/karabo-broker-amqp.md, section 12). Explicit arguments win
 over the environment.
 """
 

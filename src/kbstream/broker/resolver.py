@@ -1,7 +1,7 @@
 """Output-channel resolution over the broker, for kbstream input channels.
 
 An input configured with ``connectedOutputChannels=["<instanceId>:<channel>", ...]`` asks
-each output's instance with ``slotGetOutputChannelInformation`` (broker spec, section 11):
+each output's instance with ``slotGetOutputChannelInformation`` (docs/wire/karabo-broker-amqp.md, section 11):
 request ``a1 = {channelId, processId INT32, hostname}``, 3 s timeout; reply
 ``a1 = {success BOOL, info {connectionType, hostname, port UINT32, memoryLocation}}``.
 

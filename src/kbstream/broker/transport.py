@@ -5,7 +5,7 @@ A transport owns one queue with its bindings and delivers every message to one c
 short: decode the header, hand the rest to a worker). ``publish`` and ``bind`` may be
 called from any thread.
 
-Broker objects as Karabo 3 declares them (broker spec, sections 3 and 4): the three
+Broker objects as Karabo 3 declares them (docs/wire/karabo-broker-amqp.md, sections 3 and 4): the three
 exchanges ``type=topic``, non-durable, auto-delete, each kept alive by a ``:none:`` binding
 of the own queue; the own queue exclusive, auto-delete, non-durable with ``x-max-length``
 10000, ``x-overflow`` ``drop-head``, ``x-message-ttl`` 120000 ms, consumed with no-ack as

@@ -1,7 +1,7 @@
 """Write a small but realistic European XFEL run with our own HDF5 writer.
 
 The run mimics a JUNGFRAU 4M (``SPB_IRDA_JF4M``) raw run as the DAQ writes it
-(file layout: ``shared/specs/euxfel-run-files.md``):
+(file layout: ``docs/run-files.md``, sections 2, 3 and 7):
 
 - ``RAW-R<run>-JNGFR0<n>-S<seq>.h5`` for modules 1..8: instrument source
   ``SPB_IRDA_JF4M/DET/JNGFR0<n>:daqOutput`` with ``data.adc`` (uint16, one
