@@ -226,6 +226,20 @@ def test_bind_error(root, tmp_path):
     assert err.getvalue().startswith("karabo-bridge-serve-run: error: cannot bind tcp://256.1.1.1:5")
 
 
+def test_bind_error_is_kbstreams_one_class(root):
+    """serve_data raises kbstream.errors.BindError (an OSError), with the endpoint."""
+    import kbstream.errors
+    from kbstream.replay import BindError, open_run, select_sources
+    assert BindError is kbstream.errors.BindError
+    with open_run(700000, 12, data="raw") as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        with pytest.raises(kbstream.errors.BindError) as info:
+            serve.serve_data(reader, sel, "tcp://256.1.1.1:5", progress=False,
+                             out=io.StringIO(), err=io.StringIO())
+    assert isinstance(info.value, OSError)
+    assert info.value.endpoint == "tcp://256.1.1.1:5"
+
+
 def test_make_endpoint():
     assert make_endpoint(4545) == "tcp://*:4545"
     assert make_endpoint("4545") == "tcp://*:4545"

@@ -11,7 +11,7 @@ h5py is needed (``pip install 'kbstream[replay]'``); it is imported when a
 file is opened, not at package import.
 """
 
-from .errors import (NoMatchError, PatternError, ReplayError, RunFileError,
+from .errors import (BindError, NoMatchError, PatternError, ReplayError, RunFileError,
                      RunNotFoundError, TruncatedFileError)
 from .reader import Prefetcher, RunFile, RunReader, TrainData
 from .runs import data_root, files_for_run, find_proposal, find_run, run_files
@@ -19,7 +19,7 @@ from .select import parse_pattern, select_sources
 
 __all__ = [
     "ReplayError", "RunNotFoundError", "RunFileError", "TruncatedFileError",
-    "PatternError", "NoMatchError",
+    "PatternError", "NoMatchError", "BindError",
     "RunFile", "RunReader", "Prefetcher", "TrainData",
     "data_root", "find_proposal", "find_run", "run_files", "files_for_run",
     "parse_pattern", "select_sources",

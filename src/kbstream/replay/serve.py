@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from .errors import NoMatchError, PatternError, ReplayError, RunFileError, RunNotFoundError
+from .errors import (BindError, NoMatchError, PatternError, ReplayError, RunFileError,
+                     RunNotFoundError)
 from .reader import Prefetcher, RunReader
 from .runs import files_for_run, run_files
 from .select import select_sources
@@ -42,17 +43,6 @@ log = logging.getLogger(__name__)
 #: ourselves (cheap) so that their buffers are free at once.
 TRACK_THRESHOLD = 65536
 SOCKET_TYPES = ("REP", "PUB", "PUSH")
-
-
-class BindError(ReplayError, OSError):
-    """The ZeroMQ socket cannot bind the endpoint."""
-
-    def __init__(self, message, endpoint=None):
-        super().__init__(message)
-        self.endpoint = endpoint
-
-    def __str__(self):
-        return self.args[0]
 
 
 def _default_serialize():
@@ -571,7 +561,7 @@ def _main(prog, argv, out, err):
         except (PatternError, NoMatchError) as e:
             print(f"{prog}: error: {e}", file=err)
             return 2
-        except ReplayError as e:
+        except (ReplayError, BindError) as e:
             print(f"{prog}: error: {e}", file=err)
             return 1
         except KeyboardInterrupt:
