@@ -168,10 +168,11 @@ def test_append_detector_modules_jungfrau(root, tmp_path):
 
 
 def test_truncated_file_skips_train_and_goes_on(tmp_path, monkeypatch):
-    from kbstream.replay import reader as reader_mod
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    from kbstream.replay import dataset as dataset_mod
+    from kbstream.replay.reader import RunReader
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     rundir = make_demo_run(tmp_path / "run", 4, frame_shape=SHAPE, modules=1, trains_per_file=2)
-    real_init = reader_mod.RunReader.__init__
+    real_init = RunReader.__init__
     victim = rundir / "RAW-R0012-JNGFR01-S00001.h5"
 
     def init_then_truncate(self, *a, **kw):
@@ -183,8 +184,7 @@ def test_truncated_file_skips_train_and_goes_on(tmp_path, monkeypatch):
             offset = ds.id.get_chunk_info_by_coord((0, 0, 0, 0)).byte_offset
         os.truncate(victim, offset + 100)
 
-    monkeypatch.setattr(reader_mod.RunReader, "__init__", init_then_truncate)
-    monkeypatch.setattr(serve.RunReader, "__init__", init_then_truncate)
+    monkeypatch.setattr(RunReader, "__init__", init_then_truncate)
     ep = f"ipc://{tmp_path}/bridge"
     rc, got, out, err = run_with_client(serve_files_main, [
         str(rundir), ep, "--include", "*JNGFR01*[data.adc]"], 2, endpoint=ep, timeout=10)

@@ -1,8 +1,12 @@
 """Replay saved European XFEL runs over the Karabo bridge protocol.
 
 - :mod:`.runs`: find a run (proposal + run number, directory, single file);
-- :mod:`.reader`: our h5py-based reader with zero-copy fast paths and a
-  bounded prefetch thread;
+- :mod:`.runfile`: one run file's layout (trains, sources, index, keys, bytes);
+- :mod:`.dataset`: reading a dataset's rows (in memory, ``pread``/``mmap`` of
+  rows or chunk tiles, or h5py), zero-copy where the layout allows;
+- :mod:`.slots`: the reused output buffers of trains, in a bounded pool;
+- :mod:`.reader`: a run's files merged by train id; selecting and reading trains;
+- :mod:`.prefetch`: the thread reading trains ahead of the sender;
 - :mod:`.select`: ``SRC`` / ``SRC[key]`` include and exclude patterns;
 - :mod:`.demo`: write a realistic JUNGFRAU 4M demo run;
 - :mod:`.serve`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
@@ -13,7 +17,9 @@ file is opened, not at package import.
 
 from .errors import (BindError, NoMatchError, PatternError, ReplayError, RunFileError,
                      RunNotFoundError, TruncatedFileError)
-from .reader import Prefetcher, RunFile, RunReader, TrainData
+from .prefetch import Prefetcher
+from .reader import RunReader, TrainData
+from .runfile import RunFile
 from .runs import data_root, files_for_run, find_proposal, find_run, run_files
 from .select import parse_pattern, select_sources
 

@@ -7,7 +7,7 @@ from ``INDEX/timestamp`` by default, ``--rate``, ``--repeat``/``--loop``
 ``--protocol-version``, ``--prefetch``, a progress bar on stderr and a final
 summary.
 
-Data path: a :class:`~kbstream.replay.reader.Prefetcher` thread reads trains
+Data path: a :class:`~kbstream.replay.prefetch.Prefetcher` thread reads trains
 ahead into a bounded pool of buffers; the sender loop (this thread) owns its
 ZeroMQ socket, serializes each train with ``kbstream.serialize`` and sends the
 frames with ``copy=False``: array frames point into the reader's buffers.
@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import (BindError, NoMatchError, PatternError, ReplayError, RunFileError,
                      RunNotFoundError)
-from .reader import Prefetcher, RunReader
+from .prefetch import Prefetcher
+from .reader import RunReader
 from .runs import files_for_run, run_files
 from .select import select_sources
 
