@@ -162,7 +162,7 @@ def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch, use_mmap):
     d = make_demo_run(tmp_path, 8, frame_shape=SHAPE, modules=2)
     with RunReader(run_files(d)) as r:
         sel = select_sources(r, ["*JNGFR*[data.adc]"])
-        pf = Prefetcher(r, sel, ((t, t + 100) for t in r.train_ids.tolist()), depth=2)
+        pf = Prefetcher(r, sel, ((t, t + 100) for t in r.train_ids.tolist()), depth=2).start()
         held = []
         got = []
         for item in pf:
@@ -193,9 +193,8 @@ def test_prefetcher_reports_bad_train_and_goes_on(tmp_path, monkeypatch):
     with RunReader(run_files(d)) as r:
         _truncate_inside_adc(d, monkeypatch)
         sel = select_sources(r, ["*JNGFR01*[data.adc]"])
-        pf = Prefetcher(r, sel, ((t, t) for t in r.train_ids.tolist()), depth=1)
-        items = list(_drain(pf))
-        pf.close()
+        with Prefetcher(r, sel, ((t, t) for t in r.train_ids.tolist()), depth=1) as pf:
+            items = list(_drain(pf))
     assert [i.train_id for i in items] == [10000, 10001, 10002, 10003]
     assert [type(i.error) for i in items] == [type(None)] * 2 + [TruncatedFileError] * 2
 
@@ -221,6 +220,64 @@ def test_prefetcher_close_stops_reader_thread(tmp_path):
         pf.close()
         assert not pf._thread.is_alive()
         assert threading.active_count() >= 1
+
+
+def test_prefetcher_life_cycle(tmp_path):
+    """No thread before start(); start() returns the prefetcher; wrong order raises
+    StateError; close() is idempotent, stop() is close(), and `with` starts."""
+    from kbstream.errors import StateError
+    d = make_demo_run(tmp_path, 2, frame_shape=SHAPE, modules=1)
+    with RunReader(run_files(d)) as r:
+        sel = select_sources(r, ["*JNGFR01*[data.adc]"])
+        trains = [(t, t) for t in r.train_ids.tolist()]
+        before = threading.active_count()
+        pf = Prefetcher(r, sel, iter(trains), depth=1)
+        assert threading.active_count() <= before and pf._thread is None and not pf.started
+        with pytest.raises(StateError):
+            pf.get()
+        assert pf.start() is pf
+        with pytest.raises(StateError):
+            pf.start()
+        item = pf.get(timeout=10)
+        assert item.train_id == trains[0][1]
+        pf.close()
+        pf.close()
+        pf.stop()
+        assert pf.closed and not pf._thread.is_alive()
+        pf.release(item)  # slots can be given back after close
+        assert item.slot is None
+        with pytest.raises(StateError):
+            pf.get()
+        with pytest.raises(StateError):
+            pf.start()
+
+        never = Prefetcher(r, sel, iter(trains), depth=1)
+        never.close()  # never started: nothing to stop
+        assert never._thread is None
+
+        with Prefetcher(r, sel, iter(trains), depth=1) as pf2:
+            assert pf2.started
+            assert [i.train_id for i in _drain(pf2)] == [t for _, t in trains]
+        assert pf2.closed and not pf2._thread.is_alive()
+
+
+def test_prefetcher_get_timeout_is_a_timeout_error(tmp_path):
+    from kbstream.errors import ChannelTimeout
+    d = make_demo_run(tmp_path, 1, frame_shape=SHAPE, modules=1)
+    gate = threading.Event()
+
+    def held_back():
+        gate.wait(30)
+        yield from ()
+
+    with RunReader(run_files(d)) as r:
+        sel = select_sources(r, ["*JNGFR01*[data.adc]"])
+        with Prefetcher(r, sel, held_back(), depth=1) as pf:
+            with pytest.raises(ChannelTimeout) as info:
+                pf.get(timeout=0.05)
+            assert isinstance(info.value, TimeoutError)
+            gate.set()
+            assert pf.get(timeout=30) is None
 
 
 @pytest.mark.parametrize("case", ["regular", "segments", "reversed", "edges"])

@@ -1,21 +1,34 @@
-"""The prefetch thread: reads trains ahead of the sender into a bounded pool of slots."""
+"""The prefetch thread: reads trains ahead of the sender into a bounded pool of slots.
 
+:class:`Prefetcher` follows kbstream's one life cycle (``docs/conventions.md``,
+:class:`kbstream._lifecycle.Lifecycle`): constructing it starts no thread,
+``start()`` starts the reader thread and returns the prefetcher, ``close()``
+(= ``stop()``) ends the thread within a bounded time and may be called again,
+and ``with Prefetcher(...) as pf:`` starts it and closes it on exit.
+"""
+
+import logging
 import queue
 import threading
+import time
 
+from .._lifecycle import Lifecycle
+from ..errors import ChannelTimeout
 from .reader import TrainData
 from .slots import SlotPool
 
 __all__ = ["Prefetcher"]
 
+log = logging.getLogger(__name__)
 
-class Prefetcher:
+
+class Prefetcher(Lifecycle):
     """Read trains ahead in a thread, into a bounded pool of slots.
 
-    Iterating yields :class:`TrainData` in order; the consumer must call
-    :meth:`release` with each item once the transport no longer needs its
-    buffers.  At most ``depth + 1`` trains exist at a time (read ahead,
-    being read, and sent but not yet released).
+    After :meth:`start`, iterating yields :class:`TrainData` in order; the
+    consumer must call :meth:`release` with each item once the transport no
+    longer needs its buffers.  At most ``depth + 1`` trains exist at a time
+    (read ahead, being read, and sent but not yet released).
 
     Parameters
     ----------
@@ -25,13 +38,27 @@ class Prefetcher:
     trains : iterable of (file train id, train id to send)
         May be endless (``--loop``).
     depth : int
-        Trains read ahead of the sender.
+        Trains read ahead of the sender (at least 0).
     transform : callable, optional
         Applied to each :class:`TrainData` in the reader thread (e.g. stacking
         detector modules).
+    timestamps : bool
+        Send the files' ``INDEX/timestamp`` (see :meth:`RunReader.read_train`).
+
+    Raises
+    ------
+    ValueError
+        ``depth`` is negative.
     """
 
+    #: Seconds :meth:`close` waits for the reader thread (which stops after the
+    #: train it is reading); past this it logs a warning and leaves the daemon thread.
+    close_timeout = 10.0
+
     def __init__(self, reader, selection, trains, depth=4, transform=None, timestamps=True):
+        Lifecycle.__init__(self)
+        if depth < 0:
+            raise ValueError(f"depth must be at least 0, not {depth}")
         self.reader = reader
         self.selection = selection
         self.trains = trains
@@ -40,8 +67,7 @@ class Prefetcher:
         self.timestamps = timestamps
         self._queue = queue.Queue(maxsize=depth + 1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kbstream-prefetch", daemon=True)
-        self._started = False
+        self._thread = None
 
     _END = object()
 
@@ -76,16 +102,25 @@ class Prefetcher:
                 continue
         return False
 
-    def start(self):
-        if not self._started:
-            self._started = True
-            self._thread.start()
-        return self
+    def _start(self):
+        self._thread = threading.Thread(target=self._run, name="kbstream-prefetch", daemon=True)
+        self._thread.start()
 
     def get(self, timeout=None):
-        """Next :class:`TrainData`, None at the end; raises queue.Empty on timeout."""
-        self.start()
-        item = self._queue.get(timeout=timeout)
+        """Next :class:`TrainData`, None at the end.
+
+        Raises
+        ------
+        ChannelTimeout
+            No train within ``timeout`` seconds (a ``TimeoutError``).
+        StateError
+            Before :meth:`start` or after :meth:`close`.
+        """
+        self._check_started("get()")
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise ChannelTimeout(f"no train read within {timeout} s", None, timeout) from None
         if item is self._END:
             self._queue.put(self._END)  # stay at the end for further calls
             return None
@@ -101,18 +136,25 @@ class Prefetcher:
             yield item
 
     def release(self, item):
+        """Give ``item``'s slot back to the pool (also after :meth:`close`)."""
         # Drop the arrays first: file mappings are unmapped with their last reference.
         item.data = item.metadata = None
         if item.slot is not None:
             self.pool.release(item.slot)
             item.slot = None
 
-    def close(self):
+    def _close(self):
         self._stop.set()
-        if self._started:
-            while self._thread.is_alive():
-                try:
-                    self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            self._thread.join()
+        thread = self._thread
+        if thread is None:
+            return
+        deadline = time.monotonic() + self.close_timeout
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("the prefetch thread is still reading after %.1f s; leaving it",
+                        self.close_timeout)
