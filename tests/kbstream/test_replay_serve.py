@@ -17,8 +17,10 @@ karabo_bridge = pytest.importorskip("karabo_bridge")
 extra_data = pytest.importorskip("extra_data")
 
 from kbstream.replay import serve
+from kbstream.replay.cli import parse_train_slice, serve_files_main, serve_run_main
 from kbstream.replay.demo import make_demo_run
-from kbstream.replay.serve import make_endpoint, parse_train_slice, serve_files_main, serve_run_main
+from kbstream.replay.progress import ReplayStats
+from kbstream.replay.serve import make_endpoint
 
 SHAPE = (4, 16, 32)
 SRC = "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
@@ -271,8 +273,8 @@ def test_rate_and_stop_event(root, tmp_path, serializer):
 def test_subprocess_smoke(root, tmp_path):
     ep = f"ipc://{tmp_path}/bridge"
     script = ("import sys\n"
-              "from kbstream.replay import serve\n"
-              "sys.exit(serve.serve_run_main(sys.argv[1:]))\n")
+              "from kbstream.replay import cli\n"
+              "sys.exit(cli.serve_run_main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(__import__("pathlib").Path(serve.__file__).parents[2])] + sys.path))
     proc = subprocess.Popen(
@@ -301,10 +303,38 @@ def test_progress_in_a_log_has_each_state_once(interval, states):
     """Not a terminal: one line per drawn state, and finish() adds the final state only
     when the last line drawn is not already it."""
     out = io.StringIO()
-    stats = serve.ReplayStats(3, stream=out, interval=interval)
+    stats = ReplayStats(3, stream=out, interval=interval)
     for tid in (10, 11, 12):
         stats.sent_train(tid, 100)
     stats.finish()
     lines = out.getvalue().splitlines()
     assert [line.split("]")[1].split()[0] for line in lines] == states
     assert lines[-1].endswith("train 12")
+
+
+def test_console_scripts_point_at_the_cli():
+    """pyproject's karabo-bridge-serve-* scripts name callables of kbstream.replay.cli."""
+    import importlib
+    import pathlib
+    import tomllib
+    pyproject = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    for name, func in [("karabo-bridge-serve-run", serve_run_main),
+                       ("karabo-bridge-serve-files", serve_files_main)]:
+        module, _, attr = scripts[name].partition(":")
+        assert module == "kbstream.replay.cli"
+        assert getattr(importlib.import_module(module), attr) is func
+
+
+def test_replay_modules_import_one_way():
+    """Reading never loads sending; sending never loads the command line."""
+    code = ("import sys\n"
+            "import kbstream.replay.reader, kbstream.replay.prefetch\n"
+            "assert not {'kbstream.replay.serve', 'kbstream.replay.cli'} & set(sys.modules), "
+            "sorted(m for m in sys.modules if 'replay' in m)\n"
+            "import kbstream.replay.serve\n"
+            "assert 'kbstream.replay.cli' not in sys.modules\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(__import__("pathlib").Path(serve.__file__).parents[2])] + sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,10 @@
 - :mod:`.prefetch`: the thread reading trains ahead of the sender;
 - :mod:`.select`: ``SRC`` / ``SRC[key]`` include and exclude patterns;
 - :mod:`.demo`: write a realistic JUNGFRAU 4M demo run;
-- :mod:`.serve`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
+- :mod:`.detectors`: stacking a detector's module sources into one source;
+- :mod:`.progress`: counters, progress bar and summary of a replay;
+- :mod:`.serve`: :func:`~.serve.serve_data`, streaming a selection on a socket;
+- :mod:`.cli`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
 
 h5py is needed (``pip install 'kbstream[replay]'``); it is imported when a
 file is opened, not at package import.
