@@ -20,7 +20,7 @@ class ReplayStats:
         self.bytes = 0
         self.last_tid = None
         self.start = time.perf_counter()
-        self._last_print = 0.0
+        self._last_print = float("-inf")  # the first train is always drawn
         self._drawn = None   # (sent, skipped) of the last line drawn
         self._window = collections.deque(maxlen=20)
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
