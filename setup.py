@@ -20,8 +20,8 @@ macros = [("CYTHON_TRACE_NOGIL", "1")] if DIRECTIVES["linetrace"] else []
 extensions = [
     Extension("kbhash._codec", ["src/kbhash/_codec.pyx"], define_macros=macros),
     Extension(
-        "kbstream._codec",
-        ["src/kbstream/_codec.pyx"],
+        "kbstream.bridge._codec",
+        ["src/kbstream/bridge/_codec.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=macros + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),

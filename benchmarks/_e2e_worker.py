@@ -15,13 +15,12 @@ same interpreter.
 import queue
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import later_train, make_train  # noqa: E402
+# run as a script: its own folder (benchmarks/) is first on sys.path
+from payloads import later_train, make_train
 
 
 class Feeder:

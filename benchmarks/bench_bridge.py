@@ -21,8 +21,8 @@ import pytest
 import zmq
 
 import kbstream
-from conftest import later_train
-from kbstream import _codec, _pure
+from payloads import later_train
+from kbstream.bridge import _codec, _pure
 
 kb = pytest.importorskip("karabo_bridge")
 

@@ -17,8 +17,8 @@ os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
 
 @pytest.fixture(params=["cython", "pure"])
 def impl(request):
-    """The kbstream codec module: ``kbstream._codec`` or ``kbstream._pure``."""
-    name = {"cython": "kbstream._codec", "pure": "kbstream._pure"}[request.param]
+    """The bridge codec module: ``kbstream.bridge._codec`` or its twin ``kbstream.bridge._pure``."""
+    name = {"cython": "kbstream.bridge._codec", "pure": "kbstream.bridge._pure"}[request.param]
     return importlib.import_module(name)
 
 

@@ -1,21 +1,29 @@
-"""kbstream: Karabo Bridge streaming with a compiled zero-copy codec.
+"""kbstream: Karabo data transport with a compiled zero-copy core.
 
 Drop-in replacement for ``karabo_bridge`` (``Client``, ``ServerInThread``, ``serialize``,
 ``deserialize``) and ``extra_data.export.ZMQStreamer``: only the import changes::
 
     from kbstream import Client, ServerInThread, ZMQStreamer, serialize, deserialize
 
-Protocol 2.2 (default) and 1.0 are produced, 1.0 / 2.0 / 2.1 / 2.2 understood; frames are
-byte-identical with ``karabo_bridge.serialize`` for the same input.  Arrays leave as their
-own memory and arrive as numpy views on the received frames.
+Subpackages, each with one job:
 
-Implementation selection: the compiled codec (``kbstream._codec``) is used by default; set
-``KB_IMPL=pure`` to use the pure-Python twin (``kbstream._pure``).  There is no silent
-fallback: a missing extension makes ``import kbstream`` fail and say how to build it.
-``kbstream.backend`` names the codec in use (``"cython"`` or ``"pure"``).
+``kbstream.bridge``
+    the Karabo Bridge protocol over ZeroMQ (codec, the one sender, servers, client).
+``kbstream.pipeline``
+    Karabo's pipeline output / input channels on Karabo's TCP protocol.
+``kbstream.broker``
+    Karabo's broker layer (AMQP on RabbitMQ): instances, discovery, channel look-up.
+``kbstream.replay``
+    ``karabo-bridge-serve-run`` / ``-serve-files``: saved runs over the bridge.
+
+The bridge names at this level are loaded on first use, so ``import kbstream.pipeline``
+and ``import kbstream.broker`` load neither zmq nor the bridge codec.  ``kbstream.backend``
+names the bridge codec in use (``"cython"``, or ``"pure"`` with ``KB_IMPL=pure``).  Every
+exception is in the tree under :class:`KbStreamError` (:mod:`kbstream.errors`).
 """
 
 from .errors import (
+    BindError,
     ChannelTimeout,
     EncodeError,
     EncodeOverflowError,
@@ -24,6 +32,7 @@ from .errors import (
     ServerError,
     ServerStateError,
     ShapeMismatchError,
+    StateError,
     TruncatedFrameError,
     UnknownContentError,
     UnsupportedDtypeError,
@@ -36,19 +45,17 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-from kbhash._backend import select as _select
-
-_backend, backend = _select("kbstream")
-
-from .bridge import (  # noqa: E402  (needs _backend)
-    Client,
-    ServerInThread,
-    ZMQStreamer,
-    deserialize,
-    flatten_hash,
-    serialize,
+#: names served lazily from kbstream.bridge
+_BRIDGE_NAMES = (
+    "serialize",
+    "deserialize",
+    "Client",
+    "ServerInThread",
+    "ZMQStreamer",
+    "flatten_hash",
+    "keep_large_buffers",
+    "backend",
 )
-from ._memory import keep_large_buffers  # noqa: E402
 
 __all__ = [
     "backend",
@@ -74,5 +81,21 @@ __all__ = [
     "EncodeError",
     "EncodeOverflowError",
     "ChannelTimeout",
+    "StateError",
     "ServerStateError",
+    "BindError",
 ]
+
+
+def __getattr__(name):
+    if name in _BRIDGE_NAMES:
+        from . import bridge
+
+        value = getattr(bridge, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kbstream' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

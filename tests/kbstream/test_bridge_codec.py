@@ -356,7 +356,7 @@ def test_unpackb_errors(impl, blob, exc, message):
 
 
 def test_compiled_and_pure_identical_bytes():
-    from kbstream import _codec, _pure
+    from kbstream.bridge import _codec, _pure
 
     data, meta = rich_train()
     for version in ("2.2", "1.0"):
@@ -375,7 +375,7 @@ def test_backend_and_public_names():
     assert kbstream.backend == expected
     for name in kbstream.__all__:
         assert hasattr(kbstream, name), name
-    assert kbstream.serialize.__module__ == "kbstream.bridge"
+    assert kbstream.serialize.__module__ == "kbstream.bridge.codec"
     d, m = kbstream.deserialize(kbstream.serialize(*example_train()))
     assert m[SRC_A]["timestamp.tid"] == 1234567890
 
@@ -392,7 +392,7 @@ def test_errors_subclass_builtins():
 def test_1_0_large_frames_recycle_memory():
     """Compiled codec: 1.0 frames >= 1 MiB are Buffers whose memory is reused once freed,
     and never while a decoded view still needs it."""
-    from kbstream import _codec
+    from kbstream.bridge import _codec
 
     a = np.arange(1 << 19, dtype=np.uint32)  # 2 MiB
     train = {"s": {"a": a}}

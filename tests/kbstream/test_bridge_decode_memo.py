@@ -9,7 +9,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kbstream import _codec, _pure, errors
+from kbstream import errors
+from kbstream.bridge import _codec, _pure
 
 
 def _frames(header, payload, arrays=()):

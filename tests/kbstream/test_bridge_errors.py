@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from test_bridge_support import canon, example_train, rich_train
 
-from kbstream import _codec, _pure, errors
+from kbstream import errors
+from kbstream.bridge import _codec, _pure
 
 
 def mp(obj):

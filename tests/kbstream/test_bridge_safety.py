@@ -78,7 +78,7 @@ def test_v1_msgpack_numpy_kind_must_be_bytes(impl):
 
 
 def test_encoders_agree_on_int_subclasses_and_empty_memoryviews():
-    from kbstream import _codec, _pure
+    from kbstream.bridge import _codec, _pure
 
     class Weird(int):
         def __int__(self):
@@ -93,7 +93,7 @@ def test_encoders_agree_on_int_subclasses_and_empty_memoryviews():
 def test_encode_error_order_matches_the_pure_twin(order):
     """With a bad value and an unsendable array in one source, both codecs report the
     same error: the array's dtype is checked where it comes, the values are packed after."""
-    from kbstream import _codec, _pure
+    from kbstream.bridge import _codec, _pure
     bad_value = ("v", object())
     bad_array = ("a", np.array([object()], dtype=object))
     props = dict([bad_value, bad_array] if order == "value-first" else [bad_array, bad_value])

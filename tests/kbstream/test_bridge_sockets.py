@@ -148,13 +148,14 @@ def test_kbstream_zmqstreamer_explicit_endpoint(ipc_endpoint):
 
 def test_port_number_binds_all_interfaces():
     """Documented convention, checked without binding: a bare port is tcp://*:PORT."""
-    from kbstream.bridge import _bind_endpoint
+    from kbstream.bridge import parse_endpoint
 
-    assert _bind_endpoint(4545) == "tcp://*:4545"
-    assert _bind_endpoint("4545") == "tcp://*:4545"
-    assert _bind_endpoint("tcp://127.0.0.1:0") == "tcp://127.0.0.1:0"
-    with pytest.raises(TypeError):
-        _bind_endpoint(4545.0)
+    assert parse_endpoint(4545) == "tcp://*:4545"
+    assert parse_endpoint("4545") == "tcp://*:4545"
+    assert parse_endpoint("tcp://127.0.0.1:0") == "tcp://127.0.0.1:0"
+    for bad in (4545.0, True, None):
+        with pytest.raises(TypeError):
+            parse_endpoint(bad)
 
 
 def test_inproc_with_shared_context():

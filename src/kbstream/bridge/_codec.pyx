@@ -1,8 +1,10 @@
 # cython: language_level=3
 """Karabo Bridge codec, compiled: train dict <-> list of ZeroMQ frames.  No sockets here.
 
-Wire format (``specs/karabo-bridge-protocol.md``; the executable spec is ``_pure.py``, which
-this module must match in results, exception types and messages):
+Wire format (``docs/wire/karabo-bridge-protocol.md``).  The executable spec is the pure twin
+``_pure.py``, which this module must match in results, exception types and messages; both
+provide ``_rules.PUBLIC_API`` and import only ``_rules`` and ``kbstream.errors`` (never
+each other, never zmq):
 
 * **2.2**: (header, payload) frame pairs.  Per source, sorted by name: header map
   ``{source, content: 'msgpack', metadata}`` + payload map of the non-array values; per
@@ -42,20 +44,27 @@ cdef extern from *:
     Py_ssize_t PY_SSIZE_T_MAX
 
 # Helpers off the hot paths (errors, protocol 2.0/2.1 metadata, dummy timestamps, dtype
-# parsing on a cache miss) are the pure twin's own functions, not copies of them.
-from ._pure import (  # noqa: E402
-    _check_nbytes,
-    _dtype as _pure_dtype,
-    _header_field,
-    _meta_from_payload,
-    _shape_count,
-    _tname,
+# parsing on a cache miss) and the limits come from the neutral rules module, shared with
+# the pure twin, so both give the same messages.
+from ._rules import (
+    PUBLIC_API,  # noqa: E402
+    ENCODE_VERSIONS,
+    MAX_DEPTH,
+    MAX_NDIM,
+    check_nbytes,
+    header_field,
     make_dummy_timestamps,
+    meta_from_payload,
+    shape_count,
+    type_name,
+    wire_dtype,
 )
+
+import sys as _sys
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     EncodeError,
     EncodeOverflowError,
     ProtocolError,
@@ -82,23 +91,11 @@ cdef extern from "Python.h":
     void* PyUnicode_DATA(PyObject*)
     void Py_XDECREF(PyObject*)
 
-__all__ = [
-    "serialize",
-    "deserialize",
-    "packb",
-    "unpackb",
-    "make_dummy_timestamps",
-    "release_pool",
-    "Buffer",
-    "ENCODE_VERSIONS",
-    "MAX_DEPTH",
-    "MAX_NDIM",
-]
+__all__ = list(PUBLIC_API)
 
-ENCODE_VERSIONS = ("1.0", "2.2")
-MAX_DEPTH = 256
-MAX_NDIM = 64
 DEF C_MAX_DEPTH = 256
+if MAX_DEPTH != C_MAX_DEPTH:   # pragma: no cover - a build out of step with _rules
+    raise ImportError("kbstream.bridge._codec was built for another MAX_DEPTH: rebuild it")
 cdef str _ARRAY_KINDS = "biufcSUmM"
 
 cdef bytes _ERROR_PREFIX = b"Error: "
@@ -119,11 +116,21 @@ cdef object _np_bool = np.bool_
 cdef object _np_generic = np.generic
 cdef object _uint8 = np.uint8
 cdef object _frombuffer = np.frombuffer
-try:
-    from zmq import Frame as _zmq_frame_class   # a type check only: no sockets in here
-except ImportError:   # pragma: no cover - pyzmq is a dependency
-    _zmq_frame_class = bytes
-cdef type _ZmqFrame = _zmq_frame_class
+# zmq.Frame memory can neither move nor be freed while the frame lives, like bytes.  The
+# codec never imports zmq: frames of that type exist only once pyzmq is loaded, so the
+# class is looked up in sys.modules when a message is decoded (bytes until then).
+cdef type _ZmqFrame = bytes
+
+
+cdef inline int _find_zmq_frame() except -1:
+    global _ZmqFrame
+    if _ZmqFrame is bytes:
+        zmq = _sys.modules.get("zmq")
+        if zmq is not None:
+            frame_type = getattr(zmq, "Frame", None)
+            if isinstance(frame_type, type):
+                _ZmqFrame = frame_type
+    return 0
 
 
 cdef object _view(shape, dt, frame, Py_ssize_t offset, Py_ssize_t count):
@@ -241,30 +248,30 @@ cdef object _dtype(name, Py_ssize_t index):
     dt = _dtype_cache.get(name) if type(name) is str or type(name) is bytes else None
     if dt is not None:
         return dt
-    dt = _pure_dtype(name, index)
+    dt = wire_dtype(name, index)
     if len(_dtype_cache) < 256:
         _dtype_cache[name] = dt
     return dt
 
 
 cdef tuple _shape_c(shape, Py_ssize_t index, Py_ssize_t* count):
-    """Fast path of _shape_count: tuple shape, *count = number of items or -1 if it does
+    """Fast path of shape_count: tuple shape, *count = number of items or -1 if it does
     not fit a Py_ssize_t (then the frame length check fails)."""
     cdef Py_ssize_t n, j, c = 1
     cdef long long d
     cdef int overflow
     if type(shape) is not list or len(<list>shape) > MAX_NDIM:
-        t, _ = _shape_count(shape, index)   # raises unless a tuple
+        t, _ = shape_count(shape, index)   # raises unless a tuple
         count[0] = -1
         return t
     n = len(<list>shape)
     for j in range(n):
         v = (<list>shape)[j]
         if type(v) is not int:
-            return _shape_count(shape, index)[0]   # raises
+            return shape_count(shape, index)[0]   # raises
         d = PyLong_AsLongLongAndOverflow(v, &overflow)
         if overflow < 0 or (overflow == 0 and d < 0):
-            return _shape_count(shape, index)[0]   # raises
+            return shape_count(shape, index)[0]   # raises
         if overflow > 0 or c < 0:
             c = -1
         elif d != 0 and c > PY_SSIZE_T_MAX // d:
@@ -538,11 +545,11 @@ cdef int w_obj(Writer* w, obj, bint v1, int depth, _Chunks chunks) except -1:
             return w_byte(w, 0xC3 if obj else 0xC2)
         item = obj.item()
         if isinstance(item, _np_generic):
-            raise EncodeError(f"cannot serialize object of type {_tname(obj)}")
+            raise EncodeError(f"cannot serialize object of type {type_name(obj)}")
         return w_obj(w, item, v1, depth, chunks)
     if v1 and isinstance(obj, _ndarray):
         return w_numpy_map(w, obj, chunks)
-    raise EncodeError(f"cannot serialize object of type {_tname(obj)}")
+    raise EncodeError(f"cannot serialize object of type {type_name(obj)}")
 
 
 cdef inline bytes w_bytes(Writer* w, Py_ssize_t start):
@@ -860,7 +867,7 @@ cdef inline object r_map_key(Reader* r, int depth, object frame):
     if type(k) is not str and not isinstance(k, (str, bytes)):
         raise ProtocolError(
             f"frame {r.index}: msgpack map key at offset {kat} is "
-            f"{_tname(k)}, not str or bytes",
+            f"{type_name(k)}, not str or bytes",
             r.index,
             kat,
         )
@@ -915,10 +922,10 @@ cdef object r_numpy_value(Reader* r, dict m, Py_ssize_t at, object frame):
     dt = _dtype(name, r.index)
     cdef _Bin bd = <_Bin>data
     if nd:
-        shape, count = _shape_count(m.get(b"shape"), r.index)
-        _check_nbytes(shape, count, dt, bd.length, r.index, "numpy array")
+        shape, count = shape_count(m.get(b"shape"), r.index)
+        check_nbytes(shape, count, dt, bd.length, r.index, "numpy array")
         return _view(shape, dt, frame, bd.start, count)
-    _check_nbytes((), 1, dt, bd.length, r.index, "numpy scalar")
+    check_nbytes((), 1, dt, bd.length, r.index, "numpy scalar")
     return _frombuffer(frame, dt, 1, bd.start)[0]
 
 
@@ -1214,7 +1221,7 @@ cdef int get_frame_buffer(object frame, Py_buffer* view, Py_ssize_t index) excep
         PyObject_GetBuffer(frame, view, PyBUF_SIMPLE)
     except TypeError:
         raise TypeError(
-            f"frame {index}: expected a bytes-like object, got {_tname(frame)}"
+            f"frame {index}: expected a bytes-like object, got {type_name(frame)}"
         ) from None
     except (BufferError, ValueError):
         raise TypeError(f"frame {index}: buffer is not C-contiguous") from None
@@ -1418,7 +1425,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
         train = {}
         for src, props in data.items():
             if not isinstance(props, dict):
-                raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
+                raise EncodeError(f"source {src!r}: expected a dict, got {type_name(props)}")
             d = dict(props)
             d["metadata"] = _source_meta(metadata, src, props, ts)
             train[src] = d
@@ -1436,7 +1443,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
         for src in (sorted(data) if len(data) > 1 else list(data)):
             props = data[src]
             if not isinstance(props, dict):
-                raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
+                raise EncodeError(f"source {src!r}: expected a dict, got {type_name(props)}")
             # header
             w.len = 0
             w_lit(&w, b"\x83\xa6source")
@@ -1520,7 +1527,7 @@ cdef tuple _deserialize_v1(frame):
     for src, props in train.items():
         if not isinstance(props, dict):
             raise ProtocolError(
-                f"frame 0: protocol 1.0 source {src!r} is {_tname(props)}, not a map", 0
+                f"frame 0: protocol 1.0 source {src!r} is {type_name(props)}, not a map", 0
             )
         m = props.get("metadata", {})
         if not isinstance(m, dict):
@@ -1768,7 +1775,7 @@ cdef int _add_array(dict props, object path, object dt, object shape, Py_ssize_t
         itemsize = (<cnp.dtype>dt).itemsize   # C field, not a getattr
         items = nbytes // itemsize
         if count <= 0 or count > items or count * itemsize != nbytes:
-            _check_nbytes(shape, _shape_count(shape, i)[1], dt, nbytes, i + 1,
+            check_nbytes(shape, shape_count(shape, i)[1], dt, nbytes, i + 1,
                           f"array {path!r}")
         if fixed:
             props[path] = _fixed_view(<tuple>shape, dt, frame, &view, 0, items)
@@ -1795,6 +1802,7 @@ def deserialize(frames):
     TypeError
         if a frame is not a contiguous buffer.
     """
+    _find_zmq_frame()
     if type(frames) is not list:
         frames = list(frames)
     cdef list fl = <list>frames
@@ -1835,7 +1843,7 @@ def deserialize(frames):
                     raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
                 m = fh.metadata
                 if m is None:
-                    m = _meta_from_payload(<dict>p)
+                    m = meta_from_payload(<dict>p)
                 data[source] = p
                 meta[source] = m
             else:
@@ -1848,8 +1856,8 @@ def deserialize(frames):
         if type(h) is not dict:
             raise ProtocolError(f"frame {i}: header is not a msgpack map", i)
         hdr = <dict>h
-        source = _header_field(hdr, "source", i, str)
-        content = _header_field(hdr, "content", i, (str, bytes))
+        source = header_field(hdr, "source", i, str)
+        content = header_field(hdr, "content", i, (str, bytes))
         if content == "msgpack":
             p = decode_frame(fl[i + 1], i + 1, False)
             if type(p) is not dict:
@@ -1860,13 +1868,13 @@ def deserialize(frames):
                 if type(m) is not dict:
                     raise ProtocolError(f"frame {i}: header 'metadata' is not a map", i)
             else:
-                m = _meta_from_payload(payload)
+                m = meta_from_payload(payload)
             data[source] = payload
             meta[source] = m
         elif content == "array":
             props = _props_of(data, source, i)
-            path = _header_field(hdr, "path", i, str)
-            dt = _dtype(_header_field(hdr, "dtype", i, (str, bytes)), i)
+            path = header_field(hdr, "path", i, str)
+            dt = _dtype(header_field(hdr, "dtype", i, (str, bytes)), i)
             shape = _shape_c(hdr.get("shape"), i, &count)
             _add_array(props, path, dt, shape, count, fl[i + 1], i)
         else:

@@ -1,6 +1,10 @@
-"""Karabo Bridge codec in pure Python: the executable specification of ``kbstream._codec``.
+"""Karabo Bridge codec in pure Python: the twin of the compiled ``kbstream.bridge._codec``.
 
-Wire format (``specs/karabo-bridge-protocol.md``):
+This module is the executable specification and the test oracle of the compiled codec:
+same names (``_rules.PUBLIC_API``), signatures, results, exception types and messages.
+Both import only the neutral ``_rules`` module and :mod:`kbstream.errors`.
+
+Wire format (``docs/wire/karabo-bridge-protocol.md``):
 
 * **2.2** (``serialize`` default): an even number of ZeroMQ frames, read as (header, payload)
   pairs.  Per source, sources sorted by name: a header map ``{source, content: 'msgpack',
@@ -31,13 +35,11 @@ source's msgpack part, a shape that does not match the frame, pickled content an
 ``metadata`` entry instead of raising ``KeyError``.
 """
 
-import re
 import struct
-import time
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     EncodeError,
     EncodeOverflowError,
     ProtocolError,
@@ -48,74 +50,33 @@ from .errors import (
     UnsupportedDtypeError,
 )
 
-__all__ = [
-    "serialize",
-    "deserialize",
-    "packb",
-    "unpackb",
-    "make_dummy_timestamps",
-    "ENCODE_VERSIONS",
-    "MAX_DEPTH",
-    "MAX_NDIM",
-]
+from ._rules import (
+    PUBLIC_API,
+    ARRAY_KINDS,
+    ENCODE_VERSIONS,
+    ERROR_PREFIX,
+    MAX_DEPTH,
+    MAX_NDIM,
+    check_nbytes,
+    header_field,
+    make_dummy_timestamps,
+    meta_from_payload,
+    shape_count,
+    type_name,
+    wire_dtype,
+)
 
-#: protocol versions ``serialize`` produces
-ENCODE_VERSIONS = ("1.0", "2.2")
-#: deepest nesting of msgpack containers accepted by the packer and the unpacker
-MAX_DEPTH = 256
-#: most dimensions accepted for a decoded array (numpy's limit)
-MAX_NDIM = 64
-#: longest dtype string accepted on the wire
-MAX_DTYPE_LEN = 64
-#: dtype kinds that can travel as raw bytes
-_ARRAY_KINDS = "biufcSUmM"
-
-#: What a wire dtype may look like before numpy parses it (numpy names and array-protocol
-#: type strings such as "uint16", "<u2", "|S3", "datetime64[ns]").  Checking the syntax
-#: first keeps numpy's deprecation warnings out of the way without touching the
-#: process-wide warning filters (which are not thread-safe).
-_DTYPE_RE = re.compile(
-    r"^(?:[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}(?:\[[a-zA-Z0-9]{1,6}\])?"
-    r"(?:,[<>|=]?[?bBhHiIlLqQpPefdgFDGSUVmMuicO][0-9]{0,10}){0,16}"
-    r"|object_?|bool_?|u?int(?:8|16|32|64)?|float(?:16|32|64|96|128)?|complex(?:64|128|192|256)?"
-    r"|half|single|double|longdouble|str_?[0-9]*|bytes_?[0-9]*"
-    r"|(?:datetime|timedelta)64(?:\[[a-zA-Z0-9]{1,6}\])?)$")
+__all__ = list(PUBLIC_API)
 
 _pack_d = struct.Struct(">d").pack
 _unpack_d = struct.Struct(">d").unpack_from
 _unpack_f = struct.Struct(">f").unpack_from
-_ERROR_PREFIX = b"Error: "
-
-_dtype_cache = {}
-
-
-# --------------------------------------------------------------------------------------
-# helpers shared with the compiled codec (same messages)
-
-
-def _tname(obj):
-    t = type(obj)
-    if t.__module__ == "builtins":
-        return t.__qualname__
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-def make_dummy_timestamps():
-    """Timestamp fields from the current time, as ``karabo_bridge`` makes them.
-
-    ``timestamp.sec`` and ``timestamp.frac`` split ``str(time.time())`` at the dot, the
-    fraction right-padded with zeros to 18 digits (attoseconds; about 0.1 us of real
-    resolution).
-    """
-    epoch = time.time()
-    sec, _, frac = repr(epoch).partition(".")
-    return {"timestamp": epoch, "timestamp.sec": sec, "timestamp.frac": frac.ljust(18, "0")}
 
 
 def _array_for_wire(arr, what):
     """Check an array can be sent as raw bytes; return it C-contiguous."""
     kind = arr.dtype.kind
-    if kind not in _ARRAY_KINDS or arr.dtype.hasobject:
+    if kind not in ARRAY_KINDS or arr.dtype.hasobject:
         raise EncodeError(
             f"cannot serialize {what}: dtype {arr.dtype} (kind {kind!r}) has no raw "
             f"byte representation"
@@ -140,7 +101,7 @@ def _frame_view(frame, index):
         mv = memoryview(frame)
     except TypeError:
         raise TypeError(
-            f"frame {index}: expected a bytes-like object, got {_tname(frame)}"
+            f"frame {index}: expected a bytes-like object, got {type_name(frame)}"
         ) from None
     if not mv.c_contiguous:
         raise TypeError(f"frame {index}: buffer is not C-contiguous")
@@ -154,86 +115,6 @@ def _view(shape, dt, buf, offset, count):
     if type(buf) is bytes:
         return np.ndarray(shape, dt, buf, offset)
     return np.frombuffer(buf if isinstance(buf, memoryview) else memoryview(buf), dt, count, offset).reshape(shape)
-
-
-def _dtype(name, index):
-    """np.dtype for a wire dtype string; refuses object, structured and empty dtypes."""
-    if not isinstance(name, (str, bytes)):
-        raise UnsupportedDtypeError(
-            f"frame {index}: dtype must be a short string, got {type(name).__name__}", index,
-            dtype=None
-        )
-    dt = _dtype_cache.get(name)
-    if dt is not None:
-        return dt
-    if isinstance(name, bytes):
-        try:
-            text = name.decode("ascii")
-        except UnicodeDecodeError:
-            text = None
-    else:
-        text = name
-    if not isinstance(text, str) or len(text) > MAX_DTYPE_LEN:
-        raise UnsupportedDtypeError(
-            f"frame {index}: dtype must be a short string, got {name!r}", index, dtype=name
-        )
-    if not _DTYPE_RE.match(text):
-        raise UnsupportedDtypeError(
-            f"frame {index}: unknown dtype {name!r}", index, dtype=name
-        )
-    try:
-        dt = np.dtype(text)
-    except Exception:
-        raise UnsupportedDtypeError(
-            f"frame {index}: unknown dtype {name!r}", index, dtype=name
-        ) from None
-    if dt.kind not in _ARRAY_KINDS or dt.hasobject or dt.itemsize == 0 or dt.shape:
-        raise UnsupportedDtypeError(
-            f"frame {index}: dtype {name!r} cannot be built from raw bytes", index, dtype=name
-        )
-    if len(_dtype_cache) < 256:
-        _dtype_cache[name] = dt
-    return dt
-
-
-def _shape_count(shape, index):
-    """Validate a wire shape; return (tuple shape, number of items)."""
-    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
-        raise ShapeMismatchError(
-            f"frame {index}: shape must be a list of at most {MAX_NDIM} ints, got {shape!r}",
-            index,
-        )
-    count = 1
-    for d in shape:
-        if type(d) is not int or d < 0:
-            raise ShapeMismatchError(
-                f"frame {index}: shape must be a list of at most {MAX_NDIM} ints, "
-                f"got {shape!r}",
-                index,
-            )
-        count *= d
-    return tuple(shape), count
-
-
-def _check_nbytes(shape, count, dt, nbytes, index, what):
-    if count * dt.itemsize != nbytes:
-        raise ShapeMismatchError(
-            f"frame {index}: {what} declares shape {list(shape)} of {dt.str} "
-            f"({count * dt.itemsize} bytes) but carries {nbytes} bytes",
-            index,
-        )
-    if count == 0:
-        # numpy refuses shapes whose non-zero dimensions overflow, even for empty arrays
-        nonzero = 1
-        for d in shape:
-            if d:
-                nonzero *= d
-        if nonzero * dt.itemsize >= 2**63:
-            raise ShapeMismatchError(
-                f"frame {index}: {what} declares shape {list(shape)} of {dt.str}, "
-                f"too large for numpy",
-                index,
-            )
 
 
 # --------------------------------------------------------------------------------------
@@ -374,12 +255,12 @@ def _pack(out, obj, v1, depth, chunks):
         else:
             item = obj.item()
             if isinstance(item, np.generic):
-                raise EncodeError(f"cannot serialize object of type {_tname(obj)}")
+                raise EncodeError(f"cannot serialize object of type {type_name(obj)}")
             _pack(out, item, v1, depth, chunks)
     elif v1 and isinstance(obj, np.ndarray):
         _pack_numpy_map(out, obj, v1, chunks)
     else:
-        raise EncodeError(f"cannot serialize object of type {_tname(obj)}")
+        raise EncodeError(f"cannot serialize object of type {type_name(obj)}")
 
 
 def packb(obj):
@@ -551,7 +432,7 @@ class _Reader:
             if not isinstance(k, (str, bytes)):
                 raise ProtocolError(
                     f"frame {self.index}: msgpack map key at offset {kat} is "
-                    f"{_tname(k)}, not str or bytes",
+                    f"{type_name(k)}, not str or bytes",
                     self.index,
                     kat,
                 )
@@ -597,12 +478,12 @@ class _Reader:
                 at,
                 dtype=name,
             )
-        dt = _dtype(name, self.index)
+        dt = wire_dtype(name, self.index)
         if nd:
-            shape, count = _shape_count(m.get(b"shape"), self.index)
-            _check_nbytes(shape, count, dt, data.length, self.index, "numpy array")
+            shape, count = shape_count(m.get(b"shape"), self.index)
+            check_nbytes(shape, count, dt, data.length, self.index, "numpy array")
             return _view(shape, dt, self.buf, data.start, count)
-        _check_nbytes((), 1, dt, data.length, self.index, "numpy scalar")
+        check_nbytes((), 1, dt, data.length, self.index, "numpy scalar")
         return np.frombuffer(self.buf, dt, 1, data.start)[0]
 
     def complex_value(self, m, at):
@@ -684,7 +565,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
         train = {}
         for src, props in data.items():
             if not isinstance(props, dict):
-                raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
+                raise EncodeError(f"source {src!r}: expected a dict, got {type_name(props)}")
             d = dict(props)
             d["metadata"] = source_meta(src, props)
             train[src] = d
@@ -699,7 +580,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     for src in sorted(data):
         props = data[src]
         if not isinstance(props, dict):
-            raise EncodeError(f"source {src!r}: expected a dict, got {_tname(props)}")
+            raise EncodeError(f"source {src!r}: expected a dict, got {type_name(props)}")
         header = bytearray(b"\x83\xa6source")
         _pack(header, src, False, 1, None)
         header += b"\xa7content\xa7msgpack\xa8metadata"
@@ -727,26 +608,6 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     return frames
 
 
-def _meta_from_payload(payload):
-    """Metadata of a 2.0 (nested) or 2.1 (``metadata.`` prefixed) payload."""
-    m = payload.get("metadata")
-    if isinstance(m, dict):
-        return dict(m)
-    return {
-        k[9:]: v for k, v in payload.items() if isinstance(k, str) and k.startswith("metadata.")
-    }
-
-
-def _header_field(hdr, name, index, types):
-    try:
-        v = hdr[name]
-    except KeyError:
-        raise ProtocolError(f"frame {index}: header has no {name!r}", index) from None
-    if not isinstance(v, types):
-        raise ProtocolError(f"frame {index}: header {name!r} is {_tname(v)}", index)
-    return v
-
-
 def deserialize(frames):
     """Decode one message (list of frames) into ``(data, meta)``, both keyed by source.
 
@@ -767,7 +628,7 @@ def deserialize(frames):
         raise ProtocolError("empty message: no frames")
     if n == 1:
         buf = _frame_view(frames[0], 0)
-        if bytes(buf[: len(_ERROR_PREFIX)]) == _ERROR_PREFIX:
+        if bytes(buf[: len(ERROR_PREFIX)]) == ERROR_PREFIX:
             text = str(buf, "utf-8", "replace")
             raise ServerError(f"server replied {text!r}", 0)
         train = _Reader(buf, 0, v1=True).top()
@@ -777,7 +638,7 @@ def deserialize(frames):
         for src, props in train.items():
             if not isinstance(props, dict):
                 raise ProtocolError(
-                    f"frame 0: protocol 1.0 source {src!r} is {_tname(props)}, not a map", 0
+                    f"frame 0: protocol 1.0 source {src!r} is {type_name(props)}, not a map", 0
                 )
             m = props.get("metadata", {})
             if not isinstance(m, dict):
@@ -794,8 +655,8 @@ def deserialize(frames):
         hdr = _Reader(_frame_view(frames[i], i), i).top()
         if not isinstance(hdr, dict):
             raise ProtocolError(f"frame {i}: header is not a msgpack map", i)
-        source = _header_field(hdr, "source", i, str)
-        content = _header_field(hdr, "content", i, (str, bytes))
+        source = header_field(hdr, "source", i, str)
+        content = header_field(hdr, "content", i, (str, bytes))
         if content == "msgpack":
             payload = _Reader(_frame_view(frames[i + 1], i + 1), i + 1).top()
             if not isinstance(payload, dict):
@@ -805,7 +666,7 @@ def deserialize(frames):
                 if not isinstance(m, dict):
                     raise ProtocolError(f"frame {i}: header 'metadata' is not a map", i)
             else:
-                m = _meta_from_payload(payload)
+                m = meta_from_payload(payload)
             data[source] = payload
             meta[source] = m
         elif content == "array":
@@ -814,14 +675,20 @@ def deserialize(frames):
                 raise ProtocolError(
                     f"frame {i}: array for source {source!r} comes before its msgpack part", i
                 )
-            path = _header_field(hdr, "path", i, str)
-            dt = _dtype(_header_field(hdr, "dtype", i, (str, bytes)), i)
-            shape, count = _shape_count(hdr.get("shape"), i)
+            path = header_field(hdr, "path", i, str)
+            dt = wire_dtype(header_field(hdr, "dtype", i, (str, bytes)), i)
+            shape, count = shape_count(hdr.get("shape"), i)
             buf = _frame_view(frames[i + 1], i + 1)
-            _check_nbytes(shape, count, dt, len(buf), i + 1, f"array {path!r}")
+            check_nbytes(shape, count, dt, len(buf), i + 1, f"array {path!r}")
             props[path] = _view(shape, dt, buf, 0, count)
         else:
             raise UnknownContentError(
                 f"frame {i}: unknown content {content!r}", i, content=content
             )
     return data, meta
+
+
+def release_pool():
+    """The compiled codec recycles large protocol 1.0 frame buffers; this twin keeps none,
+    so there is nothing to free: returns 0."""
+    return 0
