@@ -20,7 +20,6 @@ from kbstream.replay import serve
 from kbstream.replay.cli import parse_train_slice, serve_files_main, serve_run_main
 from kbstream.replay.demo import make_demo_run
 from kbstream.replay.progress import ReplayStats
-from kbstream.replay.serve import make_endpoint
 
 SHAPE = (4, 16, 32)
 SRC = "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
@@ -242,12 +241,28 @@ def test_bind_error_is_kbstreams_one_class(root):
     assert info.value.endpoint == "tcp://256.1.1.1:5"
 
 
-def test_make_endpoint():
-    assert make_endpoint(4545) == "tcp://*:4545"
-    assert make_endpoint("4545") == "tcp://*:4545"
-    assert make_endpoint("tcp://127.0.0.1:4545") == "tcp://127.0.0.1:4545"
-    assert make_endpoint("ipc:///tmp/x") == "ipc:///tmp/x"
-    assert make_endpoint("0", use_infiniband=True).endswith(":0")
+def test_endpoint_rules():
+    """--port goes through the bridge sender's endpoint rules (as extra_data's)."""
+    from kbstream.bridge.sender import parse_endpoint
+    assert parse_endpoint(4545) == "tcp://*:4545"
+    assert parse_endpoint("4545") == "tcp://*:4545"
+    assert parse_endpoint("tcp://127.0.0.1:4545") == "tcp://127.0.0.1:4545"
+    assert parse_endpoint("ipc:///tmp/x") == "ipc:///tmp/x"
+    assert parse_endpoint("0", use_infiniband=True).endswith(":0")
+
+
+def test_port_number_binds_every_interface(root):
+    """A bare port number binds tcp://*:PORT (0: a random port)."""
+    from kbstream.replay import open_run, select_sources
+    bound = []
+    with open_run(700000, 12) as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        stop = threading.Event()
+        stats = serve.serve_data(reader, sel, "0", sock="PUB", progress=False,
+                                 out=io.StringIO(), stop_event=stop,
+                                 ready=lambda ep: (bound.append(ep), stop.set()))
+    assert bound[0].startswith("tcp://0.0.0.0:") and int(bound[0].rsplit(":", 1)[1]) > 0
+    assert stats.sent == 0
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -258,16 +273,17 @@ def test_parse_train_slice(text, expected):
 
 
 def test_rate_and_stop_event(root, tmp_path, serializer):
-    # PUB without subscribers: trains are dropped, the sender never blocks.
+    # PUB without subscribers: trains are dropped (and counted so), the sender never blocks.
     from kbstream.replay import open_run, select_sources
     with open_run(700000, 12) as reader:
         sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
         stats = serve.serve_data(reader, sel, f"ipc://{tmp_path}/pub", sock="PUB", loop=True,
                                  rate=1000.0, max_trains=12, serialize=serializer,
                                  progress=False, out=io.StringIO())
-    assert stats.sent == 12 and stats.skipped == 0
+    assert stats.sent == 0 and stats.dropped == 12 and stats.skipped == 0
     assert stats.last_tid == 10000 + 12 - 1 + 0  # loop: ids keep increasing past 10004
-    assert stats.summary().startswith("Sent 12 trains (")
+    assert stats.summary().startswith("Sent 0 trains (")
+    assert "dropped 12 trains nobody subscribed to" in stats.summary()
 
 
 def test_subprocess_smoke(root, tmp_path):
@@ -327,10 +343,10 @@ def test_console_scripts_point_at_the_cli():
 
 
 def test_replay_modules_import_one_way():
-    """Reading never loads sending; sending never loads the command line."""
+    """Reading never loads sending (nor zmq); sending never loads the command line."""
     code = ("import sys\n"
             "import kbstream.replay.reader, kbstream.replay.prefetch\n"
-            "assert not {'kbstream.replay.serve', 'kbstream.replay.cli'} & set(sys.modules), "
+            "assert not {'kbstream.replay.serve', 'kbstream.replay.cli', 'zmq'} & set(sys.modules), "
             "sorted(m for m in sys.modules if 'replay' in m)\n"
             "import kbstream.replay.serve\n"
             "assert 'kbstream.replay.cli' not in sys.modules\n")
@@ -338,3 +354,78 @@ def test_replay_modules_import_one_way():
         [str(__import__("pathlib").Path(serve.__file__).parents[2])] + sys.path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _serve_in_thread(reader, sel, endpoint, **kw):
+    """serve_data in a thread; returns (thread, result dict, bound event)."""
+    result, bound = {}, threading.Event()
+
+    def target():
+        try:
+            result["stats"] = serve.serve_data(reader, sel, endpoint, progress=False,
+                                               out=io.StringIO(), ready=lambda ep: bound.set(),
+                                               **kw)
+        except Exception as e:  # noqa: BLE001 - checked by the test
+            result["error"] = e
+            bound.set()
+
+    t = threading.Thread(target=target)
+    t.start()
+    assert bound.wait(30)
+    return t, result
+
+
+def test_rep_bad_request_gets_an_error_and_the_train_waits(root, tmp_path):
+    """The bridge sender's REP rule: a request other than 'next' is answered with
+    'Error: bad request ...' and the train goes to the next good request."""
+    import zmq
+    from kbstream import deserialize
+    from kbstream.replay import open_run, select_sources
+    ep = f"ipc://{tmp_path}/rep"
+    with open_run(700000, 12) as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        t, result = _serve_in_thread(reader, sel, ep, trains=slice(0, 1))
+        ctx = zmq.Context()
+        req = ctx.socket(zmq.REQ)
+        req.linger = 0
+        req.rcvtimeo = 30000
+        try:
+            req.connect(ep)
+            req.send(b"what")
+            assert req.recv_multipart() == [b"Error: bad request what"]
+            req.send(b"next")
+            data, meta = deserialize(req.recv_multipart())
+        finally:
+            req.close()
+            ctx.term()
+        t.join(30)
+    assert "error" not in result, result
+    assert meta[SRC]["timestamp.tid"] == 10000 and data[SRC]["data.adc"].shape == SHAPE
+    assert result["stats"].sent == 1
+
+
+def test_unserializable_train_is_skipped_and_counted(root, tmp_path, serializer):
+    """A train the serializer refuses is skipped and counted; the stream goes on.  With
+    one slot (prefetch=0) the stream would stall if that train's slot were not given
+    back, or if a sent train's slot were not given back once libzmq released it."""
+    from kbstream.replay import open_run, select_sources
+    calls = []
+
+    def flaky(data, metadata, protocol_version, dummy_timestamps):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("cannot encode this one")
+        return serializer(data, metadata, protocol_version, dummy_timestamps)
+
+    ep = f"ipc://{tmp_path}/bridge"
+    with open_run(700000, 12) as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        t, result = _serve_in_thread(reader, sel, ep, serialize=flaky, trains=slice(0, 4),
+                                     prefetch=0)
+        with karabo_bridge.Client(ep, timeout=30) as c:
+            got = [c.next() for _ in range(3)]
+        t.join(30)
+    assert "error" not in result, result
+    stats = result["stats"]
+    assert (stats.sent, stats.skipped) == (3, 1)
+    assert [m[SRC]["timestamp.tid"] for _, m in got] == [10000, 10002, 10003]

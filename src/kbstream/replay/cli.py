@@ -17,7 +17,7 @@ from .errors import (BindError, NoMatchError, PatternError, ReplayError, RunFile
 from .reader import RunReader
 from .runs import files_for_run, run_files
 from .select import select_sources
-from .serve import SOCKET_TYPES, make_endpoint, serve_data
+from .serve import SOCKET_TYPES, serve_data
 
 __all__ = ["serve_run_main", "serve_files_main", "parse_train_slice"]
 
@@ -83,7 +83,7 @@ def _run(args, reader, selection, endpoint, require, out, err):
         protocol_version=args.protocol_version, dummy_timestamps=args.dummy_timestamps,
         timestamps=not args.no_file_timestamps,
         append_detector_modules=args.append_detector_modules, prefetch=args.prefetch,
-        progress=not args.no_progress, out=out, err=err)
+        progress=not args.no_progress, out=out, err=err, use_infiniband=args.use_infiniband)
     print(stats.summary(), file=out)
     return 0
 
@@ -136,8 +136,7 @@ def _main(prog, argv, out, err):
         try:
             selection = select_sources(reader, args.include, args.exclude,
                                        getattr(args, "source", None), getattr(args, "key", None))
-            endpoint = make_endpoint(args.port, args.use_infiniband)
-            return _run(args, reader, selection, endpoint, require, out, err)
+            return _run(args, reader, selection, args.port, require, out, err)
         except (PatternError, NoMatchError) as e:
             print(f"{prog}: error: {e}", file=err)
             return 2

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..bridge import source_metadata
 from ._h5 import h5py as _h5py
 from .errors import RunFileError, TruncatedFileError
 from .runfile import RunFile
@@ -35,18 +36,6 @@ class TrainData:
     nbytes: int = 0
     slot: Slot = None
     error: Exception = None
-
-
-def _timestamp_meta(source, tid, ns):
-    meta = {"source": source}
-    if ns:
-        ns = int(ns)
-        meta["timestamp"] = ns / 1e9
-        meta["timestamp.sec"] = str(ns // 1_000_000_000)
-        # 18 digits of attoseconds, from integer nanoseconds: no float rounding.
-        meta["timestamp.frac"] = f"{(ns % 1_000_000_000) * 1_000_000_000:018d}"
-    meta["timestamp.tid"] = int(tid)
-    return meta
 
 
 class RunReader:
@@ -226,7 +215,12 @@ class RunReader:
             ns = None
             if rf is not None and timestamps and rf.timestamps is not None:
                 ns = rf.timestamps[pos]
-            res.metadata[source] = _timestamp_meta(source, send_tid, ns)
+            if ns:  # integer nanoseconds -> seconds + attoseconds: no float rounding
+                sec, rest = divmod(int(ns), 1_000_000_000)
+                res.metadata[source] = source_metadata(source, send_tid, sec,
+                                                       rest * 1_000_000_000)
+            else:
+                res.metadata[source] = source_metadata(source, send_tid)
             d = res.data[source] = {}
             if rf is None:
                 continue
