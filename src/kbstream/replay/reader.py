@@ -106,7 +106,7 @@ class RunReader:
         return self.control_sources | self.instrument_sources
 
     def keys(self, source):
-        """Sorted keys of ``source`` over all its files."""
+        """Sorted keys of ``source`` over all its files; KeyError for an unknown source."""
         files = self._source_files.get(source)
         if not files:
             raise KeyError(f"no source {source!r} in this run")

@@ -141,7 +141,11 @@ class RunFile:
         return res
 
     def keys(self, source):
-        """Sorted keys of ``source`` (``a.b.value`` style for control data)."""
+        """Sorted keys of ``source`` (``a.b.value`` style for control data).
+
+        Raises KeyError for a source this file does not have (a lookup with a
+        wrong argument), :class:`RunFileError` when the file's metadata is corrupt.
+        """
         try:
             return self._keys[source]
         except KeyError:
@@ -173,7 +177,11 @@ class RunFile:
         return res
 
     def dataset(self, source, key, section=None):
-        """The :class:`_Dataset` reader of ``source``/``key``."""
+        """The :class:`_Dataset` reader of ``source``/``key``.
+
+        Raises KeyError when this file has no such key (it may be in another
+        sequence file of the run).
+        """
         k = (section, source, key)
         try:
             return self._datasets[k]

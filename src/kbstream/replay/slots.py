@@ -38,7 +38,8 @@ class SlotPool:
     """A fixed number of :class:`Slot` objects: bounds the trains in memory.
 
     A slot is taken before a train is read and given back only after the
-    transport has released every frame pointing into it.
+    transport has released every frame pointing into it.  ValueError for
+    fewer than one slot.
     """
 
     def __init__(self, nslots):
