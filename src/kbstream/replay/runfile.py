@@ -1,6 +1,6 @@
 """The layout of one EuXFEL run file: its trains, sources, index, keys and bytes.
 
-Layout (``shared/specs/euxfel-run-files.md``): ``INDEX/trainId`` lists a
+Layout (``docs/run-files.md``, section 3): ``INDEX/trainId`` lists a
 file's trains; ``INDEX/<source>[/<group>]/{first,count}`` (or the older
 ``first/last/status``) give each train's rows of every dataset of that source
 group; ``CONTROL`` holds one row per train, ``RUN`` one row per run,
