@@ -35,8 +35,8 @@ MODULES = 8
 _SERVER_KBSTREAM = """
 import sys
 sys.path.insert(0, {src!r})
-from kbstream.replay import serve
-sys.exit(serve.serve_files_main(sys.argv[1:]))
+from kbstream.replay import cli
+sys.exit(cli.serve_files_main(sys.argv[1:]))
 """
 
 _SERVER_RAW = """

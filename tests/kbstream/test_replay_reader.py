@@ -10,8 +10,10 @@ extra_data = pytest.importorskip("extra_data")
 
 from kbstream.replay import (Prefetcher, RunFileError, RunReader, TruncatedFileError,
                              run_files, select_sources)
-from kbstream.replay import reader as reader_mod
+from kbstream.replay import dataset as dataset_mod
 from kbstream.replay.demo import make_demo_run
+from kbstream.replay.runfile import RunFile
+from kbstream.replay.slots import Slot
 
 SHAPE = (4, 16, 32)
 SRC1 = "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
@@ -36,11 +38,11 @@ def assert_same_train(got, ref, tid):
                 assert type(a) is type(b) and a == b, (src, k, a, b)
 
 
-@pytest.fixture(params=[(0, True), (0, False), (reader_mod.SMALL_DATASET_BYTES, True)],
+@pytest.fixture(params=[(0, True), (0, False), (dataset_mod.SMALL_DATASET_BYTES, True)],
                 ids=["direct-mmap", "direct-pread", "memory"])
 def threshold(request, monkeypatch):
     # 0 forces every numeric dataset through the direct (mmap / pread / tiles) paths.
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", request.param[0])
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", request.param[0])
     monkeypatch.setattr(RunReader, "use_mmap", request.param[1])
     return request.param[0]
 
@@ -55,7 +57,7 @@ def test_every_train_equals_extra_data(tmp_path, threshold, chunking, fmt):
         sel = select_sources(r)
         assert sorted(sel) == sorted(ref_run.all_sources)
         np.testing.assert_array_equal(r.train_ids, ref_run.train_ids)
-        slot = reader_mod.Slot(0)
+        slot = Slot(0)
         n = 0
         for tid, ref in ref_run.trains():
             assert_same_train(r.read_train(tid, sel, slot), ref, tid)
@@ -106,7 +108,7 @@ def test_run_values(tmp_path):
 
 
 def _truncate_inside_adc(d, monkeypatch):
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     path = d / "RAW-R0012-JNGFR01-S00001.h5"
     import h5py
     with h5py.File(path, "r") as f:
@@ -155,12 +157,12 @@ def test_unreadable_file(tmp_path):
 
 @pytest.mark.parametrize("use_mmap", [False, True])
 def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch, use_mmap):
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     monkeypatch.setattr(RunReader, "use_mmap", use_mmap)
     d = make_demo_run(tmp_path, 8, frame_shape=SHAPE, modules=2)
     with RunReader(run_files(d)) as r:
         sel = select_sources(r, ["*JNGFR*[data.adc]"])
-        pf = Prefetcher(r, sel, ((t, t + 100) for t in r.train_ids.tolist()), depth=2)
+        pf = Prefetcher(r, sel, ((t, t + 100) for t in r.train_ids.tolist()), depth=2).start()
         held = []
         got = []
         for item in pf:
@@ -191,9 +193,8 @@ def test_prefetcher_reports_bad_train_and_goes_on(tmp_path, monkeypatch):
     with RunReader(run_files(d)) as r:
         _truncate_inside_adc(d, monkeypatch)
         sel = select_sources(r, ["*JNGFR01*[data.adc]"])
-        pf = Prefetcher(r, sel, ((t, t) for t in r.train_ids.tolist()), depth=1)
-        items = list(_drain(pf))
-        pf.close()
+        with Prefetcher(r, sel, ((t, t) for t in r.train_ids.tolist()), depth=1) as pf:
+            items = list(_drain(pf))
     assert [i.train_id for i in items] == [10000, 10001, 10002, 10003]
     assert [type(i.error) for i in items] == [type(None)] * 2 + [TruncatedFileError] * 2
 
@@ -221,11 +222,69 @@ def test_prefetcher_close_stops_reader_thread(tmp_path):
         assert threading.active_count() >= 1
 
 
+def test_prefetcher_life_cycle(tmp_path):
+    """No thread before start(); start() returns the prefetcher; wrong order raises
+    StateError; close() is idempotent, stop() is close(), and `with` starts."""
+    from kbstream.errors import StateError
+    d = make_demo_run(tmp_path, 2, frame_shape=SHAPE, modules=1)
+    with RunReader(run_files(d)) as r:
+        sel = select_sources(r, ["*JNGFR01*[data.adc]"])
+        trains = [(t, t) for t in r.train_ids.tolist()]
+        before = threading.active_count()
+        pf = Prefetcher(r, sel, iter(trains), depth=1)
+        assert threading.active_count() <= before and pf._thread is None and not pf.started
+        with pytest.raises(StateError):
+            pf.get()
+        assert pf.start() is pf
+        with pytest.raises(StateError):
+            pf.start()
+        item = pf.get(timeout=10)
+        assert item.train_id == trains[0][1]
+        pf.close()
+        pf.close()
+        pf.stop()
+        assert pf.closed and not pf._thread.is_alive()
+        pf.release(item)  # slots can be given back after close
+        assert item.slot is None
+        with pytest.raises(StateError):
+            pf.get()
+        with pytest.raises(StateError):
+            pf.start()
+
+        never = Prefetcher(r, sel, iter(trains), depth=1)
+        never.close()  # never started: nothing to stop
+        assert never._thread is None
+
+        with Prefetcher(r, sel, iter(trains), depth=1) as pf2:
+            assert pf2.started
+            assert [i.train_id for i in _drain(pf2)] == [t for _, t in trains]
+        assert pf2.closed and not pf2._thread.is_alive()
+
+
+def test_prefetcher_get_timeout_is_a_timeout_error(tmp_path):
+    from kbstream.errors import ChannelTimeout
+    d = make_demo_run(tmp_path, 1, frame_shape=SHAPE, modules=1)
+    gate = threading.Event()
+
+    def held_back():
+        gate.wait(30)
+        yield from ()
+
+    with RunReader(run_files(d)) as r:
+        sel = select_sources(r, ["*JNGFR01*[data.adc]"])
+        with Prefetcher(r, sel, held_back(), depth=1) as pf:
+            with pytest.raises(ChannelTimeout) as info:
+                pf.get(timeout=0.05)
+            assert isinstance(info.value, TimeoutError)
+            gate.set()
+            assert pf.get(timeout=30) is None
+
+
 @pytest.mark.parametrize("case", ["regular", "segments", "reversed", "edges"])
 def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
     """Small chunks: the strided one-copy path (chunks back to back) and the per-chunk path."""
     import h5py
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     shape = (6, 4, 16, 32) if case != "edges" else (6, 5, 17, 30)
     data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
     path = tmp_path / "f.h5"
@@ -240,7 +299,7 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
             ds[:4] = data[:4]
             ds[4:] = data[4:]
     seen = []
-    real = reader_mod._Dataset._regular_grid
+    real = dataset_mod._Dataset._regular_grid
 
     def spy(self, *a):
         res = None if case == "segments" else real(self, *a)
@@ -249,20 +308,20 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
 
     copies = []
     real_copyto = np.copyto
-    monkeypatch.setattr(reader_mod.np, "copyto", lambda *a, **k: (copies.append(1), real_copyto(*a, **k)))
+    monkeypatch.setattr(dataset_mod.np, "copyto", lambda *a, **k: (copies.append(1), real_copyto(*a, **k)))
 
-    monkeypatch.setattr(reader_mod._Dataset, "_regular_grid", spy)
-    monkeypatch.setattr(reader_mod._Dataset, "tile_reads", "mmap")
+    monkeypatch.setattr(dataset_mod._Dataset, "_regular_grid", spy)
+    monkeypatch.setattr(dataset_mod._Dataset, "tile_reads", "mmap")
 
     class FakeFile:
         def __init__(self, h5):
             self.h5, self.path, self._fd = h5, str(path), None
 
-        fd = reader_mod.RunFile.fd
-        map_region = reader_mod.RunFile.map_region
+        fd = RunFile.fd
+        map_region = RunFile.map_region
 
     with h5py.File(path, "r") as h5:
-        dsr = reader_mod._Dataset(FakeFile(h5), h5["d"])
+        dsr = dataset_mod._Dataset(FakeFile(h5), h5["d"])
         assert dsr.mode == "tiles"
         for first, count in [(0, 1), (3, 2), (5, 1), (0, 6)]:
             out = np.empty((count,) + shape[1:], np.uint16)
@@ -298,8 +357,8 @@ class _FakeRunFile:
     def __init__(self, h5, path):
         self.h5, self.path, self._fd = h5, str(path), None
 
-    fd = reader_mod.RunFile.fd
-    map_region = reader_mod.RunFile.map_region
+    fd = RunFile.fd
+    map_region = RunFile.map_region
 
 
 @pytest.mark.parametrize("shape, chunks", [
@@ -314,17 +373,17 @@ def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, stagi
     for every row range, including ranges across row blocks and partial last blocks,
     also when the staging buffer holds only one row per tile (rows read in passes)."""
     import h5py
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     if staging == "one-row":
-        monkeypatch.setattr(reader_mod._Dataset, "STAGING_BYTES", 1)
+        monkeypatch.setattr(dataset_mod._Dataset, "STAGING_BYTES", 1)
     data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     path = tmp_path / "f.h5"
     _tiled_file(path, shape, chunks, data)
     reads = []
     real = os.preadv
-    monkeypatch.setattr(reader_mod.os, "preadv", lambda *a: (reads.append(a[2]), real(*a))[1])
+    monkeypatch.setattr(dataset_mod.os, "preadv", lambda *a: (reads.append(a[2]), real(*a))[1])
     with h5py.File(path, "r") as h5:
-        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
         assert dsr.mode == "tiles" and dsr.tile_reads == "pread"
         for first, count in [(0, 1), (2, 1), (3, 1), (2, 3), (0, shape[0]), (shape[0] - 1, 1)]:
             out = np.full((count,) + shape[1:], -1, np.int32)
@@ -336,7 +395,7 @@ def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, stagi
 
 def test_pread_tile_reads_fill_unwritten_chunks(tmp_path, monkeypatch):
     import h5py
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     shape, chunks = (6, 4, 16, 32), (3, 2, 8, 16)
     data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     path = tmp_path / "f.h5"
@@ -346,7 +405,7 @@ def test_pread_tile_reads_fill_unwritten_chunks(tmp_path, monkeypatch):
     expected[0:3, 0:2, 0:8, 0:32] = data[0:3, 0:2, 0:8, 0:32]
     with h5py.File(path, "r") as h5:
         np.testing.assert_array_equal(h5["d"][:], expected)
-        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
         for first in range(shape[0]):
             out = np.empty((1,) + shape[1:], np.int32)
             dsr.read(first, 1, out)
@@ -356,13 +415,13 @@ def test_pread_tile_reads_fill_unwritten_chunks(tmp_path, monkeypatch):
 
 def test_pread_tile_reads_truncated_file(tmp_path, monkeypatch):
     import h5py
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     shape, chunks = (6, 4, 16, 32), (3, 2, 8, 16)
     data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     path = tmp_path / "f.h5"
     _tiled_file(path, shape, chunks, data)
     with h5py.File(path, "r") as h5:
-        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
         last = max(addr for addr in dsr._block_addresses(3))
         out = np.empty((1,) + shape[1:], np.int32)
         dsr.read(0, 1, out)
@@ -376,14 +435,14 @@ def test_pread_tile_reads_from_two_threads_at_once(tmp_path, monkeypatch):
     """Each thread stages through its own buffer: concurrent reads of one dataset stay
     exact without a lock around the file reads."""
     import h5py
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     shape, chunks = (9, 4, 16, 32), (3, 2, 8, 16)
     data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     path = tmp_path / "f.h5"
     _tiled_file(path, shape, chunks, data)
     errors = []
     with h5py.File(path, "r") as h5:
-        dsr = reader_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
         dsr.rf.fd()   # open the file descriptor before the threads share it
 
         def reader(rows):

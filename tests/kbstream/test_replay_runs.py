@@ -57,3 +57,15 @@ def test_run_files(root, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunNotFoundError, match=r"^No \.h5 files in run directory "):
         run_files(tmp_path / "empty")
+
+
+def test_replay_errors_are_kbstream_errors():
+    """One tree: every replay error is a KbStreamError and keeps its builtin."""
+    from kbstream.errors import KbStreamError
+    from kbstream.replay import errors
+    assert issubclass(errors.ReplayError, KbStreamError)
+    for name, builtin in [("RunNotFoundError", FileNotFoundError), ("RunFileError", OSError),
+                          ("TruncatedFileError", OSError), ("PatternError", ValueError),
+                          ("NoMatchError", ValueError)]:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.ReplayError) and issubclass(cls, builtin), name

@@ -17,8 +17,9 @@ karabo_bridge = pytest.importorskip("karabo_bridge")
 extra_data = pytest.importorskip("extra_data")
 
 from kbstream.replay import serve
+from kbstream.replay.cli import parse_train_slice, serve_files_main, serve_run_main
 from kbstream.replay.demo import make_demo_run
-from kbstream.replay.serve import make_endpoint, parse_train_slice, serve_files_main, serve_run_main
+from kbstream.replay.progress import ReplayStats
 
 SHAPE = (4, 16, 32)
 SRC = "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
@@ -168,10 +169,11 @@ def test_append_detector_modules_jungfrau(root, tmp_path):
 
 
 def test_truncated_file_skips_train_and_goes_on(tmp_path, monkeypatch):
-    from kbstream.replay import reader as reader_mod
-    monkeypatch.setattr(reader_mod, "SMALL_DATASET_BYTES", 0)
+    from kbstream.replay import dataset as dataset_mod
+    from kbstream.replay.reader import RunReader
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     rundir = make_demo_run(tmp_path / "run", 4, frame_shape=SHAPE, modules=1, trains_per_file=2)
-    real_init = reader_mod.RunReader.__init__
+    real_init = RunReader.__init__
     victim = rundir / "RAW-R0012-JNGFR01-S00001.h5"
 
     def init_then_truncate(self, *a, **kw):
@@ -183,8 +185,7 @@ def test_truncated_file_skips_train_and_goes_on(tmp_path, monkeypatch):
             offset = ds.id.get_chunk_info_by_coord((0, 0, 0, 0)).byte_offset
         os.truncate(victim, offset + 100)
 
-    monkeypatch.setattr(reader_mod.RunReader, "__init__", init_then_truncate)
-    monkeypatch.setattr(serve.RunReader, "__init__", init_then_truncate)
+    monkeypatch.setattr(RunReader, "__init__", init_then_truncate)
     ep = f"ipc://{tmp_path}/bridge"
     rc, got, out, err = run_with_client(serve_files_main, [
         str(rundir), ep, "--include", "*JNGFR01*[data.adc]"], 2, endpoint=ep, timeout=10)
@@ -226,12 +227,42 @@ def test_bind_error(root, tmp_path):
     assert err.getvalue().startswith("karabo-bridge-serve-run: error: cannot bind tcp://256.1.1.1:5")
 
 
-def test_make_endpoint():
-    assert make_endpoint(4545) == "tcp://*:4545"
-    assert make_endpoint("4545") == "tcp://*:4545"
-    assert make_endpoint("tcp://127.0.0.1:4545") == "tcp://127.0.0.1:4545"
-    assert make_endpoint("ipc:///tmp/x") == "ipc:///tmp/x"
-    assert make_endpoint("0", use_infiniband=True).endswith(":0")
+def test_bind_error_is_kbstreams_one_class(root):
+    """serve_data raises kbstream.errors.BindError (an OSError), with the endpoint."""
+    import kbstream.errors
+    from kbstream.replay import BindError, open_run, select_sources
+    assert BindError is kbstream.errors.BindError
+    with open_run(700000, 12, data="raw") as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        with pytest.raises(kbstream.errors.BindError) as info:
+            serve.serve_data(reader, sel, "tcp://256.1.1.1:5", progress=False,
+                             out=io.StringIO(), err=io.StringIO())
+    assert isinstance(info.value, OSError)
+    assert info.value.endpoint == "tcp://256.1.1.1:5"
+
+
+def test_endpoint_rules():
+    """--port goes through the bridge sender's endpoint rules (as extra_data's)."""
+    from kbstream.bridge.sender import parse_endpoint
+    assert parse_endpoint(4545) == "tcp://*:4545"
+    assert parse_endpoint("4545") == "tcp://*:4545"
+    assert parse_endpoint("tcp://127.0.0.1:4545") == "tcp://127.0.0.1:4545"
+    assert parse_endpoint("ipc:///tmp/x") == "ipc:///tmp/x"
+    assert parse_endpoint("0", use_infiniband=True).endswith(":0")
+
+
+def test_port_number_binds_every_interface(root):
+    """A bare port number binds tcp://*:PORT (0: a random port)."""
+    from kbstream.replay import open_run, select_sources
+    bound = []
+    with open_run(700000, 12) as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        stop = threading.Event()
+        stats = serve.serve_data(reader, sel, "0", sock="PUB", progress=False,
+                                 out=io.StringIO(), stop_event=stop,
+                                 ready=lambda ep: (bound.append(ep), stop.set()))
+    assert bound[0].startswith("tcp://0.0.0.0:") and int(bound[0].rsplit(":", 1)[1]) > 0
+    assert stats.sent == 0
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -242,23 +273,24 @@ def test_parse_train_slice(text, expected):
 
 
 def test_rate_and_stop_event(root, tmp_path, serializer):
-    # PUB without subscribers: trains are dropped, the sender never blocks.
+    # PUB without subscribers: trains are dropped (and counted so), the sender never blocks.
     from kbstream.replay import open_run, select_sources
     with open_run(700000, 12) as reader:
         sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
         stats = serve.serve_data(reader, sel, f"ipc://{tmp_path}/pub", sock="PUB", loop=True,
                                  rate=1000.0, max_trains=12, serialize=serializer,
                                  progress=False, out=io.StringIO())
-    assert stats.sent == 12 and stats.skipped == 0
+    assert stats.sent == 0 and stats.dropped == 12 and stats.skipped == 0
     assert stats.last_tid == 10000 + 12 - 1 + 0  # loop: ids keep increasing past 10004
-    assert stats.summary().startswith("Sent 12 trains (")
+    assert stats.summary().startswith("Sent 0 trains (")
+    assert "dropped 12 trains nobody subscribed to" in stats.summary()
 
 
 def test_subprocess_smoke(root, tmp_path):
     ep = f"ipc://{tmp_path}/bridge"
     script = ("import sys\n"
-              "from kbstream.replay import serve\n"
-              "sys.exit(serve.serve_run_main(sys.argv[1:]))\n")
+              "from kbstream.replay import cli\n"
+              "sys.exit(cli.serve_run_main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(__import__("pathlib").Path(serve.__file__).parents[2])] + sys.path))
     proc = subprocess.Popen(
@@ -287,10 +319,113 @@ def test_progress_in_a_log_has_each_state_once(interval, states):
     """Not a terminal: one line per drawn state, and finish() adds the final state only
     when the last line drawn is not already it."""
     out = io.StringIO()
-    stats = serve.ReplayStats(3, stream=out, interval=interval)
+    stats = ReplayStats(3, stream=out, interval=interval)
     for tid in (10, 11, 12):
         stats.sent_train(tid, 100)
     stats.finish()
     lines = out.getvalue().splitlines()
     assert [line.split("]")[1].split()[0] for line in lines] == states
     assert lines[-1].endswith("train 12")
+
+
+def test_console_scripts_point_at_the_cli():
+    """pyproject's karabo-bridge-serve-* scripts name callables of kbstream.replay.cli."""
+    import importlib
+    import pathlib
+    import tomllib
+    pyproject = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    for name, func in [("karabo-bridge-serve-run", serve_run_main),
+                       ("karabo-bridge-serve-files", serve_files_main)]:
+        module, _, attr = scripts[name].partition(":")
+        assert module == "kbstream.replay.cli"
+        assert getattr(importlib.import_module(module), attr) is func
+
+
+def test_replay_modules_import_one_way():
+    """Reading never loads sending (nor zmq); sending never loads the command line."""
+    code = ("import sys\n"
+            "import kbstream.replay.reader, kbstream.replay.prefetch\n"
+            "assert not {'kbstream.replay.serve', 'kbstream.replay.cli', 'zmq'} & set(sys.modules), "
+            "sorted(m for m in sys.modules if 'replay' in m)\n"
+            "import kbstream.replay.serve\n"
+            "assert 'kbstream.replay.cli' not in sys.modules\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(__import__("pathlib").Path(serve.__file__).parents[2])] + sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _serve_in_thread(reader, sel, endpoint, **kw):
+    """serve_data in a thread; returns (thread, result dict, bound event)."""
+    result, bound = {}, threading.Event()
+
+    def target():
+        try:
+            result["stats"] = serve.serve_data(reader, sel, endpoint, progress=False,
+                                               out=io.StringIO(), ready=lambda ep: bound.set(),
+                                               **kw)
+        except Exception as e:  # noqa: BLE001 - checked by the test
+            result["error"] = e
+            bound.set()
+
+    t = threading.Thread(target=target)
+    t.start()
+    assert bound.wait(30)
+    return t, result
+
+
+def test_rep_bad_request_gets_an_error_and_the_train_waits(root, tmp_path):
+    """The bridge sender's REP rule: a request other than 'next' is answered with
+    'Error: bad request ...' and the train goes to the next good request."""
+    import zmq
+    from kbstream import deserialize
+    from kbstream.replay import open_run, select_sources
+    ep = f"ipc://{tmp_path}/rep"
+    with open_run(700000, 12) as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        t, result = _serve_in_thread(reader, sel, ep, trains=slice(0, 1))
+        ctx = zmq.Context()
+        req = ctx.socket(zmq.REQ)
+        req.linger = 0
+        req.rcvtimeo = 30000
+        try:
+            req.connect(ep)
+            req.send(b"what")
+            assert req.recv_multipart() == [b"Error: bad request what"]
+            req.send(b"next")
+            data, meta = deserialize(req.recv_multipart())
+        finally:
+            req.close()
+            ctx.term()
+        t.join(30)
+    assert "error" not in result, result
+    assert meta[SRC]["timestamp.tid"] == 10000 and data[SRC]["data.adc"].shape == SHAPE
+    assert result["stats"].sent == 1
+
+
+def test_unserializable_train_is_skipped_and_counted(root, tmp_path, serializer):
+    """A train the serializer refuses is skipped and counted; the stream goes on.  With
+    one slot (prefetch=0) the stream would stall if that train's slot were not given
+    back, or if a sent train's slot were not given back once libzmq released it."""
+    from kbstream.replay import open_run, select_sources
+    calls = []
+
+    def flaky(data, metadata, protocol_version, dummy_timestamps):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("cannot encode this one")
+        return serializer(data, metadata, protocol_version, dummy_timestamps)
+
+    ep = f"ipc://{tmp_path}/bridge"
+    with open_run(700000, 12) as reader:
+        sel = select_sources(reader, ["*JNGFR01*[data.adc]"])
+        t, result = _serve_in_thread(reader, sel, ep, serialize=flaky, trains=slice(0, 4),
+                                     prefetch=0)
+        with karabo_bridge.Client(ep, timeout=30) as c:
+            got = [c.next() for _ in range(3)]
+        t.join(30)
+    assert "error" not in result, result
+    stats = result["stats"]
+    assert (stats.sent, stats.skipped) == (3, 1)
+    assert [m[SRC]["timestamp.tid"] for _, m in got] == [10000, 10002, 10003]

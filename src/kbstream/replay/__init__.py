@@ -1,25 +1,34 @@
 """Replay saved European XFEL runs over the Karabo bridge protocol.
 
 - :mod:`.runs`: find a run (proposal + run number, directory, single file);
-- :mod:`.reader`: our h5py-based reader with zero-copy fast paths and a
-  bounded prefetch thread;
+- :mod:`.runfile`: one run file's layout (trains, sources, index, keys, bytes);
+- :mod:`.dataset`: reading a dataset's rows (in memory, ``pread``/``mmap`` of
+  rows or chunk tiles, or h5py), zero-copy where the layout allows;
+- :mod:`.slots`: the reused output buffers of trains, in a bounded pool;
+- :mod:`.reader`: a run's files merged by train id; selecting and reading trains;
+- :mod:`.prefetch`: the thread reading trains ahead of the sender;
 - :mod:`.select`: ``SRC`` / ``SRC[key]`` include and exclude patterns;
 - :mod:`.demo`: write a realistic JUNGFRAU 4M demo run;
-- :mod:`.serve`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
+- :mod:`.detectors`: stacking a detector's module sources into one source;
+- :mod:`.progress`: counters, progress bar and summary of a replay;
+- :mod:`.serve`: :func:`~.serve.serve_data`, streaming a selection on a socket;
+- :mod:`.cli`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
 
 h5py is needed (``pip install 'kbstream[replay]'``); it is imported when a
 file is opened, not at package import.
 """
 
-from .errors import (NoMatchError, PatternError, ReplayError, RunFileError,
+from .errors import (BindError, NoMatchError, PatternError, ReplayError, RunFileError,
                      RunNotFoundError, TruncatedFileError)
-from .reader import Prefetcher, RunFile, RunReader, TrainData
+from .prefetch import Prefetcher
+from .reader import RunReader, TrainData
+from .runfile import RunFile
 from .runs import data_root, files_for_run, find_proposal, find_run, run_files
 from .select import parse_pattern, select_sources
 
 __all__ = [
     "ReplayError", "RunNotFoundError", "RunFileError", "TruncatedFileError",
-    "PatternError", "NoMatchError",
+    "PatternError", "NoMatchError", "BindError",
     "RunFile", "RunReader", "Prefetcher", "TrainData",
     "data_root", "find_proposal", "find_run", "run_files", "files_for_run",
     "parse_pattern", "select_sources",

@@ -1,9 +1,14 @@
 """Exceptions raised while finding, reading and replaying run files.
 
-Each class also subclasses the builtin a caller would naturally catch
-(``FileNotFoundError``, ``OSError``, ``ValueError``), so code written against
-extra_data's behaviour keeps working.
+:class:`ReplayError` is a branch of kbstream's one tree
+(:class:`kbstream.errors.KbStreamError`).  Each class also subclasses the
+builtin a caller would naturally catch (``FileNotFoundError``, ``OSError``,
+``ValueError``), so code written against extra_data's behaviour keeps working.
+A socket that cannot bind raises kbstream's own
+:class:`~kbstream.errors.BindError`, re-exported here.
 """
+
+from ..errors import BindError, KbStreamError
 
 __all__ = [
     "ReplayError",
@@ -12,10 +17,11 @@ __all__ = [
     "TruncatedFileError",
     "PatternError",
     "NoMatchError",
+    "BindError",
 ]
 
 
-class ReplayError(Exception):
+class ReplayError(KbStreamError):
     """Base class of every error of :mod:`kbstream.replay`."""
 
 
