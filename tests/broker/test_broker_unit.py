@@ -2,10 +2,12 @@
 messages (broker spec, section 13), topic matching, and whole instances on the in-memory
 transport (life cycle, slots, request/reply, discovery, tracking, faults)."""
 
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +15,14 @@ import kbhash
 from kbhash import Hash, HashType
 
 from kbstream.broker import (BrokerConfig, BrokerConfigError, BrokerConnectionError,
-                             BrokerInstance, InstanceIdInUse, InvalidInstanceId, MemoryBroker,
-                             MemoryTransport, NotStartedError, RemoteError, RequestTimeout,
-                             Typed, parse_broker_urls, resolve_host, split_output_id)
+                             BrokerInstance, InstanceIdInUse, InvalidInstanceId, NotStartedError,
+                             RemoteError, RequestTimeout, Typed, parse_broker_urls, resolve_host,
+                             split_output_id)
 from kbstream.broker import codec, instance as instance_mod
 from kbstream.broker.errors import MessageError
-from kbstream.broker.transport import topic_matches
 
 from broker_stack import wait_until
+from memory_broker import MemoryBroker, MemoryTransport, topic_matches
 
 # ---- captured Karabo 3.1.2 messages (broker spec, section 13) ---------------------------
 
@@ -230,10 +232,13 @@ def test_resolve_host():
 
 def test_import_kbstream_does_not_import_pika():
     code = ("import sys, kbstream, kbstream.broker; "
-            "from kbstream.broker import BrokerInstance, MemoryBroker, MemoryTransport; "
+            "from kbstream.broker import BrokerInstance; "
+            "from memory_broker import MemoryBroker, MemoryTransport; "
             "i = BrokerInstance('x', transport=MemoryTransport(MemoryBroker())); "
             "assert 'pika' not in sys.modules, 'pika imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    path = os.pathsep.join([str(Path(__file__).resolve().parent)] + sys.path)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   env=dict(os.environ, PYTHONPATH=path))
 
 
 # ---- instances on the in-memory broker ----------------------------------------------------

@@ -19,7 +19,6 @@ from .errors import (BrokerConfigError, BrokerConnectionError, BrokerError, Inst
 from .instance import (BrokerInstance, InstanceRecord, install_sigterm_exit,
                        validate_instance_id)
 from .resolver import OutputResolver, resolve_host, split_output_id
-from .transport import MemoryBroker, MemoryTransport
 
 __all__ = [
     "BrokerInstance",
@@ -28,8 +27,6 @@ __all__ = [
     "OutputResolver",
     "BrokerConfig",
     "Typed",
-    "MemoryBroker",
-    "MemoryTransport",
     "parse_broker_urls",
     "resolve_host",
     "split_output_id",

@@ -178,7 +178,9 @@ class BrokerInstance:
     self_check : bool
         Do the 1 s ``slotPing`` uniqueness check before announcing (Karabo always does).
     transport : Transport, optional
-        For tests: e.g. a :class:`~kbstream.broker.transport.MemoryTransport`.
+        A transport to use instead of a :class:`~kbstream.broker.transport.PikaTransport`
+        made from ``broker``: any object with the interface of
+        :class:`~kbstream.broker.transport.Transport` (the tests pass an in-memory one).
     send_heartbeats : bool
         False only for tests of trackers (a silent instance).
     exit_on_sigterm : bool
