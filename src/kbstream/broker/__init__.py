@@ -14,8 +14,8 @@ extra) is imported only when an instance connects to a real broker.
 from .codec import Typed
 from .config import BrokerConfig, parse_broker_urls
 from .errors import (BrokerConfigError, BrokerConnectionError, BrokerError, InstanceIdInUse,
-                     InvalidInstanceId, MessageError, NotStartedError, RemoteError,
-                     RequestTimeout)
+                     InvalidInstanceId, InvalidOutputId, InvalidSlotName, MessageError,
+                     NotStartedError, RemoteError, RequestTimeout)
 from .instance import (BrokerInstance, InstanceRecord, install_sigterm_exit,
                        validate_instance_id)
 from .resolver import OutputResolver, resolve_host, split_output_id
@@ -35,6 +35,8 @@ __all__ = [
     "BrokerConfigError",
     "BrokerConnectionError",
     "InvalidInstanceId",
+    "InvalidSlotName",
+    "InvalidOutputId",
     "InstanceIdInUse",
     "RequestTimeout",
     "RemoteError",

@@ -27,12 +27,14 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 
+import kbhash
 from kbhash import Hash, HashType, Schema
 
+from ..errors import EncodeError
 from . import codec
 from .config import BrokerConfig
-from .errors import (InstanceIdInUse, InvalidInstanceId, MessageError, NotStartedError,
-                     RemoteError, RequestTimeout)
+from .errors import (BrokerConfigError, InstanceIdInUse, InvalidInstanceId, InvalidSlotName,
+                     MessageError, NotStartedError, RemoteError, RequestTimeout)
 
 __all__ = ["BrokerInstance", "InstanceRecord", "validate_instance_id", "BROADCAST_SLOTS"]
 
@@ -198,9 +200,14 @@ class BrokerInstance:
             self.config = BrokerConfig.resolve(broker, topic)
         else:
             self.config = BrokerConfig.resolve(broker or "amqp://memory", topic or "kbtest")
-        self.heartbeat_interval = int(heartbeat_interval)
+        try:
+            self.heartbeat_interval = int(heartbeat_interval)
+        except (TypeError, ValueError):
+            self.heartbeat_interval = 0
         if self.heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be a positive number of seconds")
+            raise BrokerConfigError(
+                f"heartbeat_interval must be a positive number of seconds, "
+                f"not {heartbeat_interval!r}")
         self.track_heartbeats = track_heartbeats
         self.connect_timeout = connect_timeout
         self.reconnect_interval = reconnect_interval
@@ -459,7 +466,11 @@ class BrokerInstance:
         raise NotStartedError(f"{self!r} is not started")
 
     def _publish(self, exchange, key, header, body):
-        self._transport.publish(exchange, key, codec.encode_message(header, body))
+        try:
+            data = codec.encode_message(header, body)
+        except kbhash.KbHashError as e:
+            raise EncodeError(f"cannot encode the message to {key}: {e}") from e
+        self._transport.publish(exchange, key, data)
 
     def call(self, instance_id, slot, *args):
         """Call ``<instance_id>.<slot>(*args)`` one-to-one, no reply wanted (fire and forget)."""
@@ -540,8 +551,8 @@ class BrokerInstance:
         An exception becomes an error reply. Slots run in the instance's worker thread;
         :attr:`current_call` tells who called.
         """
-        if not name or " " in name:
-            raise ValueError(f"invalid slot name {name!r}")
+        if not isinstance(name, str) or not name or " " in name:
+            raise InvalidSlotName(f"invalid slot name {name!r}")
         self._slots[name] = fn
 
     @property
@@ -1010,7 +1021,7 @@ def _split_output_id(output_id):
 def _output_info(source):
     info = source.info if hasattr(source, "info") else (source() if callable(source) else source)
     if not isinstance(info, Hash):
-        raise TypeError(f"output channel info must be a Hash, not {type(info).__name__}")
+        raise BrokerConfigError(f"output channel info must be a Hash, not {type(info).__name__}")
     out = Hash()
     out.set("connectionType", info.get("connectionType", "tcp"), type=HashType.STRING)
     out.set("hostname", info.get("hostname", ""), type=HashType.STRING)

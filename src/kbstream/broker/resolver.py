@@ -21,7 +21,7 @@ import threading
 
 from kbhash import Hash, HashType
 
-from .errors import BrokerError, RemoteError, RequestTimeout
+from .errors import BrokerError, InvalidOutputId, RemoteError, RequestTimeout
 
 __all__ = ["OutputResolver", "resolve_host", "split_output_id"]
 
@@ -33,15 +33,16 @@ def split_output_id(output_id: str):
 
     Raises
     ------
-    ValueError
-        Without a separator or with an empty part.
+    InvalidOutputId
+        Not a string, no separator, or an empty part.
     """
-    for sep in (":", "@"):
-        if sep in output_id:
-            iid, _, channel = output_id.partition(sep)
-            if iid and channel:
-                return iid, channel
-    raise ValueError(f"output channel id {output_id!r} is not '<instanceId>:<channel>'")
+    if isinstance(output_id, str):
+        for sep in (":", "@"):
+            if sep in output_id:
+                iid, _, channel = output_id.partition(sep)
+                if iid and channel:
+                    return iid, channel
+    raise InvalidOutputId(f"output channel id {output_id!r} is not '<instanceId>:<channel>'")
 
 
 def resolve_host(hostname: str, *, own_hostname: str | None = None) -> str | None:
@@ -114,7 +115,7 @@ class OutputResolver:
 
         Raises
         ------
-        RequestTimeout, RemoteError, ValueError
+        RequestTimeout, RemoteError, InvalidOutputId, NotStartedError
         """
         iid, channel = split_output_id(output_id)
         arg = Hash()
@@ -154,7 +155,7 @@ class OutputResolver:
         """
         try:
             a1 = self.request_info(output_id)
-        except ValueError as e:
+        except InvalidOutputId as e:
             log.error("%s", e)
             return None
         except RequestTimeout:

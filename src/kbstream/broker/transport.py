@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 
-from .errors import BrokerConnectionError, BrokerError
+from .errors import BrokerConnectionError, BrokerError, NotStartedError
 
 __all__ = ["Transport", "PikaTransport", "QUEUE_ARGUMENTS", "NONE_KEY", "MAX_PENDING",
            "queue_fallback_name"]
@@ -140,11 +140,21 @@ class PikaTransport(Transport):
         Pause between reconnect attempts after a loss.
     name : str
         Shown as the connection name in ``rabbitmqctl list_connections``.
+
+    Raises
+    ------
+    BrokerConnectionError
+        pika (the ``broker`` extra) is not installed.
     """
 
     def __init__(self, config, *, connect_timeout=0.0, reconnect_interval=1.0,
                  name="kbstream"):
-        import pika  # only here: nothing else in kbstream imports the AMQP client
+        try:
+            import pika  # only here: nothing else in kbstream imports the AMQP client
+        except ImportError as e:
+            raise BrokerConnectionError(
+                "the AMQP client pika is not installed: pip install 'kbstream[broker]'",
+                [u.safe for u in config.urls]) from e
 
         global _CONNECTION_ERRORS
         _CONNECTION_ERRORS = _connection_errors()
@@ -179,7 +189,7 @@ class PikaTransport(Transport):
 
     def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
         if self._thread is not None:
-            raise BrokerError("transport already opened")
+            raise NotStartedError("transport already opened")
         self._wanted_queue = queue
         self._exchanges = list(exchanges)
         self._bindings = list(bindings)
@@ -209,7 +219,7 @@ class PikaTransport(Transport):
 
     def publish(self, exchange, routing_key, body):
         if self._closing.is_set() and (self._thread is None or not self._thread.is_alive()):
-            raise BrokerError("transport is closed")
+            raise NotStartedError("transport is closed")
         _check_key(routing_key, "routing key")
         if len(body) > MAX_MESSAGE_SIZE:
             raise BrokerError(f"message of {len(body)} bytes is larger than {MAX_MESSAGE_SIZE}")
