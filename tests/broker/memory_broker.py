@@ -3,7 +3,8 @@
 :class:`MemoryBroker` routes messages between :class:`MemoryTransport` objects the way
 RabbitMQ does for Karabo; a :class:`MemoryTransport` implements
 :class:`kbstream.broker.transport.Transport` and is passed to
-``BrokerInstance(..., transport=MemoryTransport(broker))``.
+``BrokerInstance(..., transport=MemoryTransport(broker))``. The instance opens it; whoever
+made it closes it (after the instance).
 
 Threads: each transport delivers in a thread of its own, as the real one does.
 """

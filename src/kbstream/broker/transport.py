@@ -1,9 +1,14 @@
 """The AMQP transport of a broker instance: pika in one dedicated thread.
 
-A transport owns one queue with its bindings and delivers every message to one callback,
-``on_message(exchange, routing_key, body)``, **in the transport's own thread** (keep it
-short: decode the header, hand the rest to a worker). ``publish`` and ``bind`` may be
-called from any thread.
+One job: own one connection, one queue with its bindings, and deliver every message to one
+callback. :class:`Transport` is the interface a :class:`~kbstream.broker.BrokerInstance`
+uses (the tests implement it in memory); :class:`PikaTransport` implements it on a real
+broker, reconnecting after a loss.
+
+Threads: the callback, ``on_message(exchange, routing_key, body)``, runs **in the
+transport's own thread** (keep it short: decode the header, hand the rest to a worker);
+``publish`` and ``bind`` may be called from any thread; ``on_reconnect`` runs in a thread
+of its own.
 
 Broker objects as Karabo 3 declares them (broker spec, sections 3 and 4): the three
 exchanges ``type=topic``, non-durable, auto-delete, each kept alive by a ``:none:`` binding
@@ -21,6 +26,7 @@ import logging
 import threading
 import time
 
+from .._lifecycle import Lifecycle
 from .errors import BrokerConnectionError, BrokerError, NotStartedError
 
 __all__ = ["Transport", "PikaTransport", "QUEUE_ARGUMENTS", "NONE_KEY", "MAX_PENDING",
@@ -92,8 +98,9 @@ class Transport:
         """Send a message; buffered (up to 1000) while the connection is down."""
         raise NotImplementedError
 
-    def close(self, timeout=5.0):
-        """Send what is pending, disconnect, stop the thread. Idempotent."""
+    def close(self, timeout=None):
+        """Send what is pending, disconnect, stop the thread, within ``timeout`` seconds
+        (None: the transport's own default). Idempotent."""
         raise NotImplementedError
 
     @property
@@ -122,8 +129,14 @@ def queue_fallback_name(name):
     return f"{name}:{time.monotonic_ns():x}"
 
 
-class PikaTransport(Transport):
+class PikaTransport(Lifecycle, Transport):
     """AMQP 0-9-1 over pika's ``BlockingConnection``, owned by one daemon thread.
+
+    Its life cycle follows kbstream's rule: the constructor starts no thread and contacts
+    no broker; :meth:`open` (the transport's ``start()``, with what to declare) connects
+    and starts the thread; :meth:`close` (= :meth:`stop`) ends it within
+    ``close_timeout`` seconds and may be called any number of times. Wrong order raises
+    :class:`~kbstream.broker.NotStartedError`.
 
     pika connections are not thread-safe: every operation runs in the owner thread, other
     threads hand work over with ``add_callback_threadsafe``. The thread loops
@@ -140,6 +153,8 @@ class PikaTransport(Transport):
         Pause between reconnect attempts after a loss.
     name : str
         Shown as the connection name in ``rabbitmqctl list_connections``.
+    close_timeout : float
+        How long :meth:`close` waits for the thread to send what is pending and end.
 
     Raises
     ------
@@ -147,8 +162,11 @@ class PikaTransport(Transport):
         pika (the ``broker`` extra) is not installed.
     """
 
+    _state_error = NotStartedError
+
     def __init__(self, config, *, connect_timeout=0.0, reconnect_interval=1.0,
-                 name="kbstream"):
+                 name="kbstream", close_timeout=5.0):
+        Lifecycle.__init__(self)
         try:
             import pika  # only here: nothing else in kbstream imports the AMQP client
         except ImportError as e:
@@ -164,7 +182,9 @@ class PikaTransport(Transport):
         self.connect_timeout = float(connect_timeout)
         self.reconnect_interval = float(reconnect_interval)
         self.name = name
+        self.close_timeout = float(close_timeout)
         self.queue_name = None
+        self._wanted_queue = None
         self._conn = None
         self._chan = None
         self._thread = None
@@ -188,13 +208,29 @@ class PikaTransport(Transport):
         return self._connected.is_set()
 
     def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
-        if self._thread is not None:
+        """Start: connect, declare, bind, consume (see :meth:`Transport.open`); returns
+        the transport.
+
+        Raises
+        ------
+        BrokerConnectionError
+            No broker of the list answered within ``connect_timeout``.
+        NotStartedError
+            Opened twice, or after :meth:`close`.
+        """
+        self._check_open("open()")
+        if self.started:
             raise NotStartedError("transport already opened")
         self._wanted_queue = queue
         self._exchanges = list(exchanges)
         self._bindings = list(bindings)
         self._on_message = on_message
         self._on_reconnect = on_reconnect
+        return self.start()
+
+    def _start(self):
+        if self._wanted_queue is None:
+            raise NotStartedError("a PikaTransport is started by open(queue, exchanges, ...)")
         self._thread = threading.Thread(target=self._run, name=f"kbstream-amqp-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -233,17 +269,28 @@ class PikaTransport(Transport):
             self._outbox.append((exchange, routing_key, body))
         self._wake(self._flush)
 
-    def close(self, timeout=5.0):
-        if self._thread is None or self._closing.is_set():
-            self._closing.set()
-            return
+    def close(self, timeout=None):
+        """Send what is pending, disconnect, end the thread; waits at most ``timeout``
+        (default ``close_timeout``) seconds. Idempotent."""
+        if timeout is not None:
+            self.close_timeout = float(timeout)
+        super().close()
+
+    def stop(self, timeout=None):
+        """Same as :meth:`close`."""
+        self.close(timeout)
+
+    def _close(self):
         self._closing.set()
+        thread = self._thread
+        if thread is None:
+            return
         self._wake(lambda: None)
-        if self._thread is threading.current_thread():
+        if thread is threading.current_thread():
             return  # called from a callback in the AMQP thread: it ends by itself
-        self._thread.join(timeout)
-        if self._thread.is_alive():  # pragma: no cover - pika stuck in a socket call
-            log.warning("AMQP thread did not stop within %.1f s", timeout)
+        thread.join(self.close_timeout)
+        if thread.is_alive():  # pragma: no cover - pika stuck in a socket call
+            log.warning("AMQP thread did not stop within %.1f s", self.close_timeout)
 
     # ---- owner thread ---------------------------------------------------------------
 
