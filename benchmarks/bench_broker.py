@@ -10,10 +10,12 @@
    sequential, after 20 warm-up requests: kbstream's ``BrokerInstance.request`` versus
    karabind ``SignalSlotable.request(...).waitForReply``.
 
-Needs RabbitMQ (``scripts/rabbitmq.sh``) and the Karabo side environment (``.venv-karabo``).
-Run: ``python benchmarks/bench_broker.py [--reps 5] [--requests 500]`` (prints a Markdown
-table), or through pytest: ``pytest benchmarks/bench_broker.py`` (small numbers, records
-the figures in ``extra_info``).
+Needs RabbitMQ (``scripts/rabbitmq.sh``) and the Karabo side environment (``.venv-karabo``),
+kbstream importable (installed, or ``PYTHONPATH=src``) and the repository root on the import
+path, for the test stack ``tests.broker.broker_stack``. Run from the repository root:
+``python -m benchmarks.bench_broker [--reps 5] [--requests 500]`` (prints a Markdown
+table), or through pytest: ``python -m pytest benchmarks/bench_broker.py`` (small numbers,
+records the figures in ``extra_info``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "broker"))
-sys.path.insert(0, str(HERE.parent / "src"))
+from tests.broker.broker_stack import (CppServer, RabbitMQ, karabo_bin, rabbitmq_available,
+                                       run_json, wait_until)
 
-from broker_stack import (CppServer, RabbitMQ, karabo_bin, rabbitmq_available,  # noqa: E402
-                          run_json, wait_until)
+HERE = Path(__file__).resolve().parent
 
 
 def _karabo_python():

@@ -177,7 +177,7 @@ def test_b_cpp_input_asks_after_announcement_and_connects(instances, cpp_server)
         peer = instances("kbPeer", heartbeat_interval=10)
         peer.add_output_channel("output", info)
         asked = []
-        original = peer._slots["slotGetOutputChannelInformation"]
+        original = peer._channels.slot_output_information
 
         def spy(arg=None, *rest):
             asked.append((peer.current_call.sender, Hash(arg)))

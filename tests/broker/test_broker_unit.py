@@ -2,10 +2,12 @@
 messages (docs/wire/karabo-broker-amqp.md, section 13), topic matching, and whole instances
 on the in-memory transport (life cycle, slots, request/reply, discovery, tracking, faults)."""
 
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +15,14 @@ import kbhash
 from kbhash import Hash, HashType
 
 from kbstream.broker import (BrokerConfig, BrokerConfigError, BrokerConnectionError,
-                             BrokerInstance, InstanceIdInUse, InvalidInstanceId, MemoryBroker,
-                             MemoryTransport, NotStartedError, RemoteError, RequestTimeout,
-                             Typed, parse_broker_urls, resolve_host, split_output_id)
-from kbstream.broker import codec, instance as instance_mod
+                             BrokerInstance, InstanceIdInUse, InvalidInstanceId, NotStartedError,
+                             RemoteError, RequestTimeout, Typed, parse_broker_urls, resolve_host,
+                             split_output_id)
+from kbstream.broker import codec, tracking
 from kbstream.broker.errors import MessageError
-from kbstream.broker.transport import topic_matches
 
 from broker_stack import wait_until
+from memory_broker import MemoryBroker, MemoryTransport, topic_matches
 
 # ---- captured Karabo 3.1.2 messages (docs/wire/karabo-broker-amqp.md, section 13) --------
 
@@ -113,7 +115,7 @@ def test_output_info_reply_bytes_equal_captured():
     info.set("port", 53535, type=HashType.UINT32)
     inst.add_output_channel("output", info)
     _, request = codec.split_archives(INFO_REQUEST_13_4)
-    reply = inst._slot_output_info(request["a1"])
+    reply = inst._channels.slot_output_information(request["a1"])
     ours = codec.encode_message(
         codec.make_header("probeDev", reply_from=UUID, timestamp_ms=1795274810849),
         codec.body_from_args([reply]))
@@ -230,10 +232,13 @@ def test_resolve_host():
 
 def test_import_kbstream_does_not_import_pika():
     code = ("import sys, kbstream, kbstream.broker; "
-            "from kbstream.broker import BrokerInstance, MemoryBroker, MemoryTransport; "
+            "from kbstream.broker import BrokerInstance; "
+            "from memory_broker import MemoryBroker, MemoryTransport; "
             "i = BrokerInstance('x', transport=MemoryTransport(MemoryBroker())); "
             "assert 'pika' not in sys.modules, 'pika imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    path = os.pathsep.join([str(Path(__file__).resolve().parent)] + sys.path)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   env=dict(os.environ, PYTHONPATH=path))
 
 
 # ---- instances on the in-memory broker ----------------------------------------------------
@@ -242,10 +247,12 @@ def test_import_kbstream_does_not_import_pika():
 def mem():
     broker = MemoryBroker()
     made = []
+    transports = []
 
     def make(iid, **kw):
         kw.setdefault("self_check", False)
-        inst = BrokerInstance(iid, transport=MemoryTransport(broker), topic="t", **kw)
+        transports.append(MemoryTransport(broker))
+        inst = BrokerInstance(iid, transport=transports[-1], topic="t", **kw)
         made.append(inst)
         return inst
 
@@ -253,6 +260,8 @@ def mem():
     yield make
     for inst in made:
         inst.stop()
+    for t in transports:  # passed in: the instances leave them open
+        t.close()
 
 
 def routing_keys(broker):
@@ -347,7 +356,7 @@ def test_discovery_and_topology(mem):
 
 
 def test_tracking_drops_silent_instances_and_keeps_beating_ones(mem, monkeypatch):
-    monkeypatch.setattr(instance_mod, "TRACK_TICK", 0.1)
+    monkeypatch.setattr(tracking, "TRACK_TICK", 0.1)
     beating = mem("kbBeat", heartbeat_interval=1)
     silent = mem("kbSilent", heartbeat_interval=1, send_heartbeats=False)
     t = mem("kbTracker", track_heartbeats=True, instance_type="client")
@@ -366,8 +375,7 @@ def test_heartbeat_from_unknown_instance_triggers_discover(mem):
     t.start()
     a = mem("kbA")
     a.start()
-    with t._lock:
-        t._instances.clear()
+    t._tracker.forget()
     mem.broker.publish("t.Global_Slots", "kbA.slotHeartbeat", codec.encode_message(
         codec.make_header("kbA"), codec.body_from_args(a.heartbeat_args())))
     wait_until(lambda: t.instances().get("kbA") and "classId" in t.instances()["kbA"].info, 2)
@@ -488,7 +496,7 @@ def test_pending_resolution_is_renewed_when_the_output_announces(mem):
     t.join(20)
     assert not t.is_alive() and result[0]["port"] == 4000
     # the renewed request leaves nothing pending behind it
-    wait_until(lambda: not consumer._pending, 5, what="no pending requests")
+    wait_until(lambda: not consumer._requests.pending, 5, what="no pending requests")
 
 
 # ---- regressions (review findings) ----------------------------------------------------------

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                        for iid, rec in records.items() if rec.type == "device"}
             for iid, fut in futures.items():
                 try:
-                    (names,) = fut.result(args.timeout + 1.0) or ([],)
+                    (names,) = fut.wait(args.timeout + 1.0) or ([],)
                     outputs[iid] = [str(n) for n in names]
                 except (BrokerError, ValueError) as e:
                     outputs[iid] = f"? ({type(e).__name__})"

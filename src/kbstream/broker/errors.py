@@ -1,16 +1,31 @@
 """Exceptions of the broker layer (:mod:`kbstream.broker`).
 
 Each class subclasses :class:`kbstream.errors.KbStreamError` and the builtin that callers
-would naturally catch (``ConnectionError``, ``TimeoutError``, ``ValueError``).
+would naturally catch (``ConnectionError``, ``TimeoutError``, ``ValueError``,
+``RuntimeError``)::
+
+    BrokerError
+    +-- BrokerConfigError (ValueError)      bad KARABO_BROKER / topic / instance settings
+    +-- BrokerConnectionError (ConnectionError)   no broker reachable
+    +-- InvalidInstanceId (ValueError)      an id Karabo does not allow
+    +-- InvalidSlotName (ValueError)        an empty slot name or one with a space
+    +-- InvalidOutputId (ValueError)        not "<instanceId>:<channel>"
+    +-- InstanceIdInUse                     the slotPing self-check got an answer
+    +-- RequestTimeout (TimeoutError)       no reply in time
+    +-- RemoteError                         the remote slot answered with an error
+    +-- MessageError (ValueError)           a malformed broker message
+    +-- NotStartedError (StateError)        wrong life-cycle state (not started, closed, ...)
 """
 
-from ..errors import KbStreamError
+from ..errors import KbStreamError, StateError
 
 __all__ = [
     "BrokerError",
     "BrokerConfigError",
     "BrokerConnectionError",
     "InvalidInstanceId",
+    "InvalidSlotName",
+    "InvalidOutputId",
     "InstanceIdInUse",
     "RequestTimeout",
     "RemoteError",
@@ -24,7 +39,9 @@ class BrokerError(KbStreamError):
 
 
 class BrokerConfigError(BrokerError, ValueError):
-    """``KARABO_BROKER`` / ``KARABO_BROKER_TOPIC`` (or the explicit arguments) are invalid."""
+    """``KARABO_BROKER`` / ``KARABO_BROKER_TOPIC`` (or the explicit arguments) are invalid,
+    or an instance is set up wrongly (a heartbeat interval that is not a positive number,
+    an output channel whose connection details are not a Hash)."""
 
 
 class BrokerConnectionError(BrokerError, ConnectionError):
@@ -43,6 +60,14 @@ class BrokerConnectionError(BrokerError, ConnectionError):
 
 class InvalidInstanceId(BrokerError, ValueError):
     """An instance id with characters other than ``A-Z a-z 0-9 _ / -``."""
+
+
+class InvalidSlotName(BrokerError, ValueError):
+    """A slot name that is not a string, is empty or contains a space."""
+
+
+class InvalidOutputId(BrokerError, ValueError):
+    """An output channel id that is not ``"<instanceId>:<channel>"`` (or ``@``)."""
 
 
 class InstanceIdInUse(BrokerError):
@@ -100,5 +125,7 @@ class MessageError(BrokerError, ValueError):
     """A broker message that is not header archive + body archive, or lacks header keys."""
 
 
-class NotStartedError(BrokerError, RuntimeError):
-    """The instance is not started (or already stopped)."""
+class NotStartedError(BrokerError, StateError):
+    """A broker instance or transport used in the wrong life-cycle state: not started
+    (or already closed), or ``start()`` twice (a :class:`kbstream.StateError`, hence a
+    ``RuntimeError``)."""

@@ -10,6 +10,9 @@ the connection info (``outputChannelString`` added, host name resolved) or None 
 output is not available; the input retries on its timer and
 :meth:`BrokerInstance.add_input_channel` triggers an immediate retry when the output's
 instance announces itself.
+
+Threads: a resolver is called from the input channels' threads (it blocks there for at
+most its timeout); :meth:`OutputResolver.renew` runs in the instance's worker thread.
 """
 
 from __future__ import annotations
@@ -21,27 +24,12 @@ import threading
 
 from kbhash import Hash, HashType
 
-from .errors import BrokerError, RemoteError, RequestTimeout
+from .errors import BrokerError, InvalidOutputId, RemoteError, RequestTimeout
+from .protocol import split_output_id
 
 __all__ = ["OutputResolver", "resolve_host", "split_output_id"]
 
 log = logging.getLogger("kbstream.broker.resolver")
-
-
-def split_output_id(output_id: str):
-    """``"<instanceId>:<channel>"`` (or ``@``) -> ``(instanceId, channel)``.
-
-    Raises
-    ------
-    ValueError
-        Without a separator or with an empty part.
-    """
-    for sep in (":", "@"):
-        if sep in output_id:
-            iid, _, channel = output_id.partition(sep)
-            if iid and channel:
-                return iid, channel
-    raise ValueError(f"output channel id {output_id!r} is not '<instanceId>:<channel>'")
 
 
 def resolve_host(hostname: str, *, own_hostname: str | None = None) -> str | None:
@@ -106,15 +94,15 @@ class OutputResolver:
             futures = list(self._inflight.get(instance_id, ()))
         for fut in futures:
             if not fut.done():
-                # pops the pending request too, so renewals leave nothing behind
-                self.instance._cancel(fut.kb_reply_to, _Renewed())
+                # forgets the pending request too, so renewals leave nothing behind
+                fut.abandon(_Renewed())
 
     def request_info(self, output_id: str) -> Hash:
         """The raw reply ``a1`` (``{success, info}``) for ``output_id``.
 
         Raises
         ------
-        RequestTimeout, RemoteError, ValueError
+        RequestTimeout, RemoteError, InvalidOutputId, NotStartedError
         """
         iid, channel = split_output_id(output_id)
         arg = Hash()
@@ -127,7 +115,7 @@ class OutputResolver:
             with self._lock:
                 self._inflight.setdefault(iid, set()).add(fut)
             try:
-                reply = fut.result(self.timeout + 1.0)
+                reply = fut.wait(self.timeout + 1.0)
                 break
             except _Renewed:
                 continue
@@ -154,7 +142,7 @@ class OutputResolver:
         """
         try:
             a1 = self.request_info(output_id)
-        except ValueError as e:
+        except InvalidOutputId as e:
             log.error("%s", e)
             return None
         except RequestTimeout:

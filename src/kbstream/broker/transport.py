@@ -1,9 +1,14 @@
-"""AMQP transports: pika in one dedicated thread, and an in-memory topic router for tests.
+"""The AMQP transport of a broker instance: pika in one dedicated thread.
 
-A transport owns one queue with its bindings and delivers every message to one callback,
-``on_message(exchange, routing_key, body)``, **in the transport's own thread** (keep it
-short: decode the header, hand the rest to a worker). ``publish`` and ``bind`` may be
-called from any thread.
+One job: own one connection, one queue with its bindings, and deliver every message to one
+callback. :class:`Transport` is the interface a :class:`~kbstream.broker.BrokerInstance`
+uses (the tests implement it in memory); :class:`PikaTransport` implements it on a real
+broker, reconnecting after a loss.
+
+Threads: the callback, ``on_message(exchange, routing_key, body)``, runs **in the
+transport's own thread** (keep it short: decode the header, hand the rest to a worker);
+``publish`` and ``bind`` may be called from any thread; ``on_reconnect`` runs in a thread
+of its own.
 
 Broker objects as Karabo 3 declares them (docs/wire/karabo-broker-amqp.md, sections 3 and 4): the three
 exchanges ``type=topic``, non-durable, auto-delete, each kept alive by a ``:none:`` binding
@@ -18,14 +23,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue as _queue
 import threading
 import time
 
-from .errors import BrokerConnectionError, BrokerError
+from .._lifecycle import Lifecycle
+from .errors import BrokerConnectionError, BrokerError, NotStartedError
 
-__all__ = ["Transport", "PikaTransport", "MemoryBroker", "MemoryTransport", "topic_matches",
-           "QUEUE_ARGUMENTS", "NONE_KEY"]
+__all__ = ["Transport", "PikaTransport", "QUEUE_ARGUMENTS", "NONE_KEY", "MAX_PENDING",
+           "queue_fallback_name"]
 
 log = logging.getLogger("kbstream.broker.transport")
 
@@ -46,7 +51,7 @@ def _connection_errors():
         import pika.exceptions as pe
 
         errors += [pe.AMQPConnectionError, pe.AMQPChannelError, pe.StreamLostError]
-    except ImportError:  # the in-memory transport: no pika
+    except ImportError:  # pragma: no cover - PikaTransport refuses to exist without pika
         pass
     return tuple(errors)
 
@@ -60,28 +65,10 @@ NONE_KEY = ":none:"
 MAX_PENDING = 1000
 
 
-def topic_matches(pattern: str, key: str) -> bool:
-    """AMQP topic matching: words split at ``.``, ``*`` = one word, ``#`` = zero or more."""
-    p = pattern.split(".")
-    k = key.split(".")
-
-    def match(i, j):
-        while i < len(p):
-            if p[i] == "#":
-                if i == len(p) - 1:
-                    return True
-                return any(match(i + 1, jj) for jj in range(j, len(k) + 1))
-            if j >= len(k) or (p[i] != "*" and p[i] != k[j]):
-                return False
-            i += 1
-            j += 1
-        return j == len(k)
-
-    return match(0, 0)
-
-
 class Transport:
-    """Interface of a transport (see the module docstring)."""
+    """Interface of a transport (see the module docstring): what
+    :class:`~kbstream.broker.BrokerInstance` calls on the object passed as its
+    ``transport``. ``open`` starts it; ``close`` ends it."""
 
     #: The queue name actually in use (after the fallback), once open.
     queue_name: str | None = None
@@ -111,8 +98,9 @@ class Transport:
         """Send a message; buffered (up to 1000) while the connection is down."""
         raise NotImplementedError
 
-    def close(self, timeout=5.0):
-        """Send what is pending, disconnect, stop the thread. Idempotent."""
+    def close(self, timeout=None):
+        """Send what is pending, disconnect, stop the thread, within ``timeout`` seconds
+        (None: the transport's own default). Idempotent."""
         raise NotImplementedError
 
     @property
@@ -136,12 +124,19 @@ def _describe(exc, depth=0):
     return f"{type(exc).__name__}: {text}" if text else repr(exc)
 
 
-def _queue_fallback_name(name):
+def queue_fallback_name(name):
+    """The queue name used when ``name`` is taken: ``<name>:<hex clock>`` (as Karabo)."""
     return f"{name}:{time.monotonic_ns():x}"
 
 
-class PikaTransport(Transport):
+class PikaTransport(Lifecycle, Transport):
     """AMQP 0-9-1 over pika's ``BlockingConnection``, owned by one daemon thread.
+
+    Its life cycle follows kbstream's rule: the constructor starts no thread and contacts
+    no broker; :meth:`open` (the transport's ``start()``, with what to declare) connects
+    and starts the thread; :meth:`close` (= :meth:`stop`) ends it within
+    ``close_timeout`` seconds and may be called any number of times. Wrong order raises
+    :class:`~kbstream.broker.NotStartedError`.
 
     pika connections are not thread-safe: every operation runs in the owner thread, other
     threads hand work over with ``add_callback_threadsafe``. The thread loops
@@ -158,11 +153,26 @@ class PikaTransport(Transport):
         Pause between reconnect attempts after a loss.
     name : str
         Shown as the connection name in ``rabbitmqctl list_connections``.
+    close_timeout : float
+        How long :meth:`close` waits for the thread to send what is pending and end.
+
+    Raises
+    ------
+    BrokerConnectionError
+        pika (the ``broker`` extra) is not installed.
     """
 
+    _state_error = NotStartedError
+
     def __init__(self, config, *, connect_timeout=0.0, reconnect_interval=1.0,
-                 name="kbstream"):
-        import pika  # only here: nothing else in kbstream imports the AMQP client
+                 name="kbstream", close_timeout=5.0):
+        Lifecycle.__init__(self)
+        try:
+            import pika  # only here: nothing else in kbstream imports the AMQP client
+        except ImportError as e:
+            raise BrokerConnectionError(
+                "the AMQP client pika is not installed: pip install 'kbstream[broker]'",
+                [u.safe for u in config.urls]) from e
 
         global _CONNECTION_ERRORS
         _CONNECTION_ERRORS = _connection_errors()
@@ -172,7 +182,9 @@ class PikaTransport(Transport):
         self.connect_timeout = float(connect_timeout)
         self.reconnect_interval = float(reconnect_interval)
         self.name = name
+        self.close_timeout = float(close_timeout)
         self.queue_name = None
+        self._wanted_queue = None
         self._conn = None
         self._chan = None
         self._thread = None
@@ -196,13 +208,29 @@ class PikaTransport(Transport):
         return self._connected.is_set()
 
     def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
-        if self._thread is not None:
-            raise BrokerError("transport already opened")
+        """Start: connect, declare, bind, consume (see :meth:`Transport.open`); returns
+        the transport.
+
+        Raises
+        ------
+        BrokerConnectionError
+            No broker of the list answered within ``connect_timeout``.
+        NotStartedError
+            Opened twice, or after :meth:`close`.
+        """
+        self._check_open("open()")
+        if self.started:
+            raise NotStartedError("transport already opened")
         self._wanted_queue = queue
         self._exchanges = list(exchanges)
         self._bindings = list(bindings)
         self._on_message = on_message
         self._on_reconnect = on_reconnect
+        return self.start()
+
+    def _start(self):
+        if self._wanted_queue is None:
+            raise NotStartedError("a PikaTransport is started by open(queue, exchanges, ...)")
         self._thread = threading.Thread(target=self._run, name=f"kbstream-amqp-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -227,7 +255,7 @@ class PikaTransport(Transport):
 
     def publish(self, exchange, routing_key, body):
         if self._closing.is_set() and (self._thread is None or not self._thread.is_alive()):
-            raise BrokerError("transport is closed")
+            raise NotStartedError("transport is closed")
         _check_key(routing_key, "routing key")
         if len(body) > MAX_MESSAGE_SIZE:
             raise BrokerError(f"message of {len(body)} bytes is larger than {MAX_MESSAGE_SIZE}")
@@ -241,17 +269,28 @@ class PikaTransport(Transport):
             self._outbox.append((exchange, routing_key, body))
         self._wake(self._flush)
 
-    def close(self, timeout=5.0):
-        if self._thread is None or self._closing.is_set():
-            self._closing.set()
-            return
+    def close(self, timeout=None):
+        """Send what is pending, disconnect, end the thread; waits at most ``timeout``
+        (default ``close_timeout``) seconds. Idempotent."""
+        if timeout is not None:
+            self.close_timeout = float(timeout)
+        super().close()
+
+    def stop(self, timeout=None):
+        """Same as :meth:`close`."""
+        self.close(timeout)
+
+    def _close(self):
         self._closing.set()
+        thread = self._thread
+        if thread is None:
+            return
         self._wake(lambda: None)
-        if self._thread is threading.current_thread():
+        if thread is threading.current_thread():
             return  # called from a callback in the AMQP thread: it ends by itself
-        self._thread.join(timeout)
-        if self._thread.is_alive():  # pragma: no cover - pika stuck in a socket call
-            log.warning("AMQP thread did not stop within %.1f s", timeout)
+        thread.join(self.close_timeout)
+        if thread.is_alive():  # pragma: no cover - pika stuck in a socket call
+            log.warning("AMQP thread did not stop within %.1f s", self.close_timeout)
 
     # ---- owner thread ---------------------------------------------------------------
 
@@ -309,7 +348,7 @@ class PikaTransport(Transport):
         except pika.exceptions.ChannelClosedByBroker as e:
             if e.reply_code != 405:  # RESOURCE_LOCKED: another connection has it
                 raise
-            name = _queue_fallback_name(self._wanted_queue)
+            name = queue_fallback_name(self._wanted_queue)
             log.info("queue %s is in use, falling back to %s", self._wanted_queue, name)
             chan = conn.channel()
             chan.queue_declare(queue=name, durable=False, exclusive=True, auto_delete=True,
@@ -416,161 +455,3 @@ class PikaTransport(Transport):
             log.debug("reconnect failed: %s", "; ".join(errors))
             self._closing.wait(self.reconnect_interval)
         return False
-
-
-# ---- in-memory transport for unit tests ---------------------------------------------
-
-
-class MemoryBroker:
-    """An in-memory topic router with the broker behaviour Karabo relies on.
-
-    Topic exchanges, per-queue bindings with ``*`` / ``#`` matching, one delivery per queue
-    however many bindings match, messages nobody is bound for dropped silently, exclusive
-    queues (a second open of the same name gets the fallback name), and :meth:`restart`,
-    which drops every queue and binding and makes the transports reconnect.
-    """
-
-    def __init__(self):
-        self._lock = threading.RLock()
-        self.exchanges = set()
-        self.queues = {}  # name -> MemoryTransport
-        self.bindings = []  # (exchange, pattern, queue)
-        self.published = []  # (exchange, routing key, body), for tests
-        self.up = True
-
-    def _declare(self, transport, queue, exchanges, bindings):
-        with self._lock:
-            if not self.up:
-                raise BrokerConnectionError("memory broker is down")
-            name = queue
-            if name in self.queues:
-                name = _queue_fallback_name(queue)
-            self.queues[name] = transport
-            self.exchanges.update(exchanges)
-            for ex in exchanges:
-                self.bindings.append((ex, NONE_KEY, name))
-            for ex, key in bindings:
-                self.bindings.append((ex, key, name))
-            return name
-
-    def _bind(self, queue, exchange, key):
-        with self._lock:
-            if queue in self.queues:
-                self.bindings.append((exchange, key, queue))
-
-    def _remove(self, queue):
-        with self._lock:
-            self.queues.pop(queue, None)
-            self.bindings = [b for b in self.bindings if b[2] != queue]
-
-    def publish(self, exchange, routing_key, body):
-        """Route one message (also usable by tests to inject raw bytes)."""
-        with self._lock:
-            if not self.up:
-                return False
-            self.published.append((exchange, routing_key, bytes(body)))
-            targets = {q for ex, pat, q in self.bindings
-                       if ex == exchange and topic_matches(pat, routing_key)}
-            receivers = [self.queues[q] for q in sorted(targets) if q in self.queues]
-        for t in receivers:
-            t._inbox.put((exchange, routing_key, bytes(body)))
-        return True
-
-    def restart(self, down_seconds=0.05):
-        """Simulate a broker restart: all queues and bindings are lost, transports reconnect."""
-        with self._lock:
-            self.up = False
-            transports = list(self.queues.values())
-            self.queues.clear()
-            self.bindings.clear()
-            self.exchanges.clear()
-        for t in transports:
-            t._lost()
-        time.sleep(down_seconds)
-        with self._lock:
-            self.up = True
-        for t in transports:
-            t._inbox.put(_RECONNECT)
-
-
-_RECONNECT = object()
-_STOP = object()
-
-
-class MemoryTransport(Transport):
-    """A :class:`Transport` on a :class:`MemoryBroker`; delivers in its own thread."""
-
-    def __init__(self, broker: MemoryBroker, name="kbstream"):
-        self.broker = broker
-        self.name = name
-        self.queue_name = None
-        self._inbox = _queue.Queue()
-        self._thread = None
-        self._connected = False
-        self._outbox = collections.deque()
-        self._lock = threading.Lock()
-
-    @property
-    def connected(self):
-        return self._connected
-
-    def open(self, queue, exchanges, bindings, on_message, on_reconnect=None):
-        self._wanted = queue
-        self._exchanges = list(exchanges)
-        self._bindings = list(bindings)
-        self._on_message = on_message
-        self._on_reconnect = on_reconnect
-        self.queue_name = self.broker._declare(self, queue, self._exchanges, self._bindings)
-        self._connected = True
-        self._thread = threading.Thread(target=self._run, name=f"kbstream-mem-{self.name}",
-                                        daemon=True)
-        self._thread.start()
-
-    def bind(self, exchange, routing_key):
-        self._bindings.append((exchange, routing_key))
-        if self._connected:
-            self.broker._bind(self.queue_name, exchange, routing_key)
-
-    def publish(self, exchange, routing_key, body):
-        with self._lock:
-            if not self._connected:
-                if len(self._outbox) >= MAX_PENDING:
-                    self._outbox.popleft()
-                self._outbox.append((exchange, routing_key, body))
-                return
-        self.broker.publish(exchange, routing_key, body)
-
-    def close(self, timeout=5.0):
-        if self._thread is None:
-            return
-        self.broker._remove(self.queue_name)
-        self._connected = False
-        self._inbox.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
-
-    def _lost(self):
-        with self._lock:
-            self._connected = False
-
-    def _run(self):
-        while True:
-            item = self._inbox.get()
-            if item is _STOP:
-                return
-            if item is _RECONNECT:
-                self.queue_name = self.broker._declare(self, self._wanted, self._exchanges,
-                                                       self._bindings)
-                with self._lock:
-                    self._connected = True
-                    pending = list(self._outbox)
-                    self._outbox.clear()
-                for msg in pending:
-                    self.broker.publish(*msg)
-                if self._on_reconnect is not None:
-                    threading.Thread(target=self._on_reconnect, daemon=True).start()
-                continue
-            try:
-                self._on_message(*item)
-            except Exception:
-                log.exception("error in the broker message callback")
