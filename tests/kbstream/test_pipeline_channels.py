@@ -68,12 +68,12 @@ def channels():
     def make_output(cid="sender:output", **kw):
         out = OutputChannel(cid, hostname="127.0.0.1", **kw)
         made.append(out)
-        return out
+        return out.start()
 
-    def make_input(cid="receiver:input", **kw):
+    def make_input(cid="receiver:input", start=True, **kw):
         inp = InputChannel(cid, reconnect_interval=0.2, **kw)
         made.append(inp)
-        return inp
+        return inp.start() if start else inp
 
     yield make_output, make_input
     for ch in reversed(made):
@@ -323,8 +323,8 @@ def test_reconnects_when_the_output_comes_back(channels):
     make_output, make_input = channels
     out = make_output()
     mapping = {"sender:output": out.info}
-    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=mapping)
-    col = Collector(inp)
+    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=mapping, start=False)
+    col = Collector(inp)  # its tracker sees every status change
     inp.start()
     out.wait_for_inputs(copy=["receiver:input"])
     send(out, 3)
@@ -353,7 +353,7 @@ def test_input_resolver_returning_none_retries(channels):
         calls.append(oid)
         return out.info if len(calls) >= 3 else None
 
-    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=resolver)
+    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=resolver, start=False)
     col = Collector(inp)
     inp.start()
     out.wait_for_inputs(copy=["receiver:input"], timeout=TIMEOUT)
@@ -653,7 +653,7 @@ def test_shared_memory_slots_are_recycled_when_released(channels):
     assert col.indices() == list(range(n))
     assert [d["sum"] for *_, d in col.items] == [i * int(np.prod(BIG_FRAME)) for i in range(n)]
     assert st["shm"] == n  # released slots were reused: no fallback to TCP was needed
-    with out._cond:
+    with out._lock:
         assert len(out._inputs["receiver:input"].ring.slots) <= 12
 
 
@@ -683,19 +683,23 @@ def test_messages_queued_for_a_slow_input_still_travel_through_shared_memory(cha
     assert st["shm"] == n
 
 
-def test_serving_an_empty_queue_never_waits_behind_a_send_in_flight(channels):
-    """update() serves every input's queue after each message; with nothing queued for
-    an input it must not wait for that input's send lock (a stalled send can hold it for
-    send_timeout)."""
+def test_serving_an_input_never_waits_behind_a_send_in_flight(channels):
+    """Serving an input whose sender is busy (a stalled send can last send_timeout)
+    returns at once: the busy sender sends what was handed out, in order."""
     out, inp, col = copy_pair(channels, onSlowness="wait")
-    peer = out._inputs["receiver:input"]
-    with peer.send_lock:   # as if a send to this input were in flight
-        t = threading.Thread(target=out._serve_queue, args=(peer,), daemon=True)
-        t.start()
-        t.join(20)
-        blocked = t.is_alive()
+    conn = out._inputs["receiver:input"]
+    with out._lock:   # as if a send to this input were in flight
+        d = out._policy.offer([wire.eos_message()], eos=True)
+        in_flight = out._policy.next_send(conn)
+    assert in_flight is d.entry and d.serve == [conn]
+    t = threading.Thread(target=out._serve, args=([conn],), daemon=True)
+    t.start()
+    t.join(20)
+    blocked = t.is_alive()
+    with out._lock:
+        out._policy.end_send(conn, in_flight)
     t.join()
-    assert not blocked
+    assert not blocked and d.done
 
 
 def test_input_without_shared_memory_gets_tcp(channels):
