@@ -11,13 +11,18 @@ import pytest
 
 import kbhash
 from kbhash import Hash, HashType, Timestamp
+from kbstream.errors import BindError, EncodeError, KbStreamError, StateError
 from kbstream.pipeline import (
     ChannelClosed,
     ChannelTimeout,
+    ConnectionLost,
     ConnectionStatus,
+    ConnectTimeout,
     DataSchema,
     InputChannel,
     OutputChannel,
+    PipelineConfigError,
+    PipelineError,
     SchemaError,
     wire,
 )
@@ -922,3 +927,150 @@ def test_replaced_shared_memory_slots_keep_held_arrays_intact(channels):
     assert sorted(held) == [3, 4]
     for i, arr in held.items():
         assert arr.size == (i % 12 + 1) << 20 and (arr == i % 251).all()
+
+
+# ------------------------------------------------------- life cycle and errors
+
+
+def _threads(prefix):
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_output_binds_in_its_constructor_and_accepts_after_start():
+    out = OutputChannel("lc:output", hostname="127.0.0.1")
+    raw = None
+    try:
+        assert out.port > 0 and out.info["port"] == out.port  # known before start()
+        assert _threads("lc:output") == [] and not out.started
+        with pytest.raises(StateError, match="before start"):
+            out.write({"index": 0})
+        with pytest.raises(StateError, match="before start"):
+            out.wait_for_inputs(copy=["early:input"])
+        raw = RawInput(out.port, "early:input", slow="wait")  # the kernel holds it until start()
+        assert out.start() is out
+        out.wait_for_inputs(copy=["early:input"])
+        assert _threads("lc:output-accept") != []
+        with pytest.raises(StateError, match="already started"):
+            out.start()
+    finally:
+        if raw is not None:
+            raw.close()
+        out.close()
+    out.close()  # idempotent
+    out.stop()   # the same call
+    assert out.closed and _threads("lc:output") == []
+    with pytest.raises(StateError):
+        out.start()
+    with pytest.raises(ChannelClosed):
+        out.write({"index": 0})
+    with pytest.raises(ChannelClosed):
+        out.update()
+
+
+def test_input_starts_its_threads_in_start_and_with_starts_it(channels):
+    make_output, _ = channels
+    out = make_output()
+    inp = InputChannel("lc:input", onSlowness="wait")
+    col = Collector(inp)
+    assert inp.connect(out.info, "sender:output") == "sender:output"  # made at start()
+    assert _threads("lc:input") == [] and out.input_ids() == []
+    with pytest.raises(StateError, match="before start"):
+        inp.wait_connected(timeout=0.1)
+    with inp as same:
+        assert same is inp and inp.started
+        inp.wait_connected(timeout=TIMEOUT)
+        out.wait_for_inputs(copy=["lc:input"])
+        send(out, 2)
+        out.signal_end_of_stream(timeout=TIMEOUT)
+        col.wait_eos()
+    assert inp.closed and col.indices() == [0, 1] and _threads("lc:input") == []
+    inp.stop()  # idempotent
+    with pytest.raises(ChannelClosed):
+        inp.connect(out.info, "sender:output")
+    with pytest.raises(StateError):
+        inp.start()
+
+
+def test_channel_errors_sit_in_the_kbstream_tree():
+    assert issubclass(ChannelClosed, StateError) and issubclass(ChannelClosed, RuntimeError)
+    assert issubclass(ConnectTimeout, ChannelTimeout) and issubclass(ConnectTimeout, TimeoutError)
+    assert issubclass(PipelineConfigError, ValueError)
+    for cls in (ChannelClosed, ConnectTimeout, PipelineConfigError, ConnectionLost, SchemaError):
+        assert issubclass(cls, PipelineError) and issubclass(cls, KbStreamError)
+
+
+def test_wait_connected_raises_connect_timeout(channels):
+    _, make_input = channels
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there
+    inp = make_input()
+    inp.connect({"hostname": "127.0.0.1", "port": port}, "nowhere:output")
+    with pytest.raises(ConnectTimeout, match="nowhere:output") as e:
+        inp.wait_connected(timeout=0.2)
+    assert isinstance(e.value, TimeoutError) and e.value.timeout == 0.2
+
+
+def test_an_unencodable_item_raises_kbstream_encode_error_and_the_channel_goes_on(channels):
+    out, inp, col = copy_pair(channels, onSlowness="wait")
+    out.write({"index": 0, "bad": object()})
+    with pytest.raises(EncodeError, match="cannot be encoded") as e:
+        out.update(timeout=TIMEOUT)
+    assert isinstance(e.value.__cause__, kbhash.EncodeError) and isinstance(e.value, TypeError)
+    send(out, 1, start=1)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == [1]
+
+
+def test_unusable_metadata_raises_encode_error(channels):
+    make_output, _ = channels
+    out = make_output()
+    with pytest.raises(EncodeError, match="metadata") as e:
+        out.write({"index": 0}, 3.5)
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(EncodeError):
+        out.write({"index": 0}, {"tid": "not a number"})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OutputChannel("x:output", noInputShared="later"),
+    lambda: OutputChannel("x:output", distributionMode="random"),
+    lambda: OutputChannel("x:output", validateSchema="never"),
+    lambda: InputChannel("x:input", onSlowness="later"),
+    lambda: InputChannel("x:input", dataDistribution="broadcast"),
+], ids=["noInputShared", "distributionMode", "validateSchema", "onSlowness", "dataDistribution"])
+def test_unknown_options_raise_config_errors(make):
+    with pytest.raises(PipelineConfigError):
+        make()
+
+
+def test_a_port_in_use_raises_bind_error(channels):
+    make_output, _ = channels
+    out = make_output()
+    with pytest.raises(BindError, match=str(out.port)) as e:
+        OutputChannel("other:output", hostname="127.0.0.1", port=out.port)
+    assert isinstance(e.value, OSError)
+
+
+def test_stats_count_every_message_once(channels):
+    make_output, _ = channels
+    out = make_output()
+    raw = RawInput(out.port, "raw:input", slow="queueDrop", max_queue=2)
+    try:
+        out.wait_for_inputs(copy=["raw:input"])
+        for i in range(6):
+            _one(out, i)
+        st = out.stats()["raw:input"]
+        assert (st["sent"], st["dropped"], st["queued"], st["sending"]) == (1, 3, 2, 0)
+        assert st["queued_bytes"] > 0 and out.stats()["__shared__"]["queued"] == 0
+        raw.update()
+        raw.update()
+        assert raw.read_all() == [[0], [4], [5]]
+        deadline = time.monotonic() + TIMEOUT  # a send is counted once sendmsg returned
+        while out.stats()["raw:input"]["sending"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st = out.stats()["raw:input"]
+        assert (st["sent"], st["dropped"], st["queued"], st["queued_bytes"]) == (3, 3, 0, 0)
+    finally:
+        raw.close()

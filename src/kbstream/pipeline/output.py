@@ -313,11 +313,14 @@ class OutputChannel(Lifecycle):
         if self.use_shm and token and token == shm.host_token():
             ring = shm.SlotRing(max_slots=window + 8)
         with self._lock:
-            if conn.id is not None or conn.gone:
-                reason = "second hello on one connection" if conn.id is not None else "hello on a closed connection"
+            if conn.id is not None:
                 if ring is not None:
                     ring.close()
-                raise PipelineProtocolError(reason)
+                raise PipelineProtocolError("second hello on one connection")
+            if conn.gone:  # the channel closed meanwhile
+                if ring is not None:
+                    ring.close()
+                return
             old = self._inputs.get(iid)
             release_old = old is not None and self._unregister(old)
             conn.id = iid
