@@ -1039,7 +1039,10 @@ def test_unusable_metadata_raises_encode_error(channels):
     lambda: OutputChannel("x:output", validateSchema="never"),
     lambda: InputChannel("x:input", onSlowness="later"),
     lambda: InputChannel("x:input", dataDistribution="broadcast"),
-], ids=["noInputShared", "distributionMode", "validateSchema", "onSlowness", "dataDistribution"])
+    lambda: OutputChannel("x:output", sharedQueueLength="many"),
+    lambda: InputChannel("x:input", minData=None),
+], ids=["noInputShared", "distributionMode", "validateSchema", "onSlowness", "dataDistribution",
+        "sharedQueueLength", "minData"])
 def test_unknown_options_raise_config_errors(make):
     with pytest.raises(PipelineConfigError):
         make()

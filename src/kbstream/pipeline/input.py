@@ -117,15 +117,18 @@ class InputChannel(Lifecycle):
         self.connected_output_channels = list(connectedOutputChannels)
         self.data_distribution = dataDistribution
         self.on_slowness = onSlowness
-        self.max_queue_length = int(maxQueueLength)
-        self.min_data = int(minData)
+        try:
+            self.max_queue_length = int(maxQueueLength)
+            self.min_data = int(minData)
+            self.delay_on_input = float(delayOnInput) / 1000.0
+            self.reconnect_interval = float(reconnect_interval)
+            self.credit_window = max(1, int(credit_window))
+            self.max_message_size = int(max_message_size)
+        except (TypeError, ValueError) as e:
+            raise PipelineConfigError(f"{channel_id}: a numeric option is not a number ({e})") from None
         self.respond_to_eos = bool(respondToEndOfStream)
-        self.delay_on_input = float(delayOnInput) / 1000.0
         self.resolver = resolver
-        self.reconnect_interval = float(reconnect_interval)
-        self.credit_window = max(1, int(credit_window))
         self.connect_timeout = connect_timeout
-        self.max_message_size = int(max_message_size)
         self.shm_token = shm.host_token() if use_shm else None
         self.schema = schema
         self.on_schema_mismatch = on_schema_mismatch
@@ -136,15 +139,17 @@ class InputChannel(Lifecycle):
         self._input_handler = None
         self._eos_handler = None
         self._trackers = []
-        # Locks, in the order they may be taken (never the other way round):
-        #   Lifecycle._lc_lock  the started/closed flags; held only inside start() and
-        #                       close() bookkeeping, never together with another lock.
-        #   _cond (Condition)   the handler queue (_queue, _npending), _conns, _live,
-        #                       _eos_seen, _running, each connection's owed_update and
-        #                       ``received``.  Never held across socket I/O, a join or a
-        #                       handler; the handler thread waits on it.
-        #   Connection.lock     (one per output, see _receive) the socket's writes and the
-        #                       shared-memory mapper; never held together with _cond.
+        # Locks.  Each is a leaf: none is ever taken while another one is held (should two
+        # ever be needed together, take them in this order):
+        #   1. Lifecycle._lc_lock  the started/closed flags; held only inside the
+        #                          bookkeeping of start() and close().
+        #   2. _cond (Condition)   the handler queue (_queue, _npending), _conns, _live,
+        #                          _eos_seen, _running, ``received`` and each connection's
+        #                          owed_update.  Never held across socket I/O, a join or a
+        #                          user callback; the handler thread waits on it.
+        #   3. Connection.lock     one per output (see _receive): that socket's writes
+        #                          (hello, update, kbRelease, kbShmMapped) and its
+        #                          shared-memory mapper.
         self._cond = threading.Condition()
         self._queue = collections.deque()  # (data, meta, conn) or (_EOS, None, conn)
         self._npending = 0  # data items in the queue

@@ -142,33 +142,38 @@ class OutputChannel(Lifecycle):
         self.no_input_shared = noInputShared
         self.distribution_mode = distributionMode
         self.shared_selector = shared_selector
-        self.shared_queue_length = int(sharedQueueLength)
+        try:
+            self.shared_queue_length = int(sharedQueueLength)
+            self.send_timeout = float(send_timeout)
+            port = int(port)
+        except (TypeError, ValueError) as e:
+            raise PipelineConfigError(f"{channel_id}: a numeric option is not a number ({e})") from None
         self.schema = schema
         self.validate_schema = validateSchema
         self.use_shm = use_shm
-        self.send_timeout = float(send_timeout)
         self._validated = False
         self.hostname = socket.gethostname() if hostname == "default" else hostname
         bind = self.hostname if _is_ip(self.hostname) else "0.0.0.0"
         try:
-            self._server = socket.create_server((bind, int(port)), reuse_port=False)
+            self._server = socket.create_server((bind, port), reuse_port=False)
         except OSError as e:
             raise BindError(f"{channel_id}: cannot listen on {bind}:{port}: {e}", f"{bind}:{port}") from e
         self.port = self._server.getsockname()[1]
-        # Locks, in the order they may be taken (a lock later in the list is never held
-        # while taking an earlier one):
-        #   Lifecycle._lc_lock  the started/closed flags; held only inside start() and
-        #                       close() bookkeeping, never together with another lock.
-        #   _lock (Condition)   the delivery policy (every queue, credit and counter),
-        #                       _inputs, _conns, _threads, and each connection's ring,
-        #                       shm_sent and gone.  Held for decisions only, never across a
-        #                       send, a receive or a join; the one exception is the copy of
-        #                       a message queued for a slow input (and the shared
-        #                       selector callback).  Writers waiting for credit wait on it.
-        #   _chunk_lock         _chunk (items written since the last update); a leaf,
-        #                       never held with _lock.
-        # Sending to one input is serialised by the policy (one sender at a time,
-        # next_send/end_send), not by a lock: nobody ever waits behind a send in flight.
+        # Locks.  Each is a leaf: none is ever taken while another one is held (should two
+        # ever be needed together, take them in this order):
+        #   1. Lifecycle._lc_lock  the started/closed flags; held only inside the
+        #                          bookkeeping of start() and close().
+        #   2. _lock (Condition)   the delivery policy (every queue, credit and counter),
+        #                          _inputs, _conns, _threads, and each connection's ring,
+        #                          shm_sent and gone.  Held for decisions only: never across
+        #                          a send, a receive, a join or a log call; what it does
+        #                          cover besides bookkeeping is the copy of a message queued
+        #                          for a slow input, taking (or making) a shared-memory slot
+        #                          and the shared_selector callback.  Writers waiting for
+        #                          credit wait on it; every change of the policy notifies.
+        #   3. _chunk_lock         _chunk (the items written since the last update).
+        # Sending to one input is serialised by the policy (one sender at a time, from
+        # next_send to end_send), not by a lock: nobody ever waits behind a send in flight.
         self._lock = threading.Condition()
         self._policy = DeliveryPolicy(noInputShared, distributionMode, shared_selector,
                                       self.shared_queue_length, copy=_materialize)
