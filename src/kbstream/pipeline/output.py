@@ -37,7 +37,7 @@ from ..errors import BindError, EncodeError, KbStreamError, StateError
 from . import shm, wire
 from ._io import close as _close, recv_exact as _recv_exact, sendmsg_all as _sendmsg_all
 from .errors import ChannelClosed, ChannelTimeout, PipelineConfigError, PipelineProtocolError, SchemaError
-from .policy import MODES, POLICIES, SHARED, DeliveryPolicy
+from .policy import MODES, DeliveryPolicy
 
 __all__ = ["OutputChannel"]
 
@@ -132,8 +132,8 @@ class OutputChannel(Lifecycle):
                  distributionMode="load-balanced", shared_selector=None, sharedQueueLength=10,
                  schema=None, validateSchema="always", use_shm=True, send_timeout=30.0):
         Lifecycle.__init__(self)
-        if noInputShared not in POLICIES:
-            raise PipelineConfigError(f"noInputShared must be one of {POLICIES}, not {noInputShared!r}")
+        if noInputShared not in wire.ON_SLOWNESS:
+            raise PipelineConfigError(f"noInputShared must be one of {wire.ON_SLOWNESS}, not {noInputShared!r}")
         if distributionMode not in MODES:
             raise PipelineConfigError(f"distributionMode must be one of {MODES}, not {distributionMode!r}")
         if validateSchema not in ("always", "once"):
@@ -306,7 +306,7 @@ class OutputChannel(Lifecycle):
         slow = h.get("onSlowness", "drop")
         if dist not in wire.DISTRIBUTION:
             raise PipelineProtocolError(f"unknown dataDistribution {dist!r}")
-        if slow not in POLICIES:
+        if slow not in wire.ON_SLOWNESS:
             raise PipelineProtocolError(f"unknown onSlowness {slow!r}")
         mem = h.get("memoryLocation", "remote")
         if mem != "remote":

@@ -70,11 +70,10 @@ __all__ = [
     "DROP_NO_SHARED_INPUT",
     "DROP_SELECTOR",
     "DROP_TIMEOUT",
-    "POLICIES",
     "MODES",
 ]
 
-POLICIES = ("drop", "queueDrop", "wait")
+#: Values of ``distribution_mode`` (onSlowness / noInputShared values: wire.ON_SLOWNESS).
 MODES = ("load-balanced", "round-robin")
 
 #: Key of the shared pool in :meth:`DeliveryPolicy.counters` and :attr:`Delivery.outcome`.
