@@ -27,8 +27,8 @@ and nothing is ever reordered.
 Each event returns the inputs (their keys) that got something in their outbox while no
 sender was busy with them; the caller then *serves* them: ``next_send(key)`` hands out
 the next message and makes the caller that input's only sender until ``end_send``.  Any
-thread may serve any input; the next issue can give each input a sender thread of its
-own so that a slow input costs only itself.
+thread may serve any input, so an output can give each input a sender thread of its own
+(a slow input then costs only itself) without a change here.
 
 Options (the input's from its hello, the pool's from the output)
 ----------------------------------------------------------------
@@ -51,7 +51,8 @@ exactly one of ``sent``, ``dropped``, ``queued`` (waiting) or ``sending`` (outbo
 flight).  A shared data message is exactly one of: sent to (or sending to, or queued for)
 one shared input, queued in the shared queue, or dropped (``SHARED`` counter, or the
 targeted input's ``dropped`` when a full queue evicts it).  Each entry carries its size
-in bytes (``nbytes``); ``queued_bytes`` sums the waiting ones, per input and for the pool.
+in bytes (``nbytes``); ``queued_bytes`` sums the waiting ones, per input and for the pool,
+and ``_trim`` is the one place that evicts: where a bound in bytes would go.
 """
 
 import collections
