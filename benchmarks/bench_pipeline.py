@@ -8,30 +8,22 @@ the receiver), kbstream -> karabind, karabind -> kbstream, karabind -> karabind
 a group of its own).  Each round streams
 ``KB_PIPE_ITEMS`` items (default 100) and ends with the end of stream; the
 rate is items / (time of the round).  The Karabo side runs in the side
-environment (tests/peers/pipeline_driver.py); run with ``scripts/bench.sh``.
+environment (tests/peers/pipeline_driver.py, driven by benchmarks/_karabo_pipeline.py);
+run with ``scripts/bench.sh``.
 """
 
 import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+import threading
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from kbhash import Hash  # noqa: E402
-from kbstream.pipeline import InputChannel, OutputChannel  # noqa: E402
-
-try:
-    from peers.karabo import karabo_python
-    from peers.pipeline import KaraboPipelineInput, KaraboPipelineOutput, pipeline_item
-except ImportError:  # pragma: no cover
-    karabo_python = None
+from _karabo_pipeline import KaraboPipelineInput, KaraboPipelineOutput, karabo_python, pipeline_item
+from kbhash import Hash
+from kbstream.pipeline import InputChannel, OutputChannel
 
 N = int(os.environ.get("KB_PIPE_ITEMS", "100"))
 ROUNDS = int(os.environ.get("KB_PIPE_ROUNDS", "3"))
@@ -44,7 +36,7 @@ RECEIVER = r"""
 import json, sys, threading, time
 from kbstream.pipeline import InputChannel
 port, iid, dist = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-inp = InputChannel(iid, onSlowness="wait", dataDistribution=dist)
+inp = InputChannel(iid, onSlowness="wait", dataDistribution=dist).start()
 n = 0; first = last = None; done = threading.Event()
 def on_data(d, m):
     global n, first, last
@@ -60,7 +52,7 @@ inp.close()
 
 
 def need_karabo():
-    if karabo_python is None or karabo_python() is None:
+    if karabo_python() is None:
         pytest.skip("!!! Karabo side environment missing: run benchmarks with scripts/bench.sh !!!")
 
 
@@ -103,7 +95,7 @@ def test_kbstream_to_kbstream(benchmark, path):
     shm_items = []
 
     def setup():
-        out = OutputChannel("bench:output", hostname="127.0.0.1")
+        out = OutputChannel("bench:output", hostname="127.0.0.1").start()
         procs = kb_receivers(out.port, ["bench:input"], tcp_only=path == "tcp")
         out.wait_for_inputs(copy=["bench:input"])
         return (out, procs), {}
@@ -128,7 +120,7 @@ def test_kbstream_to_4_shared_kbstream(benchmark):
     ids = [f"bench{k}:input" for k in range(4)]
 
     def setup():
-        out = OutputChannel("bench:output", hostname="127.0.0.1", noInputShared="wait")
+        out = OutputChannel("bench:output", hostname="127.0.0.1", noInputShared="wait").start()
         procs = kb_receivers(out.port, ids, "shared")
         out.wait_for_inputs(shared=ids)
         return (out, procs), {}
@@ -149,7 +141,7 @@ def test_kbstream_to_karabind(benchmark):
     counts = []
 
     def setup():
-        out = OutputChannel("bench:output", hostname="127.0.0.1")
+        out = OutputChannel("bench:output", hostname="127.0.0.1").start()
         peer = KaraboPipelineInput(["bench:output"], quiet=True, checksum=False)
         peer.connect(out.port, output="bench:output")
         out.wait_for_inputs(copy=["peerReceiver:input"])
@@ -177,9 +169,8 @@ def test_karabind_to_kbstream(benchmark):
 
     def setup():
         peer = KaraboPipelineOutput(instance="bench", channel="output")
-        inp = InputChannel("kbIn:input", onSlowness="wait")
+        inp = InputChannel("kbIn:input", onSlowness="wait").start()
         state = {"n": 0}
-        import threading
         done = threading.Event()
         inp.register_data_handler(lambda d, m: state.__setitem__("n", state["n"] + 1))
         inp.register_end_of_stream_handler(lambda ch: done.set())

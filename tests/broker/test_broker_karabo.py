@@ -212,7 +212,7 @@ def item(i):
 def test_b_cpp_input_reads_kbstream_output_by_name(instances, cpp_server, karabind_client):
     p = pipeline()
     cpp_server({"kbIn": PT_DEVICES["kbIn"]})
-    out = p.OutputChannel("kbPeer:output", hostname="127.0.0.1")
+    out = p.OutputChannel("kbPeer:output", hostname="127.0.0.1").start()
     try:
         peer = instances("kbPeer", heartbeat_interval=10)
         peer.add_output_channel("output", out)
@@ -368,7 +368,7 @@ def test_broker_restart_reannounces_and_pipeline_keeps_flowing(tmp_path, topic):
             p = None
         got = []
         if p is not None:
-            out = p.OutputChannel("kbPeer:output", hostname="127.0.0.1")
+            out = p.OutputChannel("kbPeer:output", hostname="127.0.0.1").start()
             peer.add_output_channel("output", out)
             inp = p.InputChannel("kbObs:input", connectedOutputChannels=["kbPeer:output"],
                                  resolver=obs.resolver, onSlowness="wait")

@@ -11,13 +11,18 @@ import pytest
 
 import kbhash
 from kbhash import Hash, HashType, Timestamp
+from kbstream.errors import BindError, EncodeError, KbStreamError, StateError
 from kbstream.pipeline import (
     ChannelClosed,
     ChannelTimeout,
+    ConnectionLost,
     ConnectionStatus,
+    ConnectTimeout,
     DataSchema,
     InputChannel,
     OutputChannel,
+    PipelineConfigError,
+    PipelineError,
     SchemaError,
     wire,
 )
@@ -68,12 +73,12 @@ def channels():
     def make_output(cid="sender:output", **kw):
         out = OutputChannel(cid, hostname="127.0.0.1", **kw)
         made.append(out)
-        return out
+        return out.start()
 
-    def make_input(cid="receiver:input", **kw):
+    def make_input(cid="receiver:input", start=True, **kw):
         inp = InputChannel(cid, reconnect_interval=0.2, **kw)
         made.append(inp)
-        return inp
+        return inp.start() if start else inp
 
     yield make_output, make_input
     for ch in reversed(made):
@@ -323,8 +328,8 @@ def test_reconnects_when_the_output_comes_back(channels):
     make_output, make_input = channels
     out = make_output()
     mapping = {"sender:output": out.info}
-    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=mapping)
-    col = Collector(inp)
+    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=mapping, start=False)
+    col = Collector(inp)  # its tracker sees every status change
     inp.start()
     out.wait_for_inputs(copy=["receiver:input"])
     send(out, 3)
@@ -353,7 +358,7 @@ def test_input_resolver_returning_none_retries(channels):
         calls.append(oid)
         return out.info if len(calls) >= 3 else None
 
-    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=resolver)
+    inp = make_input(connectedOutputChannels=["sender:output"], onSlowness="wait", resolver=resolver, start=False)
     col = Collector(inp)
     inp.start()
     out.wait_for_inputs(copy=["receiver:input"], timeout=TIMEOUT)
@@ -653,7 +658,7 @@ def test_shared_memory_slots_are_recycled_when_released(channels):
     assert col.indices() == list(range(n))
     assert [d["sum"] for *_, d in col.items] == [i * int(np.prod(BIG_FRAME)) for i in range(n)]
     assert st["shm"] == n  # released slots were reused: no fallback to TCP was needed
-    with out._cond:
+    with out._lock:
         assert len(out._inputs["receiver:input"].ring.slots) <= 12
 
 
@@ -683,19 +688,23 @@ def test_messages_queued_for_a_slow_input_still_travel_through_shared_memory(cha
     assert st["shm"] == n
 
 
-def test_serving_an_empty_queue_never_waits_behind_a_send_in_flight(channels):
-    """update() serves every input's queue after each message; with nothing queued for
-    an input it must not wait for that input's send lock (a stalled send can hold it for
-    send_timeout)."""
+def test_serving_an_input_never_waits_behind_a_send_in_flight(channels):
+    """Serving an input whose sender is busy (a stalled send can last send_timeout)
+    returns at once: the busy sender sends what was handed out, in order."""
     out, inp, col = copy_pair(channels, onSlowness="wait")
-    peer = out._inputs["receiver:input"]
-    with peer.send_lock:   # as if a send to this input were in flight
-        t = threading.Thread(target=out._serve_queue, args=(peer,), daemon=True)
-        t.start()
-        t.join(20)
-        blocked = t.is_alive()
+    conn = out._inputs["receiver:input"]
+    with out._lock:   # as if a send to this input were in flight
+        d = out._policy.offer([wire.eos_message()], eos=True)
+        in_flight = out._policy.next_send(conn)
+    assert in_flight is d.entry and d.serve == [conn]
+    t = threading.Thread(target=out._serve, args=([conn],), daemon=True)
+    t.start()
+    t.join(20)
+    blocked = t.is_alive()
+    with out._lock:
+        out._policy.end_send(conn, in_flight)
     t.join()
-    assert not blocked
+    assert not blocked and d.done
 
 
 def test_input_without_shared_memory_gets_tcp(channels):
@@ -918,3 +927,153 @@ def test_replaced_shared_memory_slots_keep_held_arrays_intact(channels):
     assert sorted(held) == [3, 4]
     for i, arr in held.items():
         assert arr.size == (i % 12 + 1) << 20 and (arr == i % 251).all()
+
+
+# ------------------------------------------------------- life cycle and errors
+
+
+def _threads(prefix):
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_output_binds_in_its_constructor_and_accepts_after_start():
+    out = OutputChannel("lc:output", hostname="127.0.0.1")
+    raw = None
+    try:
+        assert out.port > 0 and out.info["port"] == out.port  # known before start()
+        assert _threads("lc:output") == [] and not out.started
+        with pytest.raises(StateError, match="before start"):
+            out.write({"index": 0})
+        with pytest.raises(StateError, match="before start"):
+            out.wait_for_inputs(copy=["early:input"])
+        raw = RawInput(out.port, "early:input", slow="wait")  # the kernel holds it until start()
+        assert out.start() is out
+        out.wait_for_inputs(copy=["early:input"])
+        assert _threads("lc:output-accept") != []
+        with pytest.raises(StateError, match="already started"):
+            out.start()
+    finally:
+        if raw is not None:
+            raw.close()
+        out.close()
+    out.close()  # idempotent
+    out.stop()   # the same call
+    assert out.closed and _threads("lc:output") == []
+    with pytest.raises(StateError):
+        out.start()
+    with pytest.raises(ChannelClosed):
+        out.write({"index": 0})
+    with pytest.raises(ChannelClosed):
+        out.update()
+
+
+def test_input_starts_its_threads_in_start_and_with_starts_it(channels):
+    make_output, _ = channels
+    out = make_output()
+    inp = InputChannel("lc:input", onSlowness="wait")
+    col = Collector(inp)
+    assert inp.connect(out.info, "sender:output") == "sender:output"  # made at start()
+    assert _threads("lc:input") == [] and out.input_ids() == []
+    with pytest.raises(StateError, match="before start"):
+        inp.wait_connected(timeout=0.1)
+    with inp as same:
+        assert same is inp and inp.started
+        inp.wait_connected(timeout=TIMEOUT)
+        out.wait_for_inputs(copy=["lc:input"])
+        send(out, 2)
+        out.signal_end_of_stream(timeout=TIMEOUT)
+        col.wait_eos()
+    assert inp.closed and col.indices() == [0, 1] and _threads("lc:input") == []
+    inp.stop()  # idempotent
+    with pytest.raises(ChannelClosed):
+        inp.connect(out.info, "sender:output")
+    with pytest.raises(StateError):
+        inp.start()
+
+
+def test_channel_errors_sit_in_the_kbstream_tree():
+    assert issubclass(ChannelClosed, StateError) and issubclass(ChannelClosed, RuntimeError)
+    assert issubclass(ConnectTimeout, ChannelTimeout) and issubclass(ConnectTimeout, TimeoutError)
+    assert issubclass(PipelineConfigError, ValueError)
+    for cls in (ChannelClosed, ConnectTimeout, PipelineConfigError, ConnectionLost, SchemaError):
+        assert issubclass(cls, PipelineError) and issubclass(cls, KbStreamError)
+
+
+def test_wait_connected_raises_connect_timeout(channels):
+    _, make_input = channels
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there
+    inp = make_input()
+    inp.connect({"hostname": "127.0.0.1", "port": port}, "nowhere:output")
+    with pytest.raises(ConnectTimeout, match="nowhere:output") as e:
+        inp.wait_connected(timeout=0.2)
+    assert isinstance(e.value, TimeoutError) and e.value.timeout == 0.2
+
+
+def test_an_unencodable_item_raises_kbstream_encode_error_and_the_channel_goes_on(channels):
+    out, inp, col = copy_pair(channels, onSlowness="wait")
+    out.write({"index": 0, "bad": object()})
+    with pytest.raises(EncodeError, match="cannot be encoded") as e:
+        out.update(timeout=TIMEOUT)
+    assert isinstance(e.value.__cause__, kbhash.EncodeError) and isinstance(e.value, TypeError)
+    send(out, 1, start=1)
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert col.indices() == [1]
+
+
+def test_unusable_metadata_raises_encode_error(channels):
+    make_output, _ = channels
+    out = make_output()
+    with pytest.raises(EncodeError, match="metadata") as e:
+        out.write({"index": 0}, 3.5)
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(EncodeError):
+        out.write({"index": 0}, {"tid": "not a number"})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OutputChannel("x:output", noInputShared="later"),
+    lambda: OutputChannel("x:output", distributionMode="random"),
+    lambda: OutputChannel("x:output", validateSchema="never"),
+    lambda: InputChannel("x:input", onSlowness="later"),
+    lambda: InputChannel("x:input", dataDistribution="broadcast"),
+    lambda: OutputChannel("x:output", sharedQueueLength="many"),
+    lambda: InputChannel("x:input", minData=None),
+], ids=["noInputShared", "distributionMode", "validateSchema", "onSlowness", "dataDistribution",
+        "sharedQueueLength", "minData"])
+def test_unknown_options_raise_config_errors(make):
+    with pytest.raises(PipelineConfigError):
+        make()
+
+
+def test_a_port_in_use_raises_bind_error(channels):
+    make_output, _ = channels
+    out = make_output()
+    with pytest.raises(BindError, match=str(out.port)) as e:
+        OutputChannel("other:output", hostname="127.0.0.1", port=out.port)
+    assert isinstance(e.value, OSError)
+
+
+def test_stats_count_every_message_once(channels):
+    make_output, _ = channels
+    out = make_output()
+    raw = RawInput(out.port, "raw:input", slow="queueDrop", max_queue=2)
+    try:
+        out.wait_for_inputs(copy=["raw:input"])
+        for i in range(6):
+            _one(out, i)
+        st = out.stats()["raw:input"]
+        assert (st["sent"], st["dropped"], st["queued"], st["sending"]) == (1, 3, 2, 0)
+        assert st["queued_bytes"] > 0 and out.stats()["__shared__"]["queued"] == 0
+        raw.update()
+        raw.update()
+        assert raw.read_all() == [[0], [4], [5]]
+        deadline = time.monotonic() + TIMEOUT  # a send is counted once sendmsg returned
+        while out.stats()["raw:input"]["sending"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st = out.stats()["raw:input"]
+        assert (st["sent"], st["dropped"], st["queued"], st["queued_bytes"]) == (3, 3, 0, 0)
+    finally:
+        raw.close()

@@ -86,7 +86,7 @@ def _items(n, **kw):
 
 def test_karabind_output_to_kbstream_input_copy_wait():
     with KaraboPipelineOutput() as out:
-        inp = InputChannel("kbIn:input", onSlowness="wait")
+        inp = InputChannel("kbIn:input", onSlowness="wait").start()
         got = Received(inp)
         try:
             inp.connect(out.info, "peerSender:output")
@@ -107,7 +107,7 @@ def test_karabind_output_to_kbstream_input_copy_wait():
 @pytest.mark.parametrize("policy", ["drop", "queueDrop"])
 def test_karabind_output_to_slow_kbstream_input(policy):
     with KaraboPipelineOutput() as out:
-        inp = InputChannel("kbIn:input", onSlowness=policy, maxQueueLength=2)
+        inp = InputChannel("kbIn:input", onSlowness=policy, maxQueueLength=2).start()
         got = Received(inp)
         inp.register_data_handler(lambda d, m: (time.sleep(0.05), got.on_data(d, m)))
         try:
@@ -126,7 +126,7 @@ def test_karabind_output_to_two_shared_kbstream_inputs():
     # noInputShared=wait: with the default (drop) Karabo drops a message whose
     # round-robin target has not granted credit yet
     with KaraboPipelineOutput(no_input_shared="wait") as out:
-        inputs = [InputChannel(f"kbW{k}:input", dataDistribution="shared") for k in range(2)]
+        inputs = [InputChannel(f"kbW{k}:input", dataDistribution="shared").start() for k in range(2)]
         recs = [Received(i) for i in inputs]
         try:
             for i in inputs:
@@ -151,7 +151,7 @@ def test_credit_window_falls_back_to_one_message_in_flight_with_karabind():
     """kbstream's input asks for 4 messages in flight; Karabo's output keeps to one."""
     with KaraboPipelineOutput() as out:
         relay = TcpRelay(("127.0.0.1", out.port))
-        inp = InputChannel("kbIn:input", onSlowness="wait", credit_window=4)
+        inp = InputChannel("kbIn:input", onSlowness="wait", credit_window=4).start()
         got = Received(inp)
         slow = threading.Event()
         inp.register_data_handler(lambda d, m: (slow.wait(0.05), got.on_data(d, m)))
@@ -228,7 +228,7 @@ def _check_at_karabind(ev, item, source="kbOut:output"):
 
 @pytest.mark.parametrize("window", [1, 4])
 def test_kbstream_output_to_karabind_input_copy_wait(window):
-    out = OutputChannel("kbOut:output", hostname="127.0.0.1")
+    out = OutputChannel("kbOut:output", hostname="127.0.0.1").start()
     try:
         with KaraboPipelineInput(["kbOut:output"], on_slowness="wait") as peer:
             peer.connect(out.port, output="kbOut:output")
@@ -248,7 +248,7 @@ def test_kbstream_output_to_karabind_input_copy_wait(window):
 
 
 def test_kbstream_output_several_items_per_message_to_karabind():
-    out = OutputChannel("kbOut:output", hostname="127.0.0.1")
+    out = OutputChannel("kbOut:output", hostname="127.0.0.1").start()
     try:
         with KaraboPipelineInput(["kbOut:output"], on_slowness="wait") as peer:
             peer.connect(out.port, output="kbOut:output")
@@ -269,7 +269,7 @@ def test_kbstream_output_several_items_per_message_to_karabind():
 
 @pytest.mark.parametrize("policy", ["drop", "queueDrop"])
 def test_kbstream_output_to_slow_karabind_input(policy):
-    out = OutputChannel("kbOut:output", hostname="127.0.0.1")
+    out = OutputChannel("kbOut:output", hostname="127.0.0.1").start()
     try:
         with KaraboPipelineInput(["kbOut:output"], on_slowness=policy, sleep=0.05) as peer:
             peer.connect(out.port, output="kbOut:output")
@@ -292,7 +292,7 @@ def test_kbstream_output_to_slow_karabind_input(policy):
 
 def test_kbstream_output_to_two_shared_karabind_inputs():
     out = OutputChannel("kbOut:output", hostname="127.0.0.1", noInputShared="wait",
-                        distributionMode="round-robin")
+                        distributionMode="round-robin").start()
     peers = [KaraboPipelineInput(["kbOut:output"], instance=f"peerW{k}", data_distribution="shared")
              for k in range(2)]
     try:
@@ -319,7 +319,7 @@ def test_kbstream_output_to_two_shared_karabind_inputs():
 
 def test_kbstream_output_answers_a_karabind_hello_exactly_like_karabo():
     """What a karabind input sends is byte-identical with the captured Karabo session."""
-    out = OutputChannel("kbOut:output", hostname="127.0.0.1")
+    out = OutputChannel("kbOut:output", hostname="127.0.0.1").start()
     relay = TcpRelay(("127.0.0.1", out.port))
     try:
         with KaraboPipelineInput(["kbOut:output"], on_slowness="wait") as peer:

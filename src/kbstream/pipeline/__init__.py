@@ -6,21 +6,36 @@ connects to a real Karabo device's channel and back.  Items are kbhash Hashes;
 arrays go out from their own memory and arrive in buffers that become the
 numpy arrays handed to the handlers.
 
-Example::
+Both channels follow kbstream's life cycle: construct, ``start()``, ``close()``
+(``with`` starts and closes).  Example::
 
     from kbstream.pipeline import InputChannel, OutputChannel
 
-    out = OutputChannel("sender:output", hostname="127.0.0.1")
-    inp = InputChannel("receiver:input", onSlowness="wait")
-    inp.register_data_handler(lambda data, meta: print(meta.tid, data["image"].shape))
-    inp.connect(out.info)
-    out.wait_for_inputs(copy=["receiver:input"])
-    out.write({"image": frame}, {"tid": 1000})
-    out.update()
-    out.signal_end_of_stream()
+    with (OutputChannel("sender:output", hostname="127.0.0.1") as out,
+          InputChannel("receiver:input", onSlowness="wait") as inp):
+        inp.register_data_handler(lambda data, meta: print(meta.tid, data["image"].shape))
+        inp.register_end_of_stream_handler(lambda channel: done.set())
+        inp.connect(out.info)
+        out.wait_for_inputs(copy=["receiver:input"])
+        out.write({"image": frame}, {"tid": 1000})
+        out.update()
+        out.signal_end_of_stream()
+        done.wait(10)   # done = threading.Event(): the handlers ran
+
+Who gets which message (copy / shared, drop / queueDrop / wait) is decided by
+:class:`kbstream.pipeline.policy.DeliveryPolicy`, a pure state machine.
 """
 
-from .errors import ChannelClosed, ChannelTimeout, PipelineError, PipelineProtocolError, SchemaError
+from .errors import (
+    ChannelClosed,
+    ChannelTimeout,
+    ConnectionLost,
+    ConnectTimeout,
+    PipelineConfigError,
+    PipelineError,
+    PipelineProtocolError,
+    SchemaError,
+)
 from .input import ConnectionStatus, InputChannel
 from .output import OutputChannel
 from .schema import DataSchema
@@ -35,6 +50,9 @@ __all__ = [
     "PipelineError",
     "PipelineProtocolError",
     "SchemaError",
+    "PipelineConfigError",
     "ChannelClosed",
     "ChannelTimeout",
+    "ConnectTimeout",
+    "ConnectionLost",
 ]

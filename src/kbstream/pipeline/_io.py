@@ -2,17 +2,19 @@
 
 import socket
 
+from .errors import ConnectionLost
+
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 def recv_into(sock, view):
-    """Fill ``view`` completely from ``sock``; ConnectionError on EOF."""
+    """Fill ``view`` completely from ``sock``; ConnectionLost (a ConnectionError) on EOF."""
     got = 0
     n = view.nbytes
     while got < n:
         k = sock.recv_into(view[got:])
         if k == 0:
-            raise ConnectionError("connection closed by peer")
+            raise ConnectionLost("connection closed by peer")
         got += k
         if _QUICKACK is not None:
             # Acknowledge at once: a sender with Nagle's algorithm on (Karabo's C++

@@ -1,100 +1,68 @@
 """Karabo pipeline OutputChannel: a TCP server that sends items to connected inputs.
 
-Threads: one accepts connections; one per connection reads the input's
-control frames (hello, update, and kbstream's own kbRelease/kbShmMapped) and
-serves queued messages when credit arrives.  ``write``/``update`` run in the
-caller's thread; ``update`` sends the message itself (``socket.sendmsg``
-straight from the arrays' memory), so when it returns the arrays passed to
-``write`` may be reused, except that messages *queued* for a slow input are
-copied first (as Karabo's ``safeNDArray``).
+Who gets which message is decided by :class:`~kbstream.pipeline.policy.DeliveryPolicy`
+(its docstring describes every option); this module owns the sockets, the threads and
+the sending.
 
-Thread safety: ``write``, ``update`` and ``signal_end_of_stream`` may be
-called from several threads; a message is the set of items written since the
-previous ``update`` by any thread.  Every message gets a sequence number;
-queued messages of an input (its own queue and, for shared inputs, the
-shared queue) are always sent in that order, and each input has one sender
-at a time, so nothing is reordered and an end of stream never overtakes the
+Threads: one accepts connections (started by :meth:`OutputChannel.start`); one per
+connection reads the input's control frames (hello, update, and kbstream's own
+kbRelease/kbShmMapped) and sends what the input's credit releases.  ``write``/``update``
+run in the caller's thread; ``update`` sends the message itself (``socket.sendmsg``
+straight from the arrays' memory) and returns once it is sent, dropped or queued for
+every input, so the arrays passed to ``write`` may be reused then; messages *queued* for a
+slow input are copied first (as Karabo's ``safeNDArray``).
+
+Thread safety: ``write``, ``update`` and ``signal_end_of_stream`` may be called from
+several threads; a message is the set of items written since the previous ``update`` by
+any thread.  Each input has one sender at a time and gets its messages in the order of
+their sequence numbers, so nothing is reordered and an end of stream never overtakes the
 data before it nor is overtaken by the data after it.
 
-Policies (per input, from its hello):
-
-- copy / ``drop``: no credit at ``update()`` -> the message is not sent to it;
-- copy / ``queueDrop``: queued, at most ``maxQueueLength`` messages; when full
-  the **oldest** queued message is dropped (Karabo's documented behaviour; the
-  C++ output drops the new one instead);
-- copy / ``wait``: ``update()`` blocks until the input grants credit;
-- shared: one input of the shared pool gets each message: the first ready one
-  (``distributionMode="load-balanced"``, Karabo's default), the next one in
-  turn (``"round-robin"``), or the one a ``shared_selector(ids)`` callback
-  names; ``noInputShared`` (drop/queueDrop/wait) applies when it is not ready.
-
-End of stream is never dropped: inputs without credit get it queued (never
-evicted), ``wait`` inputs are waited for.  An input that has credit but does
-not read for ``send_timeout`` seconds is disconnected, so a stalled peer
-cannot hold ``update()`` for ever.
+An input that has credit but does not read for ``send_timeout`` seconds is disconnected,
+so a stalled peer cannot hold ``update()`` for ever.
 """
 
-import collections
 import ipaddress
-import itertools
 import logging
 import socket
 import struct
 import threading
 import time
 
+import kbhash
 from kbhash import Hash, HashType
 
+from .._lifecycle import Lifecycle
+from ..errors import BindError, EncodeError, KbStreamError, StateError
 from . import shm, wire
 from ._io import close as _close, recv_exact as _recv_exact, sendmsg_all as _sendmsg_all
-from .errors import ChannelClosed, ChannelTimeout, PipelineProtocolError, SchemaError
+from .errors import ChannelClosed, ChannelTimeout, PipelineConfigError, PipelineProtocolError, SchemaError
+from .policy import MODES, DeliveryPolicy
 
 __all__ = ["OutputChannel"]
 
 log = logging.getLogger("kbstream.pipeline")
 
-_POLICIES = ("drop", "queueDrop", "wait")
-_MODES = ("load-balanced", "round-robin")
+#: Seconds close() waits for the channel's threads, all together.
+_JOIN_TIMEOUT = 5.0
 
 
-class _Entry:
-    """A queued message: its sequence number, buffers, and for a shared end of
-    stream the ids of the shared inputs that still have to get it."""
+class _Connection:
+    """One accepted TCP connection; an input once its hello arrived.
 
-    __slots__ = ("seq", "msg", "eos", "pending")
+    Its delivery state lives in the policy (keyed by this object); here are the socket,
+    the shared-memory slots and ``gone`` (set once, by the first ``_drop``).
+    """
 
-    def __init__(self, seq, msg, eos, pending=None):
-        self.seq = seq
-        self.msg = msg
-        self.eos = eos
-        self.pending = pending
-
-
-class _Input:
-    """State of one connected input (guarded by the channel's condition)."""
-
-    __slots__ = (
-        "id", "sock", "addr", "shared", "on_slowness", "max_queue", "window", "credits",
-        "queue", "sent", "dropped", "alive", "send_lock", "ring", "shm_sent",
-    )
+    __slots__ = ("sock", "addr", "id", "ring", "shm_sent", "gone")
 
     def __init__(self, sock, addr):
         self.sock = sock
         self.addr = addr
         self.id = None
-        self.shared = False
-        self.on_slowness = "drop"
-        self.max_queue = 2
-        self.window = 1
-        self.credits = 0
-        self.queue = collections.deque()  # _Entry, in sequence order
-        self.sent = 0
-        self.dropped = 0
-        self.alive = True
-        # one sender at a time; reentrant because a failed send drops the input
-        self.send_lock = threading.RLock()
         self.ring = None  # shared-memory slots when the input runs on this machine
         self.shm_sent = 0
+        self.gone = False
 
 
 def _is_ip(text):
@@ -112,8 +80,20 @@ def _hello_int(h, key, default):
         raise PipelineProtocolError(f"hello has a non-integer {key!r}") from None
 
 
-class OutputChannel:
+def _materialize(msg):
+    """A copy of a message that may outlive ``update()`` (the caller may reuse its arrays);
+    a data message stays one, so a same-host input still gets it in shared memory."""
+    if isinstance(msg, wire.Message):
+        return msg.copied()
+    return [bytes(memoryview(b).cast("B")) for b in msg]
+
+
+class OutputChannel(Lifecycle):
     """Karabo pipeline output channel.
+
+    The constructor binds the listening socket (so :attr:`info` is known at once);
+    :meth:`start` starts accepting inputs; :meth:`close` (or ``stop``) ends everything.
+    ``with OutputChannel(...) as out:`` starts and closes it.
 
     Parameters
     ----------
@@ -127,12 +107,13 @@ class OutputChannel:
         Listening port, 0 for an ephemeral one.
     noInputShared : {"drop", "queueDrop", "wait"}
         What happens to a message for the shared pool when no shared input is
-        ready (see module docstring).
+        ready (see :mod:`kbstream.pipeline.policy`).
     distributionMode : {"load-balanced", "round-robin"}
         How the shared pool is served (Karabo 2.x names); round-robin goes
         through the shared inputs in the order of their ids.
     shared_selector : callable, optional
-        ``f(list_of_shared_input_ids) -> id``; "" or an unknown id drops.
+        ``f(list_of_shared_input_ids) -> id``; "" or an unknown id drops.  It runs
+        with the channel's lock held: it must not call the channel.
     sharedQueueLength : int
         Bound of the shared queue for ``noInputShared="queueDrop"`` (oldest
         dropped when full).
@@ -150,39 +131,58 @@ class OutputChannel:
     def __init__(self, channel_id, *, hostname="default", port=0, noInputShared="drop",
                  distributionMode="load-balanced", shared_selector=None, sharedQueueLength=10,
                  schema=None, validateSchema="always", use_shm=True, send_timeout=30.0):
-        if noInputShared not in _POLICIES:
-            raise ValueError(f"noInputShared must be one of {_POLICIES}, not {noInputShared!r}")
-        if distributionMode not in _MODES:
-            raise ValueError(f"distributionMode must be one of {_MODES}, not {distributionMode!r}")
+        Lifecycle.__init__(self)
+        if noInputShared not in wire.ON_SLOWNESS:
+            raise PipelineConfigError(f"noInputShared must be one of {wire.ON_SLOWNESS}, not {noInputShared!r}")
+        if distributionMode not in MODES:
+            raise PipelineConfigError(f"distributionMode must be one of {MODES}, not {distributionMode!r}")
         if validateSchema not in ("always", "once"):
-            raise ValueError("validateSchema must be 'always' or 'once'")
+            raise PipelineConfigError("validateSchema must be 'always' or 'once'")
         self.channel_id = channel_id
         self.no_input_shared = noInputShared
         self.distribution_mode = distributionMode
         self.shared_selector = shared_selector
-        self.shared_queue_length = int(sharedQueueLength)
+        try:
+            self.shared_queue_length = int(sharedQueueLength)
+            self.send_timeout = float(send_timeout)
+            port = int(port)
+        except (TypeError, ValueError) as e:
+            raise PipelineConfigError(f"{channel_id}: a numeric option is not a number ({e})") from None
         self.schema = schema
         self.validate_schema = validateSchema
         self.use_shm = use_shm
-        self.send_timeout = float(send_timeout)
         self._validated = False
         self.hostname = socket.gethostname() if hostname == "default" else hostname
         bind = self.hostname if _is_ip(self.hostname) else "0.0.0.0"
-        self._server = socket.create_server((bind, int(port)), reuse_port=False)
+        try:
+            self._server = socket.create_server((bind, port), reuse_port=False)
+        except OSError as e:
+            raise BindError(f"{channel_id}: cannot listen on {bind}:{port}: {e}", f"{bind}:{port}") from e
         self.port = self._server.getsockname()[1]
-        self._cond = threading.Condition()
-        self._inputs = {}  # id -> _Input (registered by hello)
-        self._ready_shared = collections.deque()  # ids of shared inputs with credit, in order
-        self._shared_queue = collections.deque()  # _Entry: data for any shared input, EOS markers
-        self._seq = itertools.count()
-        self._rr = 0
+        # Locks.  Each is a leaf: none is ever taken while another one is held (should two
+        # ever be needed together, take them in this order):
+        #   1. Lifecycle._lc_lock  the started/closed flags; held only inside the
+        #                          bookkeeping of start() and close().
+        #   2. _lock (Condition)   the delivery policy (every queue, credit and counter),
+        #                          _inputs, _conns, _threads, and each connection's ring,
+        #                          shm_sent and gone.  Held for decisions only: never across
+        #                          a send, a receive, a join or a log call; what it does
+        #                          cover besides bookkeeping is the copy of a message queued
+        #                          for a slow input, taking (or making) a shared-memory slot
+        #                          and the shared_selector callback.  Writers waiting for
+        #                          credit wait on it; every change of the policy notifies.
+        #   3. _chunk_lock         _chunk (the items written since the last update).
+        # Sending to one input is serialised by the policy (one sender at a time, from
+        # next_send to end_send), not by a lock: nobody ever waits behind a send in flight.
+        self._lock = threading.Condition()
+        self._policy = DeliveryPolicy(noInputShared, distributionMode, shared_selector,
+                                      self.shared_queue_length, copy=_materialize)
+        self._inputs = {}  # id -> _Connection, once its hello arrived
+        self._conns = set()  # every open _Connection
+        self._threads = []
         self._chunk = []
         self._chunk_lock = threading.Lock()
-        self._closed = False
-        self._threads = []
-        self.shared_dropped = 0
         self._accepter = threading.Thread(target=self._accept_loop, name=f"{channel_id}-accept", daemon=True)
-        self._accepter.start()
 
     # ------------------------------------------------------------ properties
 
@@ -197,40 +197,47 @@ class OutputChannel:
 
     def input_ids(self, shared=None):
         """Ids of the registered inputs (all, only shared, or only copy)."""
-        with self._cond:
-            return [i.id for i in self._inputs.values() if shared is None or i.shared == shared]
+        with self._lock:
+            return self._policy.input_ids(shared)
 
     def stats(self):
-        """Counters per input: sent, dropped, queued, shm; plus the shared pool's."""
-        with self._cond:
-            out = {
-                i.id: {"sent": i.sent, "dropped": i.dropped, "queued": len(i.queue),
-                       "shared": i.shared, "onSlowness": i.on_slowness, "shm": i.shm_sent}
-                for i in self._inputs.values()
-            }
-            out["__shared__"] = {"dropped": self.shared_dropped,
-                                 "queued": sum(1 for e in self._shared_queue if not e.eos)}
+        """Counters per input (sent, dropped, queued, sending, queued_bytes, shm, shared,
+        onSlowness) and of the shared pool (key ``"__shared__"``: dropped, queued)."""
+        with self._lock:
+            out = self._policy.counters()
+            for iid, conn in self._inputs.items():
+                out[iid]["shm"] = conn.shm_sent
         return out
 
     def wait_for_inputs(self, copy=(), shared=(), timeout=10.0):
         """Block until inputs with these ids have sent their hello."""
+        self._require_started("wait_for_inputs()")
         deadline = time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             while True:
-                have = {i.id: i.shared for i in self._inputs.values()}
+                have = self._policy.kinds()
                 if all(have.get(x) is False for x in copy) and all(have.get(x) is True for x in shared):
                     return
+                if self.closed:
+                    raise ChannelClosed(f"{self.channel_id} closed while waiting for inputs")
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if left <= 0:
                     raise ChannelTimeout(f"{self.channel_id}: inputs {list(copy) + list(shared)} did not connect "
-                                         f"within {timeout} s (connected: {sorted(have)})", timeout=timeout)
-                self._cond.wait(left)
+                                         f"within {timeout} s (connected: {sorted(have)})",
+                                         self.channel_id, timeout)
+                self._lock.wait(left)
+
+    def _require_started(self, what):
+        if self.closed:
+            raise ChannelClosed(f"{what} on {self.channel_id}, which is closed")
+        if not self.started:
+            raise StateError(f"{what} on {self.channel_id} before start()")
 
     # ------------------------------------------------------------ connections
 
     def _accept_loop(self):
         timeval = struct.pack("ll", int(self.send_timeout), int((self.send_timeout % 1) * 1e6))
-        while not self._closed:
+        while True:
             try:
                 sock, addr = self._server.accept()
             except OSError:
@@ -239,49 +246,59 @@ class OutputChannel:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
             # sends give up after send_timeout (the socket stays blocking for reads)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-            peer = _Input(sock, addr)
-            t = threading.Thread(target=self._read_loop, args=(peer,), name=f"{self.channel_id}-in-{addr[1]}",
+            conn = _Connection(sock, addr)
+            t = threading.Thread(target=self._read_loop, args=(conn,), name=f"{self.channel_id}-in-{addr[1]}",
                                  daemon=True)
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
+            with self._lock:
+                if self.closed:  # close() has taken its list of connections already
+                    _close(sock)
+                    break
+                self._conns.add(conn)
+                self._threads = [x for x in self._threads if x.is_alive()]
+                self._threads.append(t)
             t.start()
 
-    def _read_loop(self, peer):
+    def _read_loop(self, conn):
         reason = "closed"
         try:
-            while not self._closed:
-                n = wire.U32.unpack(_recv_exact(peer.sock, 4))[0]
+            while not self.closed:
+                n = wire.U32.unpack(_recv_exact(conn.sock, 4))[0]
                 if n > wire.MAX_CONTROL_SIZE:
                     raise PipelineProtocolError(f"control frame of {n} bytes")
-                kind, h = wire.parse_control(_recv_exact(peer.sock, n))
+                kind, h = wire.parse_control(_recv_exact(conn.sock, n))
                 if kind == "hello":
-                    self._on_hello(peer, h)
-                elif peer.id is None:
+                    self._on_hello(conn, h)
+                elif conn.id is None:
                     raise PipelineProtocolError(f"{kind!r} before hello")
                 elif kind == "update":
-                    self._on_update(peer)
+                    with self._lock:
+                        serve = self._policy.credit(conn)
+                        self._lock.notify_all()
+                    self._serve(serve)
                 elif kind == "kbRelease":
-                    with self._cond:
-                        if peer.ring is not None:
-                            peer.ring.release(_hello_int(h, "slot", -1))
+                    with self._lock:
+                        if conn.ring is not None:
+                            conn.ring.release(_hello_int(h, "slot", -1))
                 elif kind == "kbShmMapped":
-                    with self._cond:
-                        if peer.ring is not None:
-                            peer.ring.mapped(str(h.get("name", "")))
+                    with self._lock:
+                        if conn.ring is not None:
+                            conn.ring.mapped(str(h.get("name", "")))
                 else:
                     log.debug("%s: ignoring control frame %r", self.channel_id, kind)
-        except (ConnectionError, OSError) as e:
-            reason = f"connection lost ({e})"
         except PipelineProtocolError as e:
             reason = f"protocol error: {e}"
-            log.warning("%s: closing connection from %s: %s", self.channel_id, peer.addr, e)
+            log.warning("%s: closing connection from %s: %s", self.channel_id, conn.addr, e)
+        except (ConnectionError, OSError) as e:
+            reason = f"connection lost ({e})"
         except Exception as e:  # never let a peer kill the thread silently
             reason = f"internal error: {e!r}"
-            log.exception("%s: closing connection from %s", self.channel_id, peer.addr)
+            log.exception("%s: closing connection from %s", self.channel_id, conn.addr)
         finally:
-            self._drop_input(peer, reason)
+            self._drop(conn, reason)
+            with self._lock:
+                self._conns.discard(conn)
 
-    def _on_hello(self, peer, h):
+    def _on_hello(self, conn, h):
         iid = h.get("instanceId")
         if not isinstance(iid, str) or not iid:
             raise PipelineProtocolError("hello without instanceId")
@@ -289,7 +306,7 @@ class OutputChannel:
         slow = h.get("onSlowness", "drop")
         if dist not in wire.DISTRIBUTION:
             raise PipelineProtocolError(f"unknown dataDistribution {dist!r}")
-        if slow not in _POLICIES:
+        if slow not in wire.ON_SLOWNESS:
             raise PipelineProtocolError(f"unknown onSlowness {slow!r}")
         mem = h.get("memoryLocation", "remote")
         if mem != "remote":
@@ -297,146 +314,120 @@ class OutputChannel:
         max_queue = max(1, _hello_int(h, "maxQueueLength", 2))
         window = max(1, min(_hello_int(h, "kbCreditWindow", 1), 64))
         token = h.get("kbShm")
-        old = None
-        with self._cond:
-            if peer.id is not None:
+        ring = None
+        if self.use_shm and token and token == shm.host_token():
+            ring = shm.SlotRing(max_slots=window + 8)
+        with self._lock:
+            if conn.id is not None:
+                if ring is not None:
+                    ring.close()
                 raise PipelineProtocolError("second hello on one connection")
-            old = self._inputs.get(iid)
-            peer.id = iid
-            peer.shared = dist == "shared"
-            peer.on_slowness = slow
-            peer.max_queue = max_queue
-            peer.window = window
-            if self.use_shm and token and token == shm.host_token():
-                peer.ring = shm.SlotRing(max_slots=peer.window + 8)
-            self._inputs[iid] = peer
-            # the hello is the first credit (Karabo); a kbstream input may ask for more
-            peer.credits = peer.window
-            if peer.shared and iid not in self._ready_shared:
-                self._ready_shared.append(iid)
-            self._cond.notify_all()
-        if old is not None and old is not peer:
-            log.info("%s: %s connected again, closing its old connection", self.channel_id, iid)
-            old.alive = False
-            _close(old.sock)
-        log.debug("%s: %s connected (%s, %s, window %d)", self.channel_id, iid, dist, slow, peer.window)
-        self._serve_queue(peer)
-
-    def _on_update(self, peer):
-        with self._cond:
-            peer.credits = min(peer.credits + 1, peer.window)
-            if peer.shared and peer.id not in self._ready_shared:
-                self._ready_shared.append(peer.id)
-            self._cond.notify_all()
-        self._serve_queue(peer)
-
-    def _next_entry(self, peer):
-        """Take the next queued message for ``peer`` (lowest sequence number), or None."""
-        own = peer.queue[0] if peer.queue else None
-        sh = None
-        if peer.shared:
-            for e in self._shared_queue:
-                if not e.eos or peer.id in e.pending:
-                    sh = e
-                    break
-        if own is not None and (sh is None or own.seq < sh.seq):
-            return peer.queue.popleft()
-        if sh is None:
-            return None
-        if sh.eos:
-            sh.pending.discard(peer.id)
-            if not sh.pending:
-                self._shared_queue.remove(sh)
-        else:
-            self._shared_queue.remove(sh)
-        self._cond.notify_all()
-        return sh
-
-    def _has_queued(self, peer):
-        if peer.queue:
-            return True
-        return peer.shared and any(not e.eos or peer.id in e.pending for e in self._shared_queue)
-
-    def _serve_queue(self, peer):
-        """Send queued messages for ``peer`` while it has credit (one sender at a time)."""
-        with self._cond:   # nothing to do: never wait behind a send in flight to find out
-            if not (peer.alive and peer.credits > 0 and self._has_queued(peer)):
+            if conn.gone:  # the channel closed meanwhile
+                if ring is not None:
+                    ring.close()
                 return
-        with peer.send_lock:
+            old = self._inputs.get(iid)
+            release_old = old is not None and self._unregister(old)
+            conn.id = iid
+            conn.ring = ring
+            serve = self._policy.connect(conn, iid, shared=dist == "shared", on_slowness=slow,
+                                         max_queue=max_queue, window=window)
+            self._inputs[iid] = conn
+            self._lock.notify_all()
+        if old is not None:
+            log.info("%s: %s connected again, closing its old connection", self.channel_id, iid)
+            _close(old.sock)
+            if release_old:
+                self._release(old)
+        log.debug("%s: %s connected (%s, %s, window %d)", self.channel_id, iid, dist, slow, window)
+        self._serve(serve)
+
+    def _unregister(self, conn):
+        """Take ``conn`` out of the policy and the registry (``_lock`` held).
+
+        True when the caller must release its slots now; False if it was gone already or a
+        send to it is in flight (its sender releases them, see ``_serve``).
+        """
+        if conn.gone:
+            return False
+        conn.gone = True
+        if conn.id is not None and self._inputs.get(conn.id) is conn:
+            del self._inputs[conn.id]
+        sending = self._policy.disconnect(conn)
+        self._lock.notify_all()
+        return not sending
+
+    def _drop(self, conn, reason):
+        with self._lock:
+            registered = not conn.gone and conn.id is not None and self._inputs.get(conn.id) is conn
+            release = self._unregister(conn)
+        if registered:
+            log.info("%s: input %s gone: %s", self.channel_id, conn.id, reason)
+        _close(conn.sock)
+        if release:
+            self._release(conn)
+
+    def _release(self, conn):
+        with self._lock:
+            ring, conn.ring = conn.ring, None
+        if ring is not None:
+            ring.close()
+
+    # ------------------------------------------------------------ sending
+
+    def _serve(self, conns):
+        """Send what the policy hands out for each of ``conns`` (in its order), until it
+        says nothing is left or another thread is that input's sender."""
+        for conn in conns:
             while True:
-                with self._cond:
-                    if not peer.alive or peer.credits <= 0:
-                        return
-                    entry = self._next_entry(peer)
+                with self._lock:
+                    entry = self._policy.next_send(conn)
                     if entry is None:
-                        return
-                    self._take_credit(peer)
-                if not self._transmit(peer, entry.msg):
-                    return
-
-    def _take_credit(self, peer):
-        peer.credits -= 1
-        if peer.shared and peer.credits <= 0:
-            try:
-                self._ready_shared.remove(peer.id)
-            except ValueError:
-                pass
-
-    def _drop_input(self, peer, reason):
-        with self._cond:
-            peer.alive = False
-            if peer.id is not None and self._inputs.get(peer.id) is peer:
-                del self._inputs[peer.id]
+                        break
+                    slot = self._slot_for(conn, entry.payload)
+                error = "interrupted"
                 try:
-                    self._ready_shared.remove(peer.id)
-                except ValueError:
-                    pass
-                for e in list(self._shared_queue):
-                    if e.eos:
-                        e.pending.discard(peer.id)
-                        if not e.pending:
-                            self._shared_queue.remove(e)
-                if not any(i.shared for i in self._inputs.values()):
-                    self._shared_queue.clear()
-                log.info("%s: input %s gone: %s", self.channel_id, peer.id, reason)
-            peer.queue.clear()
-            self._cond.notify_all()
-        _close(peer.sock)
-        with peer.send_lock:
-            ring, peer.ring = peer.ring, None
-            if ring is not None:
-                ring.close()
+                    error = self._transmit(conn, entry.payload, slot)
+                finally:
+                    with self._lock:
+                        gone = self._policy.end_send(conn, entry, ok=error is None)
+                        if error is None and slot is not None:
+                            conn.shm_sent += 1
+                        self._lock.notify_all()
+                if gone:  # dropped while we were sending: its slots are ours to release
+                    self._release(conn)
+                    break
+                if error is not None:
+                    self._drop(conn, f"send failed ({error})")
+                    break
 
-    def _transmit(self, peer, msg):
-        """Send one message to ``peer`` (caller holds ``peer.send_lock``); False if the input is gone."""
+    def _slot_for(self, conn, msg):
+        """A shared-memory slot for ``msg`` (``_lock`` held), or None to send over TCP."""
+        ring = conn.ring
+        if ring is None or not isinstance(msg, wire.Message) or msg.body_size < shm.MIN_SHM_MESSAGE:
+            return None
+        return ring.acquire(msg.body_size)
+
+    @staticmethod
+    def _transmit(conn, msg, slot):
+        """Send one message; None, or the error that ended the connection."""
         try:
-            slot = None
-            ring = peer.ring
-            if ring is not None and isinstance(msg, wire.Message) and msg.body_size >= shm.MIN_SHM_MESSAGE:
-                with self._cond:
-                    slot = ring.acquire(msg.body_size)
-                if slot is not None:
-                    index, seg = slot
-                    shm.fill(seg, msg.body)  # the one copy of this message
-                    msg = msg.via_shm(seg.name, index)
-            _sendmsg_all(peer.sock, msg)
+            if slot is not None:
+                index, seg = slot
+                shm.fill(seg, msg.body)  # the one copy of this message
+                msg = msg.via_shm(seg.name, index)
+            _sendmsg_all(conn.sock, msg)
         except (OSError, ValueError) as e:
             # OSError: the peer left or stalled past send_timeout; ValueError: the
             # connection (and its slots) was closed under us
-            self._drop_input(peer, f"send failed ({e})")
-            return False
-        with self._cond:
-            peer.sent += 1
-            if slot is not None:
-                peer.shm_sent += 1
-        return True
+            return e
+        return None
 
     # ------------------------------------------------------------ writing
 
     def write(self, data, meta=None):
         """Add one item (a Hash or dict, plus metadata) to the current message."""
-        if self._closed:
-            raise ChannelClosed(f"{self.channel_id} is closed")
+        self._require_started("write()")
         if not isinstance(data, Hash):
             data = Hash(data)
         if self.schema is not None and (self.validate_schema == "always" or not self._validated):
@@ -444,7 +435,12 @@ class OutputChannel:
             if problems:
                 raise SchemaError(f"{self.channel_id}: data does not match the schema: " + "; ".join(problems))
             self._validated = True
-        meta = wire.ChannelMetaData.coerce(meta, self.channel_id)
+        try:
+            meta = wire.ChannelMetaData.coerce(meta, self.channel_id)
+        except KbStreamError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise EncodeError(f"{self.channel_id}: unusable item metadata: {e}") from e
         with self._chunk_lock:
             self._chunk.append((data, meta))
 
@@ -455,13 +451,19 @@ class OutputChannel:
         (seconds), an input that gives no credit in time is skipped (the
         message counts as dropped for it; every other input still gets it) and
         ChannelTimeout is raised at the end.  Data sent while no input is
-        connected is discarded, as in Karabo.
+        connected is discarded, as in Karabo.  An item kbhash cannot encode
+        raises :class:`kbstream.EncodeError` (the message is not sent).
         """
+        self._require_started("update()")
         with self._chunk_lock:
             items, self._chunk = self._chunk, []
         if not items:
             return
-        self._distribute(wire.data_message(items), eos=False, timeout=timeout)
+        try:
+            msg = wire.data_message(items)
+        except kbhash.EncodeError as e:
+            raise EncodeError(f"{self.channel_id}: an item cannot be encoded: {e}") from e
+        self._distribute(msg, False, msg.body_size + len(msg[0]), timeout)
 
     def signal_end_of_stream(self, timeout=None):
         """Send pending items, then the end of stream to every input (never dropped)."""
@@ -471,204 +473,55 @@ class OutputChannel:
         except ChannelTimeout as e:
             late = e
         self._validated = False
-        self._distribute([wire.eos_message()], eos=True, timeout=timeout)
+        frame = wire.eos_message()
+        self._distribute([frame], True, len(frame), timeout)
         if late is not None:
             raise late
 
-    def _materialize(self, msg):
-        # a queued message outlives update(): copy it so the caller may reuse the arrays;
-        # a data message stays one, so a same-host input still gets it in shared memory
-        if isinstance(msg, wire.Message):
-            return msg.copied()
-        return [bytes(memoryview(b).cast("B")) for b in msg]
-
-    def _distribute(self, msg, eos, timeout):
+    def _distribute(self, msg, eos, nbytes, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
-        late = []
-        copied = None
-        with self._cond:
-            if self._closed:
+        with self._lock:
+            if self.closed:
                 raise ChannelClosed(f"{self.channel_id} is closed")
-            seq = next(self._seq)
-            copies = [i for i in self._inputs.values() if not i.shared]
-            shared = [i for i in self._inputs.values() if i.shared]
-        # copy inputs: every one of them gets the message
-        for peer in copies:
-            send = False
-            with self._cond:
-                if not peer.alive:
-                    continue
-                if peer.on_slowness == "wait":
-                    ok = self._wait(lambda: peer.credits > 0 and not peer.queue, peer, deadline)
-                    if ok is None:  # timed out
-                        late.append(peer.id)
-                    if ok:
-                        self._take_credit(peer)
-                        send = True
-                    elif ok is None and eos:
-                        copied = copied or self._materialize(msg)
-                        peer.queue.append(_Entry(seq, copied, True))
-                    elif ok is None:
-                        peer.dropped += 1
-                elif peer.credits > 0 and not peer.queue:
-                    self._take_credit(peer)
-                    send = True
-                elif eos or peer.on_slowness == "queueDrop":
-                    copied = copied or self._materialize(msg)
-                    peer.queue.append(_Entry(seq, copied, eos))
-                    self._trim(peer.queue, peer.max_queue, peer)
-                else:
-                    peer.dropped += 1
-            if send:
-                with peer.send_lock:
-                    self._transmit(peer, msg)
-            self._serve_queue(peer)
-        if shared:
-            if eos:
-                late += self._distribute_shared_eos(seq, msg, shared, deadline)
-            else:
-                late += self._distribute_shared(seq, msg, deadline)
-        if late:
-            raise ChannelTimeout(f"{self.channel_id}: {', '.join(late)} gave no credit in time")
-
-    def _trim(self, queue, limit, peer=None):
-        """Drop the oldest queued data beyond ``limit`` (ends of stream are never dropped)."""
-        while sum(1 for e in queue if not e.eos) > limit:
-            for e in queue:
-                if not e.eos:
-                    queue.remove(e)
-                    break
-            if peer is not None:
-                peer.dropped += 1
-            else:
-                self.shared_dropped += 1
-
-    def _distribute_shared_eos(self, seq, msg, shared, deadline):
-        """Every shared input gets the end of stream, after the data queued before it."""
-        with self._cond:
-            marker = _Entry(seq, self._materialize(msg), True, {p.id for p in shared if p.alive})
-            if not marker.pending:
-                return []
-            self._shared_queue.append(marker)
-        for peer in shared:
-            self._serve_queue(peer)
-        if self.no_input_shared != "wait":
-            return []
-        with self._cond:
-            ok = self._wait(lambda: marker not in self._shared_queue, None, deadline)
-            return sorted(marker.pending) if ok is None else []
-
-    def _distribute_shared(self, seq, msg, deadline):
-        with self._cond:
-            ids = sorted(i.id for i in self._inputs.values() if i.shared)
-            if not ids:
-                return []
-            target = None
-            if self.shared_selector is not None:
-                try:
-                    chosen = self.shared_selector(list(ids))
-                except Exception:  # a user callback: log it and drop, never kill the writer
-                    log.exception("%s: shared input selector failed", self.channel_id)
-                    chosen = ""
-                target = self._inputs.get(chosen) if chosen else None
-                if target is None or not target.shared:
-                    self.shared_dropped += 1
-                    return []
-            elif self.distribution_mode == "round-robin":
-                target = self._inputs[ids[self._rr % len(ids)]]
-                self._rr += 1
-
-            def ready(p):
-                return p.alive and p.credits > 0 and not self._has_queued(p)
-
-            def shared_data_queued():
-                return any(not e.eos for e in self._shared_queue)
-
-            if target is None:  # load-balanced: the first ready input, after anything queued
-                send = None
-                if not shared_data_queued():
-                    send = next((self._inputs[i] for i in self._ready_shared
-                                 if i in self._inputs and ready(self._inputs[i])), None)
-            else:
-                send = target if ready(target) else None
-            if send is None and self.no_input_shared == "wait":
-                if target is None:
-                    ok = self._wait(lambda: not shared_data_queued() and any(
-                        ready(self._inputs[i]) for i in self._ready_shared if i in self._inputs), None, deadline)
-                    if ok:
-                        send = next(self._inputs[i] for i in self._ready_shared
-                                    if i in self._inputs and ready(self._inputs[i]))
-                else:
-                    ok = self._wait(lambda: ready(target), target, deadline)
-                    send = target if ok else None
-                if send is None:
-                    self.shared_dropped += 1
-                    return ["a shared input"] if ok is None else []
-            elif send is None and self.no_input_shared == "queueDrop":
-                entry = _Entry(seq, self._materialize(msg), False)
-                if target is None:
-                    self._shared_queue.append(entry)
-                    self._trim(self._shared_queue, self.shared_queue_length)
-                else:
-                    target.queue.append(entry)
-                    self._trim(target.queue, max(target.max_queue, 1), target)
-            elif send is None:
-                self.shared_dropped += 1
-            if send is not None:
-                self._take_credit(send)
-        if send is not None:
-            with send.send_lock:
-                self._transmit(send, msg)
-        for p in [i for i in list(self._inputs.values()) if i.shared]:
-            self._serve_queue(p)
-        return []
-
-    def _wait(self, predicate, peer, deadline):
-        """Wait (holding the condition) until predicate().
-
-        Returns True when it holds, False when the input (or, for None, every
-        shared input) is gone, None when the deadline passed.
-        """
-        while not predicate():
-            if self._closed:
-                raise ChannelClosed(f"{self.channel_id} closed while waiting for an input")
-            if peer is not None and not peer.alive:
-                return False
-            if peer is None and not any(i.shared for i in self._inputs.values()):
-                return False
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            self._cond.wait(left if left is not None else 1.0)
-        return True
+            d = self._policy.offer(msg, eos, nbytes)
+        if d.error is not None:
+            log.error("%s: shared input selector failed", self.channel_id, exc_info=d.error)
+        self._serve(d.serve)
+        if d.owed:
+            with self._lock:
+                while d.owed:
+                    if self.closed:
+                        raise ChannelClosed(f"{self.channel_id} closed while waiting for an input")
+                    left = 1.0
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            self._policy.expire(d)  # what remains owed is a send in flight
+                            deadline = None
+                            continue
+                    self._lock.wait(left)
+        if d.late:
+            raise ChannelTimeout(f"{self.channel_id}: {', '.join(d.late)} gave no credit in time",
+                                 self.channel_id, timeout)
 
     # ------------------------------------------------------------ life cycle
 
-    def close(self):
+    def _start(self):
+        self._accepter.start()
+
+    def _close(self):
         """Stop listening and close every connection (waiting writers get ChannelClosed)."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            peers = list(self._inputs.values())
-            self._cond.notify_all()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+            self._lock.notify_all()
         _close(self._server)
-        for p in peers:
-            _close(p.sock)
-        self._accepter.join(5)
-        for t in self._threads:
-            t.join(5)
-        for p in peers:
-            with p.send_lock:
-                ring, p.ring = p.ring, None
-                if ring is not None:
-                    ring.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        for conn in conns:
+            self._drop(conn, "channel closed")
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for t in [self._accepter] + threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def __repr__(self):
         return f"<OutputChannel {self.channel_id} on {self.hostname}:{self.port}, inputs {self.input_ids()}>"

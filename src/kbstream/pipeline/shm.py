@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from .errors import PipelineProtocolError
+
 __all__ = ["host_token", "SlotRing", "SlotMapper"]
 
 SHM_DIR = "/dev/shm"
@@ -158,20 +160,24 @@ class SlotMapper:
         self.held = []  # (slot index, per-message view) awaiting release
 
     def open(self, slot, name, size):
-        """The mapping of slot ``slot`` (segment ``name``); True if it was mapped now."""
+        """The mapping of slot ``slot`` (segment ``name``); True if it was mapped now.
+
+        A reference no kbstream output would send raises PipelineProtocolError; a segment
+        that cannot be opened, OSError.
+        """
         if not 0 <= slot < self.MAX_SLOTS:
-            raise OSError(f"slot {slot} out of range")
+            raise PipelineProtocolError(f"slot {slot} out of range")
         have = self.maps.get(slot)
         if have is not None and have[0] == name and have[1].size >= size:
             return have[1], False
         base = os.path.basename(name)
         if base != name or not base.startswith("kbstream-"):
-            raise OSError(f"refusing shared memory segment {name!r}")
+            raise PipelineProtocolError(f"refusing shared memory segment {name!r}")
         fd = os.open(os.path.join(SHM_DIR, base), os.O_RDWR)
         try:
             length = os.fstat(fd).st_size
             if length < size:
-                raise OSError(f"segment {name} has {length} bytes, message needs {size}")
+                raise PipelineProtocolError(f"segment {name} has {length} bytes, message needs {size}")
             mm = mmap.mmap(fd, length)
         finally:
             os.close(fd)
