@@ -14,7 +14,8 @@ pair of codecs.
 """
 
 from ._types import Encoding, HashType
-from ._values import MAX_DEPTH, infer_type
+from ._infer import infer_type
+from ._values import MAX_DEPTH
 from .errors import DecodeError, EncodeError, KbHashError, TruncatedError, UnknownTypeError
 from .hash import Attributes, Hash, ImageData, Schema, Timestamp
 

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._types import Encoding, HashType
+from ._infer import KaraboValue, infer_type
+from ._types import IMAGEDATA, NDARRAY, Encoding, HashType
 
 __all__ = ["Hash", "Attributes", "ImageData", "Schema", "Timestamp"]
 
@@ -82,8 +83,6 @@ def _values_equal(a, b):
 def _effective_type(value, explicit):
     if explicit is not None:
         return explicit
-    from ._values import infer_type
-
     try:
         return infer_type(value)
     except Exception:  # an unencodable value: compare by value only
@@ -130,8 +129,6 @@ class Attributes:
         t = self._t.get(name)
         if t is not None:
             return HashType(t)
-        from ._values import infer_type
-
         return HashType(infer_type(self._v[name]))
 
     def __delitem__(self, name):
@@ -183,7 +180,7 @@ class Attributes:
         return f"Attributes({self._v!r})"
 
 
-class Hash:
+class Hash(KaraboValue):
     """Ordered, nested mapping with typed nodes and per-node attributes.
 
     Parameters
@@ -206,6 +203,7 @@ class Hash:
     # attribute values; _at: key -> dict of explicit attribute type ids.  Plain
     # dicts, so that the decoder creates no per-node objects.
     __slots__ = ("_v", "_t", "_a", "_at")
+    _karabo_type = int(HashType.HASH)
 
     #: Path separator used by ``h[path]`` and by default in the path methods.
     sep = "."
@@ -380,9 +378,6 @@ class Hash:
         t = parent._t.get(key)
         if t is not None:
             return HashType(t)
-        from ._types import IMAGEDATA, NDARRAY
-        from ._values import infer_type
-
         t = infer_type(parent._v[key])
         return HashType.HASH if t in (NDARRAY, IMAGEDATA) else HashType(t)
 
@@ -559,10 +554,11 @@ def _plain(v):
     return v
 
 
-class Schema:
+class Schema(KaraboValue):
     """A Karabo Schema, carried opaquely: its root name and parameter Hash."""
 
     __slots__ = ("root_name", "parameters")
+    _karabo_type = int(HashType.SCHEMA)
 
     def __init__(self, root_name="", parameters=None):
         self.root_name = root_name
@@ -600,7 +596,7 @@ def _guess_encoding(shape):
     return Encoding.UNDEFINED
 
 
-class ImageData:
+class ImageData(KaraboValue):
     """A Karabo ImageData: pixels plus their description.
 
     Field names are Karabo's (they are also the keys on the wire).  Defaults
@@ -612,6 +608,7 @@ class ImageData:
     """
 
     __slots__ = ("pixels", "encoding", "dims", "bitsPerPixel", "roiOffsets", "binning", "rotation", "flipX", "flipY")
+    _karabo_type = IMAGEDATA
 
     def __init__(
         self,
