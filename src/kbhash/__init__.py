@@ -17,7 +17,7 @@ from ._types import Encoding, HashType
 from ._infer import infer_type
 from ._values import MAX_DEPTH
 from .errors import DecodeError, EncodeError, KbHashError, TruncatedError, UnknownTypeError
-from .hash import Attributes, Hash, ImageData, Schema, Timestamp
+from .hash import Attributes, Hash, HashTemplate, ImageData, Schema, Timestamp
 
 try:
     from importlib.metadata import PackageNotFoundError, version
@@ -49,6 +49,7 @@ def bufferset_layout(buffers):
 
 __all__ = [
     "Hash",
+    "HashTemplate",
     "Attributes",
     "HashType",
     "Encoding",
