@@ -833,21 +833,26 @@ class HashTemplate:
         if tuple(values) != self._keys:
             raise KeyError(f"the template's keys are {list(self._keys)}, not {list(values)}")
         h = _new_hash(Hash)
-        h._v = dict(values)
+        h._v = {**values}
         h._t = self._types.copy()
-        avals, atypes = {}, {}
         if attributes:
-            specs = self._attributes
-            for key, given in attributes.items():
-                spec = specs.get(key)
-                if spec is None or tuple(given) != spec[0]:
-                    raise KeyError(f"{key!r}: the template's attributes are "
-                                   f"{list(spec[0]) if spec else []}, not {list(given)}")
-                avals[key] = dict(given)
-                atypes[key] = spec[1].copy()
-        h._a = avals
-        h._at = atypes
+            h._a, h._at = self._attribute_dicts(attributes)
+        else:
+            h._a = {}
+            h._at = {}
         return h
+
+    def _attribute_dicts(self, attributes):
+        avals, atypes = {}, {}
+        specs = self._attributes
+        for key, given in attributes.items():
+            spec = specs.get(key)
+            if spec is None or tuple(given) != spec[0]:
+                raise KeyError(f"{key!r}: the template's attributes are "
+                               f"{list(spec[0]) if spec else []}, not {list(given)}")
+            avals[key] = {**given}
+            atypes[key] = spec[1].copy()
+        return avals, atypes
 
     def __repr__(self):
         return f"HashTemplate({list(self._keys)!r})"
