@@ -41,18 +41,23 @@ __all__ = [
 T = HashType
 U32 = struct.Struct("<I")
 
-# Type ids of the control nodes, as plain ints for Hash.from_typed.
 _UINT32 = int(T.UINT32)
-_UINT64 = int(T.UINT64)
-_VECTOR_UINT32 = int(T.VECTOR_UINT32)
-_VECTOR_HASH = int(T.VECTOR_HASH)
 
-# The Hashes of every data message: item metadata, BufferSet layout, header.
+# The Hashes the wire layer builds, their keys and types fixed once.
+# Control frames: the start of every one, and hello's fixed part.
+_CONTROL = HashTemplate([("reason", None), ("instanceId", None)])
+_HELLO = HashTemplate([("reason", None), ("instanceId", None), ("memoryLocation", None), ("dataDistribution", None),
+                       ("onSlowness", None), ("maxQueueLength", T.UINT32)])
+# Data messages: item metadata, BufferSet layout, header; end of stream.
 _META = HashTemplate([("source", None),
                       ("timestamp", None, [("sec", T.UINT64), ("frac", T.UINT64), ("tid", T.UINT64)])])
 _LAYOUT = HashTemplate([("sizes", T.VECTOR_UINT32), ("types", T.VECTOR_INT32)])
 _HEADER = HashTemplate([("sourceInfo", T.VECTOR_HASH), ("_bufferSetLayout_", T.VECTOR_HASH), ("nData", T.UINT32),
                         ("byteSizes", T.VECTOR_UINT32)])
+_EOS = HashTemplate([("endOfStream", None), ("_bufferSetLayout_", T.VECTOR_HASH), ("nData", T.UINT32),
+                     ("byteSizes", T.VECTOR_UINT32)])
+# kbstream's reference to a body in shared memory (the header's kbShm node).
+_SHM_REF = HashTemplate([("name", None), ("slot", T.UINT32), ("size", T.UINT64)])
 
 #: Largest control frame (hello/update) accepted; real ones are < 300 bytes.
 MAX_CONTROL_SIZE = 64 * 1024
@@ -147,32 +152,27 @@ def _frame(h):
 def hello(instance_id, data_distribution="copy", on_slowness="drop", max_queue_length=2,
           memory_location="remote", credit_window=1, shm_token=None):
     """The framed hello an input sends first (keys in Karabo's order, extensions last)."""
-    entries = [
-        ("reason", "hello", None),
-        ("instanceId", instance_id, None),
-        ("memoryLocation", memory_location, None),
-        ("dataDistribution", data_distribution, None),
-        ("onSlowness", on_slowness, None),
-        ("maxQueueLength", int(max_queue_length), _UINT32),
-    ]
+    h = _HELLO.build({"reason": "hello", "instanceId": instance_id, "memoryLocation": memory_location,
+                      "dataDistribution": data_distribution, "onSlowness": on_slowness,
+                      "maxQueueLength": int(max_queue_length)})
     if credit_window > 1:
-        entries.append(("kbCreditWindow", int(credit_window), _UINT32))
+        h.set_typed((("kbCreditWindow", int(credit_window), _UINT32),))
     if shm_token:
-        entries.append(("kbShm", shm_token, None))
-    return _frame(Hash.from_typed(entries))
+        h.set_typed((("kbShm", shm_token, None),))
+    return _frame(h)
 
 
 def control(reason, instance_id, **fields):
     """A framed kbstream control frame (kbRelease, kbShmMapped); Karabo outputs never get one."""
-    entries = [("reason", reason, None), ("instanceId", instance_id, None)]
-    for k, v in fields.items():
-        entries.append((k, v, _UINT32 if isinstance(v, int) and not isinstance(v, bool) else None))
-    return _frame(Hash.from_typed(entries))
+    h = _CONTROL.build({"reason": reason, "instanceId": instance_id})
+    h.set_typed([(k, v, _UINT32 if isinstance(v, int) and not isinstance(v, bool) else None)
+                 for k, v in fields.items()])
+    return _frame(h)
 
 
 def update(instance_id):
     """The framed update (one credit) an input sends."""
-    return _frame(Hash.from_typed((("reason", "update", None), ("instanceId", instance_id, None))))
+    return _frame(_CONTROL.build({"reason": "update", "instanceId": instance_id}))
 
 
 def _u32_vector(values):
@@ -227,7 +227,7 @@ class Message(list):
 
     def via_shm(self, name, slot):
         """The same message with its body in shared-memory slot ``slot`` of segment ``name``."""
-        ref = Hash.from_typed((("name", name, None), ("slot", int(slot), _UINT32), ("size", self.body_size, _UINT64)))
+        ref = _SHM_REF.build({"name": name, "slot": int(slot), "size": self.body_size})
         h = Hash(self.header)
         h.set_typed((("kbShm", ref, None),))
         hb = kbhash.encode_bytes(h)
@@ -236,12 +236,7 @@ class Message(list):
 
 def eos_message():
     """The framed end-of-stream message (Karabo C++ form, empty body)."""
-    header = Hash.from_typed((
-        ("endOfStream", True, None),
-        ("_bufferSetLayout_", [], _VECTOR_HASH),
-        ("nData", 0, _UINT32),
-        ("byteSizes", [], _VECTOR_UINT32),
-    ))
+    header = _EOS.build({"endOfStream": True, "_bufferSetLayout_": [], "nData": 0, "byteSizes": []})
     hb = kbhash.encode_bytes(header)
     return U32.pack(len(hb)) + hb + U32.pack(0)
 
