@@ -100,7 +100,7 @@ def test_set_typed_accepts_any_iterable():
     assert h == Hash.from_typed([("a", 1, None), ("b", 2, T.UINT8)])
 
 
-@pytest.mark.parametrize("bad", [99, 33, -1, "UINT32", 1.5, 1000])
+@pytest.mark.parametrize("bad", [99, 33, -1, "UINT32", 1.5, 1000, [14]])
 def test_unknown_type_ids_are_encode_errors(bad):
     with pytest.raises(EncodeError, match="not a Karabo type id"):
         Hash.from_typed([("a", 1, bad)])
@@ -214,3 +214,12 @@ def test_template_build_checks_keys_and_attribute_names():
 def test_template_checks_its_layout_once(nodes, error, match):
     with pytest.raises(error, match=match):
         HashTemplate(nodes)
+
+
+def test_template_values_may_be_any_mapping():
+    tpl = HashTemplate([("a", T.UINT8), ("b", None)])
+    src = Hash("a", 1, "b", "x")
+    h = tpl.build(src, {})
+    assert h == Hash.from_typed([("a", 1, T.UINT8), ("b", "x", None)])
+    src["a"] = 2
+    assert h["a"] == 1
