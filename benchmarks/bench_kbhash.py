@@ -184,3 +184,106 @@ def test_decode_karabo_native(benchmark, payload):
     benchmark.group = group
     out = benchmark(karabo_native.decodeBinary, data)
     _info(benchmark, group, "karabo.native", "decodeBinary", len(data), karabo_native.encodeBinary(out) == data)
+
+
+# ------------------------------------------------ typed building (HashTemplate)
+#
+# A pipeline data header as kbstream.pipeline.wire builds it for every message:
+# per item its metadata (source + timestamp attributes) and its BufferSet layout,
+# then the header.  Three ways, same bytes: "private" writes the Hash's internal
+# dicts directly (how the wire layer did it before kbhash had a public way),
+# "template" uses HashTemplate.build (what the wire layer does now), "from_typed"
+# uses Hash.from_typed (the general entry-by-entry builder).  Groups
+# ``pipeline-header-<items>``; ops ``build`` (the Hash only) and ``build+encode``
+# (plus kbhash.encode_bytes of the header, as the wire layer does).
+
+_U32, _U64 = int(HashType.UINT32), int(HashType.UINT64)
+_VI32, _VU32, _VHASH = int(HashType.VECTOR_INT32), int(HashType.VECTOR_UINT32), int(HashType.VECTOR_HASH)
+_TS_TYPES = {"sec": _U64, "frac": _U64, "tid": _U64}
+_META = kbhash.HashTemplate([("source", None),
+                             ("timestamp", None, [("sec", _U64), ("frac", _U64), ("tid", _U64)])])
+_LAYOUT = kbhash.HashTemplate([("sizes", _VU32), ("types", _VI32)])
+_HEADER = kbhash.HashTemplate([("sourceInfo", _VHASH), ("_bufferSetLayout_", _VHASH), ("nData", _U32),
+                               ("byteSizes", _VU32)])
+
+
+def _header_items(n):
+    ts = kbhash.Timestamp(1700000000, 250_000_000_000_000_000, 10_000_000_000)
+    return [(f"SPB_IRDA_JF4M/DET/JNGFR{i:02d}:daqOutput", ts, [1180, 16 * 512 * 1024 * 2, 236]) for i in range(n)]
+
+
+def header_private(items):
+    source_info, layouts, byte_sizes = [], [], []
+    for source, ts, sizes in items:
+        meta = Hash()
+        meta._v["source"] = source
+        meta._v["timestamp"] = True
+        meta._a["timestamp"] = {"sec": ts.sec, "frac": ts.frac, "tid": ts.tid}
+        meta._at["timestamp"] = {"sec": int(HashType.UINT64), "frac": int(HashType.UINT64), "tid": int(HashType.UINT64)}
+        source_info.append(meta)
+        lay = Hash()
+        lay._v["sizes"] = sizes
+        lay._t["sizes"] = int(HashType.VECTOR_UINT32)
+        lay._v["types"] = [i % 2 for i in range(len(sizes))]
+        lay._t["types"] = int(HashType.VECTOR_INT32)
+        layouts.append(lay)
+        byte_sizes.append(sum(sizes))
+    header = Hash()
+    header._v["sourceInfo"] = source_info
+    header._t["sourceInfo"] = int(HashType.VECTOR_HASH)
+    header._v["_bufferSetLayout_"] = layouts
+    header._t["_bufferSetLayout_"] = int(HashType.VECTOR_HASH)
+    header._v["nData"] = len(items)
+    header._t["nData"] = int(HashType.UINT32)
+    header._v["byteSizes"] = byte_sizes
+    header._t["byteSizes"] = int(HashType.VECTOR_UINT32)
+    return header
+
+
+def header_template(items):
+    source_info, layouts, byte_sizes = [], [], []
+    for source, ts, sizes in items:
+        source_info.append(_META.build({"source": source, "timestamp": True},
+                                       {"timestamp": {"sec": ts.sec, "frac": ts.frac, "tid": ts.tid}}))
+        layouts.append(_LAYOUT.build({"sizes": sizes, "types": [i % 2 for i in range(len(sizes))]}))
+        byte_sizes.append(sum(sizes))
+    return _HEADER.build({"sourceInfo": source_info, "_bufferSetLayout_": layouts, "nData": len(items),
+                          "byteSizes": byte_sizes})
+
+
+def header_from_typed(items):
+    source_info, layouts, byte_sizes = [], [], []
+    for source, ts, sizes in items:
+        source_info.append(Hash.from_typed((
+            ("source", source, None),
+            ("timestamp", True, None, {"sec": ts.sec, "frac": ts.frac, "tid": ts.tid}, _TS_TYPES),
+        )))
+        layouts.append(Hash.from_typed((
+            ("sizes", sizes, _VU32),
+            ("types", [i % 2 for i in range(len(sizes))], _VI32),
+        )))
+        byte_sizes.append(sum(sizes))
+    return Hash.from_typed((
+        ("sourceInfo", source_info, _VHASH),
+        ("_bufferSetLayout_", layouts, _VHASH),
+        ("nData", len(items), _U32),
+        ("byteSizes", byte_sizes, _VU32),
+    ))
+
+
+HEADER_WAYS = {"private": header_private, "template": header_template, "from_typed": header_from_typed}
+
+
+@pytest.mark.parametrize("way", list(HEADER_WAYS))
+@pytest.mark.parametrize("nitems", [1, 16])
+@pytest.mark.parametrize("op", ["build", "build+encode"])
+def test_pipeline_header(benchmark, way, nitems, op):
+    items = _header_items(nitems)
+    build = HEADER_WAYS[way]
+    reference = kbhash.encode_bytes(header_private(items))
+    benchmark.group = f"pipeline-header-{nitems}"
+    if op == "build":
+        out = kbhash.encode_bytes(benchmark(build, items))
+    else:
+        out = benchmark(lambda: kbhash.encode_bytes(build(items)))
+    _info(benchmark, benchmark.group, f"kbhash-{way}", op, len(reference), out == reference)

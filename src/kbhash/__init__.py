@@ -8,13 +8,16 @@ input.
 Implementation selection: the compiled codec (``kbhash._codec``) is used by
 default; set ``KB_IMPL=pure`` to use the pure-Python twin (``kbhash._pure``).
 There is no silent fallback: if the extension is missing, importing kbhash
-fails and says how to build it.  ``kbhash.backend`` names the one in use.
+fails and says how to build it.  ``kbhash.backend`` names the one in use;
+:func:`select_backend` applies the same rule to any package that ships such a
+pair of codecs.
 """
 
 from ._types import Encoding, HashType
-from ._values import MAX_DEPTH, infer_type
+from ._infer import infer_type
+from ._values import MAX_DEPTH
 from .errors import DecodeError, EncodeError, KbHashError, TruncatedError, UnknownTypeError
-from .hash import Attributes, Hash, ImageData, Schema, Timestamp
+from .hash import Attributes, Hash, HashTemplate, ImageData, Schema, Timestamp
 
 try:
     from importlib.metadata import PackageNotFoundError, version
@@ -23,9 +26,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-from ._backend import select as _select
+from ._backend import select_backend
 
-_backend_module, backend = _select("kbhash")
+_backend_module, backend = select_backend("kbhash")
 
 encode = _backend_module.encode
 encode_bytes = _backend_module.encode_bytes
@@ -46,6 +49,7 @@ def bufferset_layout(buffers):
 
 __all__ = [
     "Hash",
+    "HashTemplate",
     "Attributes",
     "HashType",
     "Encoding",
@@ -60,6 +64,7 @@ __all__ = [
     "infer_type",
     "MAX_DEPTH",
     "backend",
+    "select_backend",
     "KbHashError",
     "DecodeError",
     "TruncatedError",

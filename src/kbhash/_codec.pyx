@@ -13,8 +13,8 @@ arrays must stay unchanged until the buffers are sent.  ``decode`` holds a
 buffer view on every input buffer only while decoding; the arrays it returns
 are ``numpy.frombuffer`` views that reference the input objects and keep them
 alive.  Everything off the fast paths (unusual values, explicit-type checks,
-NDArray/ImageData assembly) goes through ``kbhash._values``, shared with the
-pure codec, so both agree by construction.
+NDArray/ImageData assembly) goes through ``kbhash._values``, ``kbhash._nodes``
+and ``kbhash._infer``, shared with the pure codec, so both agree by construction.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_ANY_CONTIGUOUS
@@ -31,7 +31,9 @@ from kbhash._wire cimport rd_u16, rd_u32, rd_u64, rd_f32, rd_f64, wr_u32, wr_u64
 
 import numpy as np
 
+from kbhash import _nodes as N
 from kbhash import _values as V
+from kbhash._infer import infer_type
 from kbhash._types import HashType, VECTOR_DTYPE, WIRE_TYPES
 from kbhash.errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
 from kbhash.hash import Hash, ImageData, Schema
@@ -75,7 +77,7 @@ for _wt in range(_WIRE_TABLE_SIZE):
 cdef dict _VECTOR_DTYPE = dict(VECTOR_DTYPE)
 cdef object _frombuffer = np.frombuffer
 cdef object _ndarray = np.ndarray
-cdef object _infer_type = V.infer_type
+cdef object _infer_type = infer_type
 cdef object _HashNew = Hash.__new__
 cdef float _FLT_MAX_F = 3.4028234663852886e38
 cdef bytes _NDARRAY_ATTR = b"\x09__classId" + bytes([T_STRING, 0, 0, 0, 7, 0, 0, 0]) + b"NDArray"
@@ -236,7 +238,7 @@ cdef int _count(_Writer w, Py_ssize_t n, object key) except -1:
 
 
 cdef int _fast_type(object value) except -2:
-    """Inferred type for the common exact types; -1 means: ask V.infer_type."""
+    """Inferred type for the common exact types; -1 means: ask infer_type."""
     cdef type cls = type(value)
     cdef int overflow = 0
     cdef long long v
@@ -265,7 +267,7 @@ cdef int _fast_type(object value) except -2:
 
 
 cdef int _fast_list_type(list value) except -2:
-    """karabind's vector type for a list of exact bools/ints/floats/strs; -1: ask V.infer_type."""
+    """karabind's vector type for a list of exact bools/ints/floats/strs; -1: ask infer_type."""
     cdef Py_ssize_t n = len(value), k
     cdef int overflow = 0
     cdef long long v, lo = 0, hi = 0
@@ -402,7 +404,7 @@ cdef int _write_hash(_Writer w, object h, int depth) except -1:
     if depth > _MAX_DEPTH:
         raise EncodeError(f"Hash nested deeper than {MAX_DEPTH} levels")
     if not isinstance(h, Hash):
-        h = V.as_hash(h, "", T_HASH)
+        h = N.as_hash(h, "", T_HASH)
     cdef dict vals = h._v
     cdef dict types = h._t
     cdef dict attrs = h._a
@@ -441,7 +443,7 @@ cdef int _write_node(_Writer w, object key, object value, int t, dict avals, dic
             raise EncodeError(f"{key!r}: not an ImageData")
         w.u32(T_HASH)
         _write_attrs(w, avals, atypes, _IMAGEDATA_ATTR, depth)
-        children = V.imagedata_children(value)
+        children = N.imagedata_children(value)
         w.u32(<uint32_t>len(children))
         for k, v, ct in children:
             _write_node(w, k, v, T_NDARRAY if ct is None else ct, None, None, depth + 1)
@@ -589,9 +591,9 @@ cdef int _write_value(_Writer w, object key, object value, int t, int depth) exc
         if arr.size:
             _put_buffer(w, arr)
     elif t == T_HASH or t == T_HASH_POINTER:
-        _write_hash(w, value if type(value) is Hash else V.as_hash(value, key, t), depth + 1)
+        _write_hash(w, value if type(value) is Hash else N.as_hash(value, key, t), depth + 1)
     elif t == T_VECTOR_HASH or t == T_VECTOR_HASH_POINTER:
-        hashes = V.hash_list(value, key, t)
+        hashes = N.hash_list(value, key, t)
         _count(w, len(hashes), key)
         for h in hashes:
             _write_hash(w, h, depth + 1)
@@ -636,7 +638,7 @@ cdef int _write_value(_Writer w, object key, object value, int t, int depth) exc
             raise EncodeError(f"{key!r}: SCHEMA needs a Schema")
         sub = _Writer()
         _key(sub, value.root_name)
-        _write_hash(sub, V.as_hash(value.parameters, key, t), depth + 1)
+        _write_hash(sub, N.as_hash(value.parameters, key, t), depth + 1)
         body = _join(sub.finish())
         _count(w, len(body), key)
         w.put(<const char*>body, len(body))
@@ -854,7 +856,7 @@ cdef object _read_hash(_Reader r, int depth):
                         del avals["__classId"], atypes["__classId"]
                         t = -1
                     else:
-                        img = V.make_imagedata(value)
+                        img = N.make_imagedata(value)
                         if img is not None:
                             value = img
                             del avals["__classId"], atypes["__classId"]

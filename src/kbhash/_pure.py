@@ -33,7 +33,9 @@ import struct
 
 import numpy as np
 
+from . import _nodes as N
 from . import _values as V
+from ._infer import infer_type
 from ._types import IMAGEDATA, NDARRAY, VECTOR_DTYPE, WIRE_TYPES, HashType
 from .errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
 from .hash import Hash, ImageData, Schema
@@ -98,7 +100,7 @@ def _write_hash(w, h, depth):
     if depth > MAX_DEPTH:
         raise EncodeError(f"Hash nested deeper than {MAX_DEPTH} levels")
     if not isinstance(h, Hash):
-        h = V.as_hash(h, "", int(T.HASH))
+        h = N.as_hash(h, "", int(T.HASH))
     w.cur += _U32.pack(len(h._v))
     types = h._t
     attrs = h._a
@@ -106,7 +108,7 @@ def _write_hash(w, h, depth):
     for key, value in h._v.items():
         t = types.get(key)
         if t is None:
-            t = V.infer_type(value)
+            t = infer_type(value)
         a = attrs.get(key)
         _write_node(w, key, value, int(t), (a, atypes.get(key)) if a else None, depth)
 
@@ -126,7 +128,7 @@ def _write_node(w, key, value, t, attrs, depth):
             raise EncodeError(f"{key!r}: not an ImageData")
         out += _U32.pack(T.HASH)
         _write_attrs(w, attrs, _IMAGEDATA_ATTR, depth)
-        children = V.imagedata_children(value)
+        children = N.imagedata_children(value)
         w.cur += _U32.pack(len(children))
         for k, v, ct in children:
             _write_node(w, k, v, NDARRAY if ct is None else ct, None, depth + 1)
@@ -152,7 +154,7 @@ def _write_attrs(w, attrs, prefix, depth):
     w.cur += prefix
     for name, value, t in items:
         if t is None:
-            t = V.infer_type(value)
+            t = infer_type(value)
         if t == NDARRAY or t == IMAGEDATA:
             raise EncodeError(f"attribute {name!r}: arrays and images cannot be attributes")
         _key(w.cur, name)
@@ -207,9 +209,9 @@ def _write_value(w, key, value, t, depth):
         out += _count(arr.size, key)
         out += memoryview(arr).cast("B") if arr.size else b""
     elif t == T.HASH or t == T.HASH_POINTER:
-        _write_hash(w, V.as_hash(value, key, t), depth + 1)
+        _write_hash(w, N.as_hash(value, key, t), depth + 1)
     elif t == T.VECTOR_HASH or t == T.VECTOR_HASH_POINTER:
-        hashes = V.hash_list(value, key, t)
+        hashes = N.hash_list(value, key, t)
         out += _count(len(hashes), key)
         for h in hashes:
             _write_hash(w, h, depth + 1)
@@ -245,7 +247,7 @@ def _write_value(w, key, value, t, depth):
             raise EncodeError(f"{key!r}: SCHEMA needs a Schema")
         sub = _Writer()
         _key(sub.cur, value.root_name)
-        _write_hash(sub, V.as_hash(value.parameters, key, t), depth + 1)
+        _write_hash(sub, N.as_hash(value.parameters, key, t), depth + 1)
         body = b"".join(sub.finish())
         out += _count(len(body), key)
         out += body
@@ -407,7 +409,7 @@ def _read_hash(r, depth):
                     del avals["__classId"], atypes["__classId"]
                     t = None
                 else:
-                    img = V.make_imagedata(value)
+                    img = N.make_imagedata(value)
                     if img is not None:
                         value = img
                         del avals["__classId"], atypes["__classId"]

@@ -1,137 +1,28 @@
-"""Value rules shared by both codecs: type inference and value checks on encode.
+"""Plain value rules shared by both codecs: value checks on encode, NDArray parts.
 
 Both the compiled codec and the pure-Python twin call these functions for
-everything off their fast paths, so the two cannot disagree on which type a
-Python value gets or on which values a type accepts.
-
-Type inference follows Karabo's C++ binding (karabind, ``castPyToAny``):
-bool -> BOOL; int -> the first of INT32, UINT32, INT64, UINT64 that holds it;
-float -> DOUBLE; complex -> COMPLEX_DOUBLE; str -> STRING; bytes and
-bytearray -> VECTOR_CHAR; None -> NONE; numpy scalars -> their own type; any
-numpy array -> NDArray; list -> by its first element (ints: the widest type any
-element needs), empty list -> VECTOR_STRING; Hash or dict -> HASH; Schema ->
-SCHEMA; ImageData -> ImageData.  Extensions where karabind refuses: memoryview
--> BYTE_ARRAY (as karabo.native does), np.bool_ -> BOOL, np.complex64 ->
-COMPLEX_FLOAT.
+everything off their fast paths, so the two cannot disagree on which values a
+type accepts.  This module depends only on ``_types``, ``_infer`` and
+``errors``: type inference is in ``_infer``, and the rules that build or take
+apart Hashes and ImageData (HASH/VECTOR_HASH values, the ImageData node) are
+in ``_nodes``.
 """
 
 import math
 import operator
 import struct
-from collections.abc import Mapping
 
 import numpy as np
 
-from ._types import (
-    IMAGEDATA,
-    INT_RANGE,
-    NDARRAY,
-    NDARRAY_DTYPE,
-    VECTOR_DTYPE,
-    HashType,
-    dtype_type,
-    int_type,
-    type_name,
-)
-from .errors import EncodeError
-from .hash import Hash, ImageData, Schema
+from ._infer import NDARRAY_TYPE
+from ._types import INT_RANGE, NDARRAY_DTYPE, VECTOR_DTYPE, HashType, type_name
+from .errors import DecodeError, EncodeError
 
 T = HashType
 _FLT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
 
 #: Nesting limit of encoder and decoder (a Hash inside a Hash counts one level).
 MAX_DEPTH = 100
-
-
-def infer_type(value):
-    """Karabo type id a value is written as when no type was given.
-
-    Returns a wire id, or the internal ``NDARRAY`` / ``IMAGEDATA`` kinds.
-    Raises EncodeError for values Karabo has no type for.
-    """
-    if value is None:
-        return int(T.NONE)
-    cls = type(value)
-    if cls is bool:
-        return int(T.BOOL)
-    if cls is int or (isinstance(value, int) and not isinstance(value, bool)):
-        t = int_type(value, value)
-        if t is None:
-            raise EncodeError(f"integer {value} does not fit in 64 bits")
-        return t
-    if cls is float:
-        return int(T.DOUBLE)
-    if cls is str:
-        return int(T.STRING)
-    if isinstance(value, np.ndarray):
-        if value.dtype.newbyteorder("<") not in _NDARRAY_TYPE:
-            raise EncodeError(f"numpy dtype {value.dtype} has no Karabo NDArray type")
-        return NDARRAY
-    if isinstance(value, Hash) or isinstance(value, Mapping):
-        return int(T.HASH)
-    if isinstance(value, (list, tuple)):
-        return _infer_list(value)
-    if isinstance(value, np.generic):
-        if isinstance(value, np.bool_):
-            return int(T.BOOL)
-        t = dtype_type(value.dtype)
-        if t is None:
-            raise EncodeError(f"numpy scalar of dtype {value.dtype} has no Karabo type")
-        return t
-    if isinstance(value, (bool, np.bool_)):
-        return int(T.BOOL)
-    if isinstance(value, float):
-        return int(T.DOUBLE)
-    if isinstance(value, complex):
-        return int(T.COMPLEX_DOUBLE)
-    if isinstance(value, str):
-        return int(T.STRING)
-    if isinstance(value, (bytes, bytearray)):
-        return int(T.VECTOR_CHAR)
-    if isinstance(value, memoryview):
-        return int(T.BYTE_ARRAY)
-    if isinstance(value, ImageData):
-        return IMAGEDATA
-    if isinstance(value, Schema):
-        return int(T.SCHEMA)
-    raise EncodeError(f"no Karabo type for a value of type {type(value).__name__}")
-
-
-def _infer_list(value):
-    if not value:
-        return int(T.VECTOR_STRING)
-    first = value[0]
-    if isinstance(first, (bool, np.bool_)):
-        return int(T.VECTOR_BOOL)
-    if isinstance(first, int):
-        lo = hi = 0
-        for v in value:
-            if isinstance(v, int) and not isinstance(v, bool):
-                lo = min(lo, v)
-                hi = max(hi, v)
-        t = int_type(lo, hi)
-        if t is None:
-            raise EncodeError("list of integers that do not fit in 64 bits")
-        return t + 1
-    if isinstance(first, float):
-        return int(T.VECTOR_DOUBLE)
-    if isinstance(first, complex):
-        return int(T.VECTOR_COMPLEX_DOUBLE)
-    if isinstance(first, str):
-        return int(T.VECTOR_STRING)
-    if isinstance(first, (Hash, Mapping)):
-        return int(T.VECTOR_HASH)
-    if first is None:
-        return int(T.VECTOR_NONE)
-    if isinstance(first, np.generic):
-        t = infer_type(first)
-        if t in VECTOR_DTYPE or t + 1 in VECTOR_DTYPE:
-            return t + 1
-    raise EncodeError(f"no Karabo vector type for a list of {type(first).__name__}")
-
-
-_NDARRAY_TYPE = {dt: t for t, dt in NDARRAY_DTYPE.items()}
-# Single-byte dtypes compare equal whatever their byte-order character.
 
 
 def ndarray_parts(arr):
@@ -141,7 +32,7 @@ def ndarray_parts(arr):
     a C-ordered copy.
     """
     dt = arr.dtype
-    t = _NDARRAY_TYPE.get(dt.newbyteorder("<"))
+    t = NDARRAY_TYPE.get(dt.newbyteorder("<"))
     if t is None:
         raise EncodeError(f"numpy dtype {dt} has no Karabo NDArray type")
     big = dt.byteorder == ">" or (dt.byteorder == "=" and not _LITTLE)
@@ -255,28 +146,6 @@ def string_list(value, key):
     return [encode_str(v, key) for v in value]
 
 
-def hash_list(value, key, t):
-    if not isinstance(value, (list, tuple)):
-        raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
-    out = []
-    for v in value:
-        if isinstance(v, Hash):
-            out.append(v)
-        elif isinstance(v, Mapping):
-            out.append(Hash(v))
-        else:
-            raise EncodeError(f"{key!r}: {type_name(t)} elements must be Hashes, not {type(v).__name__}")
-    return out
-
-
-def as_hash(value, key, t):
-    if isinstance(value, Hash):
-        return value
-    if isinstance(value, Mapping):
-        return Hash(value)
-    raise EncodeError(f"{key!r}: cannot write {type(value).__name__} as {type_name(t)}")
-
-
 def none_count(value, key):
     if not isinstance(value, (list, tuple)) or any(v is not None for v in value):
         raise EncodeError(f"{key!r}: VECTOR_NONE needs a list of None")
@@ -296,58 +165,6 @@ def byte_buffer(value, key, t):
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
-def imagedata_children(img):
-    """The ImageData children in C++ order, as (key, value, type) triples."""
-    f = img.fields()
-    return [
-        ("pixels", img.pixels, None),
-        ("encoding", f["encoding"], int(T.INT32)),
-        ("dims", f["dims"], int(T.VECTOR_UINT64)),
-        ("bitsPerPixel", f["bitsPerPixel"], int(T.INT32)),
-        ("roiOffsets", f["roiOffsets"], int(T.VECTOR_UINT64)),
-        ("binning", f["binning"], int(T.VECTOR_UINT64)),
-        ("rotation", f["rotation"], int(T.INT32)),
-        ("flipX", f["flipX"], int(T.BOOL)),
-        ("flipY", f["flipY"], int(T.BOOL)),
-    ]
-
-
-#: ImageData children and the type each must have on the wire.
-IMAGEDATA_FIELDS = {
-    "encoding": int(T.INT32),
-    "dims": int(T.VECTOR_UINT64),
-    "bitsPerPixel": int(T.INT32),
-    "roiOffsets": int(T.VECTOR_UINT64),
-    "binning": int(T.VECTOR_UINT64),
-    "rotation": int(T.INT32),
-    "flipX": int(T.BOOL),
-    "flipY": int(T.BOOL),
-}
-
-
-def make_imagedata(h):
-    """An ImageData from a decoded ``__classId="ImageData"`` Hash, or None.
-
-    None means the Hash does not have exactly ImageData's shape (unknown or
-    mistyped children, pixels not an NDArray); the caller then keeps the plain
-    Hash, so nothing is lost.
-    """
-    pixels = h._v.get("pixels")
-    if not isinstance(pixels, np.ndarray) or "pixels" in h._t or h._a.get("pixels"):
-        return None
-    kw = {}
-    for k, v in h._v.items():
-        if k == "pixels":
-            continue
-        if IMAGEDATA_FIELDS.get(k) != h._t.get(k) or h._a.get(k):
-            return None
-        kw[k] = v
-    try:
-        return ImageData(pixels, **kw)
-    except (ValueError, TypeError):
-        return None
-
-
 _NDARRAY_KEYS = {"data": int(T.BYTE_ARRAY), "type": int(T.INT32), "shape": int(T.VECTOR_UINT64), "isBigEndian": int(T.BOOL)}
 
 
@@ -358,8 +175,6 @@ def make_ndarray(h, off):
     the children are not exactly data/type/shape[/isBigEndian] with their
     types, the element type is unknown, or shape x itemsize != data length.
     """
-    from .errors import DecodeError
-
     v = h._v
     for k in v:
         want = _NDARRAY_KEYS.get(k)

@@ -13,6 +13,11 @@ explicitly, so that re-encoding reproduces the same bytes.  Assigning with
 ``h[key] = value`` replaces the node's value and forgets an explicit type, as
 karabind's ``__setitem__`` does.
 
+Typed building: :meth:`Hash.set_typed` and :meth:`Hash.from_typed` set
+top-level nodes with their types and attributes in one call, and a
+:class:`HashTemplate` fixes keys and types once for a Hash that is built for
+every message (protocol headers); neither parses paths nor infers types.
+
 Special values
 --------------
 - numpy arrays are NDArray nodes (any rank); decoded NDArrays are numpy views
@@ -30,9 +35,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._types import Encoding, HashType
+from ._infer import KaraboValue, infer_type
+from ._types import IMAGEDATA, NDARRAY, WIRE_TYPES, Encoding, HashType
+from .errors import EncodeError
 
-__all__ = ["Hash", "Attributes", "ImageData", "Schema", "Timestamp"]
+__all__ = ["Hash", "Attributes", "HashTemplate", "ImageData", "Schema", "Timestamp"]
 
 _MISSING = object()
 
@@ -79,11 +86,84 @@ def _values_equal(a, b):
     return a == b
 
 
+def _type_id(t, what):
+    """The wire id of an explicit type given as a HashType or an int (EncodeError otherwise)."""
+    if type(t) is int and t in WIRE_TYPES:
+        return t
+    try:
+        return int(HashType(t))
+    except (ValueError, TypeError):
+        raise EncodeError(f"{what}: {t!r} is not a Karabo type id") from None
+
+
+def _fill_typed(vals, types, attrs, attr_types, entries):
+    """The work of Hash.set_typed on the four dicts of a Hash (see there)."""
+    wire = WIRE_TYPES
+    for entry in entries:
+        n = len(entry)
+        if n == 3:
+            key, value, t = entry
+        elif n == 5:
+            key, value, t, avals, atypes = entry
+        elif n == 4:
+            key, value, t, avals = entry
+            atypes = None
+        else:
+            raise TypeError(f"set_typed entries are (key, value, type[, attributes[, attribute_types]]), "
+                            f"not {n} items")
+        if type(key) is not str or len(key) > 63:  # up to 63 characters fit 255 bytes of UTF-8
+            if not isinstance(key, str):
+                raise TypeError(f"Hash keys are str, not {type(key).__name__}")
+            Hash._check_key(key)
+        vals[key] = value
+        if t is None:
+            if types:
+                types.pop(key, None)
+        elif type(t) is int and t in wire:
+            types[key] = t
+        else:
+            types[key] = _type_id(t, repr(key))
+        if n > 3 and (avals or atypes):
+            if avals is None:
+                avals = {}
+            if atypes:
+                try:
+                    valid = wire.issuperset(atypes.values()) and avals.keys() >= atypes.keys()
+                except TypeError:  # an unhashable type
+                    valid = False
+                if not valid:
+                    _check_attribute_types(key, avals, atypes)  # raises
+            a = attrs.get(key)
+            if a is None:  # the common case: a node without attributes so far
+                attrs[key] = dict(avals)
+                attr_types[key] = dict(atypes) if atypes else {}
+            else:
+                a.update(avals)
+                at = attr_types.get(key)
+                if at is None:
+                    at = attr_types[key] = {}
+                else:
+                    for name in avals:  # a value set anew forgets its old explicit type
+                        at.pop(name, None)
+                if atypes:
+                    at.update(atypes)
+
+
+def _check_attribute_types(key, avals, atypes):
+    """Raise EncodeError for the first bad entry of ``atypes`` (a name not in ``avals``, or not a type id)."""
+    for name, t in atypes.items():
+        if name not in avals:
+            raise EncodeError(f"{key!r}: a type for attribute {name!r}, which is not set")
+        _type_id(t, f"{key!r}, attribute {name!r}")
+    raise EncodeError(f"{key!r}: attribute types must map attribute names to Karabo type ids")
+
+
+_new_hash = object.__new__
+
+
 def _effective_type(value, explicit):
     if explicit is not None:
         return explicit
-    from ._values import infer_type
-
     try:
         return infer_type(value)
     except Exception:  # an unencodable value: compare by value only
@@ -130,8 +210,6 @@ class Attributes:
         t = self._t.get(name)
         if t is not None:
             return HashType(t)
-        from ._values import infer_type
-
         return HashType(infer_type(self._v[name]))
 
     def __delitem__(self, name):
@@ -183,7 +261,7 @@ class Attributes:
         return f"Attributes({self._v!r})"
 
 
-class Hash:
+class Hash(KaraboValue):
     """Ordered, nested mapping with typed nodes and per-node attributes.
 
     Parameters
@@ -206,6 +284,7 @@ class Hash:
     # attribute values; _at: key -> dict of explicit attribute type ids.  Plain
     # dicts, so that the decoder creates no per-node objects.
     __slots__ = ("_v", "_t", "_a", "_at")
+    _karabo_type = int(HashType.HASH)
 
     #: Path separator used by ``h[path]`` and by default in the path methods.
     sep = "."
@@ -356,6 +435,58 @@ class Hash:
             for n, v in attrs.items():
                 a[n] = v
 
+    def set_typed(self, entries):
+        """Set several top-level nodes at once, each with its value, type and attributes.
+
+        For nodes whose types are known: no path is parsed, no value is
+        converted and no type is inferred.  An existing node keeps its place
+        and its other attributes, as with :meth:`set`.
+
+        Parameters
+        ----------
+        entries : iterable of tuple
+            ``(key, value, type)``, ``(key, value, type, attributes)`` or
+            ``(key, value, type, attributes, attribute_types)``:
+
+            key : str
+                A top-level key, taken literally (a separator in it is part
+                of the key, as in :meth:`from_dict`).
+            value
+                Stored as given, not converted: a HASH node's value should be
+                a Hash and a VECTOR_HASH node's a list of Hashes.
+            type : HashType, int or None
+                The node's Karabo type; None writes the value as the type it
+                would be inferred as (see :func:`kbhash.infer_type`).  The
+                value is checked against the type when the Hash is encoded.
+            attributes : mapping of str to object, optional
+                Attributes to set on the node (copied; added to existing ones).
+            attribute_types : mapping of str to HashType or int, optional
+                Explicit types of some or all of these attributes; the others
+                are written as their inferred types.
+
+        Raises
+        ------
+        kbhash.EncodeError
+            An unknown type id, or a type for an attribute that is not set.
+        TypeError
+            A key that is not a str, or an entry of another length.
+        KeyError
+            A key longer than 255 bytes of UTF-8.
+
+        See Also
+        --------
+        from_typed : a new Hash from such entries.
+
+        Examples
+        --------
+        >>> h = Hash()
+        >>> h.set_typed([("nData", 2, HashType.UINT32),
+        ...              ("source", "SA1/DET/CAM:output", None, {"tid": 1000}, {"tid": HashType.UINT64})])
+        >>> h.get_type("nData"), h.get_attribute_type("source", "tid")
+        (<HashType.UINT32: 14>, <HashType.UINT64: 18>)
+        """
+        _fill_typed(self._v, self._t, self._a, self._at, entries)
+
     def setdefault(self, path, default=None):
         if path not in self:
             self[path] = default
@@ -380,9 +511,6 @@ class Hash:
         t = parent._t.get(key)
         if t is not None:
             return HashType(t)
-        from ._types import IMAGEDATA, NDARRAY
-        from ._values import infer_type
-
         t = infer_type(parent._v[key])
         return HashType.HASH if t in (NDARRAY, IMAGEDATA) else HashType(t)
 
@@ -497,6 +625,44 @@ class Hash:
                 h._v[k] = _to_node_value(v)
         return h
 
+    @classmethod
+    def from_typed(cls, entries):
+        """A new Hash of already-typed top-level entries (no path parsing, no inference).
+
+        ``Hash.from_typed(entries)`` is ``h = Hash(); h.set_typed(entries)``:
+        see :meth:`set_typed` for the entries.  A Hash built again and again
+        with the same keys and types is built faster by a :class:`HashTemplate`.
+
+        Parameters
+        ----------
+        entries : iterable of tuple
+            ``(key, value, type[, attributes[, attribute_types]])`` per node, in
+            the order the nodes are to have.
+
+        Returns
+        -------
+        Hash
+
+        Examples
+        --------
+        >>> lay = Hash.from_typed([("sizes", [120, 4096, 8], HashType.VECTOR_UINT32),
+        ...                        ("types", [0, 1, 0], HashType.VECTOR_INT32)])
+        >>> lay.get_type("sizes")
+        <HashType.VECTOR_UINT32: 15>
+        """
+        if cls is not Hash:  # a subclass may have its own constructor
+            h = cls()
+            h.set_typed(entries)
+            return h
+        vals, types, attrs, attr_types = {}, {}, {}, {}
+        _fill_typed(vals, types, attrs, attr_types, entries)
+        h = _new_hash(Hash)
+        h._v = vals
+        h._t = types
+        h._a = attrs
+        h._at = attr_types
+        return h
+
     def copy(self):
         """Shallow copy (values shared, node types and attributes copied)."""
         return Hash(self)
@@ -559,10 +725,144 @@ def _plain(v):
     return v
 
 
-class Schema:
+class HashTemplate:
+    """The keys, Karabo types and attribute types of a Hash that is built again and again.
+
+    Like :class:`struct.Struct` for structs: the template checks the layout
+    once, and :meth:`build` then only puts the values in, with no path parsing,
+    no conversion and no type inference.  Meant for protocol headers made for
+    every message; for a one-off Hash of typed nodes see :meth:`Hash.from_typed`.
+
+    Parameters
+    ----------
+    nodes : iterable of tuple
+        The top-level nodes in order, each ``(key, type)`` or
+        ``(key, type, attributes)``:
+
+        key : str
+            A top-level key, taken literally.
+        type : HashType, int or None
+            The node's Karabo type; None writes each value as the type it is
+            inferred as (see :func:`kbhash.infer_type`).
+        attributes : sequence of (str, HashType or int or None)
+            The node's attribute names, in order, with their types (None:
+            inferred).
+
+    Raises
+    ------
+    kbhash.EncodeError
+        An unknown type id.
+    TypeError
+        A key or attribute name that is not a str, or a malformed node.
+    KeyError
+        A key longer than 255 bytes of UTF-8, or a key or attribute name given twice.
+
+    Examples
+    --------
+    >>> META = HashTemplate([("source", None),
+    ...                      ("timestamp", None, [("sec", HashType.UINT64), ("frac", HashType.UINT64),
+    ...                                           ("tid", HashType.UINT64)])])
+    >>> h = META.build({"source": "SA1/DET/CAM:output", "timestamp": True},
+    ...                {"timestamp": {"sec": 1700000000, "frac": 0, "tid": 1000}})
+    >>> h.get_timestamp("timestamp").tid, h.get_attribute_type("timestamp", "sec")
+    (1000, <HashType.UINT64: 18>)
+    """
+
+    __slots__ = ("_keys", "_types", "_attributes")
+
+    def __init__(self, nodes):
+        keys = []
+        types = {}
+        attributes = {}
+        for node in nodes:
+            if not isinstance(node, (tuple, list)) or len(node) not in (2, 3):
+                raise TypeError(f"template nodes are (key, type[, attributes]), not {node!r}")
+            key, t = node[0], node[1]
+            if not isinstance(key, str):
+                raise TypeError(f"Hash keys are str, not {type(key).__name__}")
+            Hash._check_key(key)
+            if key in keys:
+                raise KeyError(f"template key {key!r} given twice")
+            keys.append(key)
+            if t is not None:
+                types[key] = _type_id(t, repr(key))
+            if len(node) == 3:
+                names, atypes = [], {}
+                for name, at in node[2]:
+                    if not isinstance(name, str):
+                        raise TypeError(f"attribute names are str, not {type(name).__name__}")
+                    if name in names:
+                        raise KeyError(f"{key!r}: attribute {name!r} given twice")
+                    names.append(name)
+                    if at is not None:
+                        atypes[name] = _type_id(at, f"{key!r}, attribute {name!r}")
+                attributes[key] = (tuple(names), atypes)
+        self._keys = tuple(keys)
+        self._types = types
+        self._attributes = attributes
+
+    @property
+    def keys(self):
+        """The template's keys, in order (a tuple)."""
+        return self._keys
+
+    def build(self, values, attributes=None):
+        """A new Hash with the template's nodes set to ``values``.
+
+        Parameters
+        ----------
+        values : mapping of str to object
+            Exactly the template's keys, in its order, with their values; the
+            values are stored as given (a HASH node's value should be a Hash, a
+            VECTOR_HASH node's a list of Hashes) and checked against their types
+            when the Hash is encoded.
+        attributes : mapping of str to mapping, optional
+            For nodes whose template names attributes: key -> exactly those
+            attribute names, in the template's order, with their values.  Other
+            nodes get no attributes.
+
+        Returns
+        -------
+        Hash
+
+        Raises
+        ------
+        KeyError
+            Keys or attribute names that are not the template's, or not in its order.
+        """
+        if tuple(values) != self._keys:
+            raise KeyError(f"the template's keys are {list(self._keys)}, not {list(values)}")
+        h = _new_hash(Hash)
+        h._v = {**values}
+        h._t = self._types.copy()
+        if attributes:
+            h._a, h._at = self._attribute_dicts(attributes)
+        else:
+            h._a = {}
+            h._at = {}
+        return h
+
+    def _attribute_dicts(self, attributes):
+        avals, atypes = {}, {}
+        specs = self._attributes
+        for key, given in attributes.items():
+            spec = specs.get(key)
+            if spec is None or tuple(given) != spec[0]:
+                raise KeyError(f"{key!r}: the template's attributes are "
+                               f"{list(spec[0]) if spec else []}, not {list(given)}")
+            avals[key] = {**given}
+            atypes[key] = spec[1].copy()
+        return avals, atypes
+
+    def __repr__(self):
+        return f"HashTemplate({list(self._keys)!r})"
+
+
+class Schema(KaraboValue):
     """A Karabo Schema, carried opaquely: its root name and parameter Hash."""
 
     __slots__ = ("root_name", "parameters")
+    _karabo_type = int(HashType.SCHEMA)
 
     def __init__(self, root_name="", parameters=None):
         self.root_name = root_name
@@ -600,7 +900,7 @@ def _guess_encoding(shape):
     return Encoding.UNDEFINED
 
 
-class ImageData:
+class ImageData(KaraboValue):
     """A Karabo ImageData: pixels plus their description.
 
     Field names are Karabo's (they are also the keys on the wire).  Defaults
@@ -612,6 +912,7 @@ class ImageData:
     """
 
     __slots__ = ("pixels", "encoding", "dims", "bitsPerPixel", "roiOffsets", "binning", "rotation", "flipX", "flipY")
+    _karabo_type = IMAGEDATA
 
     def __init__(
         self,

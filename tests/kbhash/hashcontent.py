@@ -13,9 +13,10 @@ import math
 
 import numpy as np
 
-from kbhash import Hash, HashType, ImageData, Schema
+from kbhash import Hash, HashType, ImageData, Schema, infer_type
+from kbhash._nodes import imagedata_children
 from kbhash._types import IMAGEDATA, NDARRAY
-from kbhash._values import imagedata_children, infer_type, ndarray_parts
+from kbhash._values import ndarray_parts
 
 T = HashType
 

@@ -35,18 +35,6 @@ class Typed:
         return f"Typed({self.value!r}, {self.type.name})"
 
 
-def _decode_prefix_fallback(data):
-    # Used only while the installed kbhash lacks decode_prefix (same contract).
-    from kbhash import _pure
-
-    r = _pure._Reader(_pure._segments(data))
-    h = _pure._read_hash(r, 0)
-    return h, r.offset
-
-
-_decode_prefix = getattr(kbhash, "decode_prefix", None) or _decode_prefix_fallback
-
-
 def split_archives(data):
     """Decode ``header ++ body``; return ``(header, body)``.
 
@@ -57,7 +45,7 @@ def split_archives(data):
     """
     mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
     try:
-        header, n = _decode_prefix(mv)
+        header, n = kbhash.decode_prefix(mv)
     except (kbhash.KbHashError, ValueError, TypeError) as e:
         raise MessageError(f"bad header archive: {e}") from e
     if n >= len(mv):

@@ -22,7 +22,7 @@ Karabo input sends too, so both directions stay compatible.
 import struct
 
 import kbhash
-from kbhash import Hash, HashType, Timestamp
+from kbhash import Hash, HashTemplate, HashType, Timestamp
 
 from .errors import PipelineProtocolError
 
@@ -40,6 +40,24 @@ __all__ = [
 
 T = HashType
 U32 = struct.Struct("<I")
+
+_UINT32 = int(T.UINT32)
+
+# The Hashes the wire layer builds, their keys and types fixed once.
+# Control frames: the start of every one, and hello's fixed part.
+_CONTROL = HashTemplate([("reason", None), ("instanceId", None)])
+_HELLO = HashTemplate([("reason", None), ("instanceId", None), ("memoryLocation", None), ("dataDistribution", None),
+                       ("onSlowness", None), ("maxQueueLength", T.UINT32)])
+# Data messages: item metadata, BufferSet layout, header; end of stream.
+_META = HashTemplate([("source", None),
+                      ("timestamp", None, [("sec", T.UINT64), ("frac", T.UINT64), ("tid", T.UINT64)])])
+_LAYOUT = HashTemplate([("sizes", T.VECTOR_UINT32), ("types", T.VECTOR_INT32)])
+_HEADER = HashTemplate([("sourceInfo", T.VECTOR_HASH), ("_bufferSetLayout_", T.VECTOR_HASH), ("nData", T.UINT32),
+                        ("byteSizes", T.VECTOR_UINT32)])
+_EOS = HashTemplate([("endOfStream", None), ("_bufferSetLayout_", T.VECTOR_HASH), ("nData", T.UINT32),
+                     ("byteSizes", T.VECTOR_UINT32)])
+# kbstream's reference to a body in shared memory (the header's kbShm node).
+_SHM_REF = HashTemplate([("name", None), ("slot", T.UINT32), ("size", T.UINT64)])
 
 #: Largest control frame (hello/update) accepted; real ones are < 300 bytes.
 MAX_CONTROL_SIZE = 64 * 1024
@@ -75,13 +93,9 @@ class ChannelMetaData:
 
     def to_hash(self):
         """The wire form: ``{source: STRING, timestamp: BOOL true [sec, frac, tid]}``."""
-        h = Hash()
-        h._v["source"] = self.source
-        h._v["timestamp"] = True
         ts = self.timestamp
-        h._a["timestamp"] = {"sec": ts.sec, "frac": ts.frac, "tid": ts.tid}
-        h._at["timestamp"] = {"sec": int(T.UINT64), "frac": int(T.UINT64), "tid": int(T.UINT64)}
-        return h
+        return _META.build({"source": self.source, "timestamp": True},
+                           {"timestamp": {"sec": ts.sec, "frac": ts.frac, "tid": ts.tid}})
 
     @classmethod
     def from_hash(cls, h):
@@ -138,40 +152,27 @@ def _frame(h):
 def hello(instance_id, data_distribution="copy", on_slowness="drop", max_queue_length=2,
           memory_location="remote", credit_window=1, shm_token=None):
     """The framed hello an input sends first (keys in Karabo's order, extensions last)."""
-    h = Hash()
-    h._v.update(
-        reason="hello",
-        instanceId=instance_id,
-        memoryLocation=memory_location,
-        dataDistribution=data_distribution,
-        onSlowness=on_slowness,
-        maxQueueLength=int(max_queue_length),
-    )
-    h._t["maxQueueLength"] = int(T.UINT32)
+    h = _HELLO.build({"reason": "hello", "instanceId": instance_id, "memoryLocation": memory_location,
+                      "dataDistribution": data_distribution, "onSlowness": on_slowness,
+                      "maxQueueLength": int(max_queue_length)})
     if credit_window > 1:
-        h._v["kbCreditWindow"] = int(credit_window)
-        h._t["kbCreditWindow"] = int(T.UINT32)
+        h.set_typed((("kbCreditWindow", int(credit_window), _UINT32),))
     if shm_token:
-        h._v["kbShm"] = shm_token
+        h.set_typed((("kbShm", shm_token, None),))
     return _frame(h)
 
 
 def control(reason, instance_id, **fields):
     """A framed kbstream control frame (kbRelease, kbShmMapped); Karabo outputs never get one."""
-    h = Hash()
-    h._v.update(reason=reason, instanceId=instance_id)
-    for k, v in fields.items():
-        h._v[k] = v
-        if isinstance(v, int) and not isinstance(v, bool):
-            h._t[k] = int(T.UINT32)
+    h = _CONTROL.build({"reason": reason, "instanceId": instance_id})
+    h.set_typed([(k, v, _UINT32 if isinstance(v, int) and not isinstance(v, bool) else None)
+                 for k, v in fields.items()])
     return _frame(h)
 
 
 def update(instance_id):
     """The framed update (one credit) an input sends."""
-    h = Hash()
-    h._v.update(reason="update", instanceId=instance_id)
-    return _frame(h)
+    return _frame(_CONTROL.build({"reason": "update", "instanceId": instance_id}))
 
 
 def _u32_vector(values):
@@ -193,24 +194,12 @@ def data_message(items):
     for data, meta in items:
         bufs = kbhash.encode(data)
         sizes = [memoryview(b).nbytes for b in bufs]
-        lay = Hash()
-        lay._v["sizes"] = sizes
-        lay._t["sizes"] = int(T.VECTOR_UINT32)
-        lay._v["types"] = [i % 2 for i in range(len(bufs))]
-        lay._t["types"] = int(T.VECTOR_INT32)
-        layouts.append(lay)
+        layouts.append(_LAYOUT.build({"sizes": sizes, "types": [i % 2 for i in range(len(bufs))]}))
         byte_sizes.append(sum(sizes))
         source_info.append(meta.to_hash())
         body.extend(bufs)
-    header = Hash()
-    header._v["sourceInfo"] = source_info
-    header._t["sourceInfo"] = int(T.VECTOR_HASH)
-    header._v["_bufferSetLayout_"] = layouts
-    header._t["_bufferSetLayout_"] = int(T.VECTOR_HASH)
-    header._v["nData"] = len(items)
-    header._t["nData"] = int(T.UINT32)
-    header._v["byteSizes"] = byte_sizes
-    header._t["byteSizes"] = int(T.VECTOR_UINT32)
+    header = _HEADER.build({"sourceInfo": source_info, "_bufferSetLayout_": layouts, "nData": len(items),
+                            "byteSizes": byte_sizes})
     total = sum(byte_sizes)
     if total > 0xFFFFFFFF:
         raise PipelineProtocolError(f"message body of {total} bytes does not fit the u32 size field")
@@ -238,25 +227,16 @@ class Message(list):
 
     def via_shm(self, name, slot):
         """The same message with its body in shared-memory slot ``slot`` of segment ``name``."""
-        ref = Hash()
-        ref._v.update(name=name, slot=int(slot), size=self.body_size)
-        ref._t.update(slot=int(T.UINT32), size=int(T.UINT64))
+        ref = _SHM_REF.build({"name": name, "slot": int(slot), "size": self.body_size})
         h = Hash(self.header)
-        h._v["kbShm"] = ref
+        h.set_typed((("kbShm", ref, None),))
         hb = kbhash.encode_bytes(h)
         return [U32.pack(len(hb)) + hb + U32.pack(0)]
 
 
 def eos_message():
     """The framed end-of-stream message (Karabo C++ form, empty body)."""
-    header = Hash()
-    header._v["endOfStream"] = True
-    header._v["_bufferSetLayout_"] = []
-    header._t["_bufferSetLayout_"] = int(T.VECTOR_HASH)
-    header._v["nData"] = 0
-    header._t["nData"] = int(T.UINT32)
-    header._v["byteSizes"] = []
-    header._t["byteSizes"] = int(T.VECTOR_UINT32)
+    header = _EOS.build({"endOfStream": True, "_bufferSetLayout_": [], "nData": 0, "byteSizes": []})
     hb = kbhash.encode_bytes(header)
     return U32.pack(len(hb)) + hb + U32.pack(0)
 
