@@ -95,7 +95,7 @@ def run(reps=5, requests=500, log=print):
         # ---- 1. announcement -> connected ---------------------------------------------
         ours, cpp = [], []
         for rep in range(reps):
-            out = OutputChannel("kbBenchOut:output", hostname="127.0.0.1")
+            out = OutputChannel("kbBenchOut:output", hostname="127.0.0.1").start()
             prod = BrokerInstance("kbBenchOut", **kw)
             prod.add_output_channel("output", out)
             t_announce = []

@@ -58,8 +58,3 @@ def select_backend(package):
             "with 'pip install .' (or 'python setup.py build_ext --inplace' in a source tree), "
             "or set KB_IMPL=pure to use the pure-Python implementation explicitly"
         ) from e
-
-
-# The former private name, still imported by kbstream/__init__.py; to be removed
-# once kbstream imports kbhash.select_backend.
-select = select_backend

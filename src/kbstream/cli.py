@@ -87,7 +87,7 @@ def demo(argv=None):
     if hash_demo() != 0:
         return 1
     from .replay import demo as demo_mod
-    from .replay.serve import serve_files_main
+    from .replay.cli import serve_files_main
 
     with tempfile.TemporaryDirectory(prefix="kbstream-demo-") as tmp:
         rundir = args.dir or os.path.join(tmp, "r0001")
@@ -115,7 +115,7 @@ def demo(argv=None):
 
 
 def _serve(which, argv):
-    from .replay.serve import serve_files_main, serve_run_main
+    from .replay.cli import serve_files_main, serve_run_main
 
     return (serve_run_main if which == "serve-run" else serve_files_main)(argv)
 

@@ -8,7 +8,7 @@ written against ``karabo_bridge`` or ``extra_data`` keeps working: malformed inp
 ``ValueError``, unencodable values ``TypeError``, timeouts ``TimeoutError``, a wrong call
 order ``RuntimeError``, files and sockets ``OSError``.
 
-Hierarchy (the subpackages' own modules add their leaves; each is listed here)::
+Hierarchy (the subpackages' own ``errors`` modules add their leaves; all are listed here)::
 
     KbStreamError
     +-- ProtocolError (ValueError)          a message does not follow its protocol
@@ -25,11 +25,22 @@ Hierarchy (the subpackages' own modules add their leaves; each is listed here)::
     +-- StateError (RuntimeError)           a call in the wrong life-cycle state
     |   +-- ServerStateError                bridge server or client: feed() after close() ...
     |   +-- pipeline.ChannelClosed          the channel was closed
-    |   +-- broker.NotStartedError          the broker instance is not started
+    |   +-- broker.NotStartedError          the broker instance or transport is not started
     +-- BindError (OSError)                 a socket cannot bind its endpoint
-    +-- pipeline.PipelineError              pipeline channels (SchemaError, ...)
-    +-- broker.BrokerError                  broker layer (connection, requests, ids)
+    +-- pipeline.PipelineError              pipeline channels: the leaves above, and
+    |   +-- SchemaError (ValueError)        data does not match the declared data schema
+    |   +-- PipelineConfigError (ValueError)  an option value that is not allowed
+    |   +-- ConnectionLost (ConnectionError)  the peer went away during an operation
+    +-- broker.BrokerError                  broker layer: NotStartedError above, and
+    |   +-- BrokerConfigError (ValueError), BrokerConnectionError (ConnectionError),
+    |   +-- InvalidInstanceId, InvalidSlotName, InvalidOutputId, MessageError (ValueError),
+    |   +-- InstanceIdInUse, RemoteError, RequestTimeout (TimeoutError)
     +-- replay.ReplayError                  finding, reading and replaying run files
+        +-- RunNotFoundError (FileNotFoundError), RunFileError (OSError)
+        |   +-- TruncatedFileError          a train's data lies past the end of its file
+        +-- PatternError, NoMatchError (ValueError)
+
+A test walks the package and checks that every exception class it defines is in this tree.
 
 kbhash raises its own tree (:class:`kbhash.KbHashError`); where kbstream encodes a Hash
 for the wire it turns :class:`kbhash.EncodeError` into :class:`EncodeError` (the kbhash

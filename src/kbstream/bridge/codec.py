@@ -13,9 +13,7 @@ from ._rules import timestamp_fields
 
 __all__ = ["serialize", "deserialize", "flatten_hash", "backend", "ENCODE_VERSIONS"]
 
-from kbhash._backend import select as _select  # replaced by kbhash.select_backend
-
-_codec, backend = _select("kbstream.bridge")
+_codec, backend = kbhash.select_backend("kbstream.bridge")
 #: protocol versions :func:`serialize` produces
 ENCODE_VERSIONS = _codec.ENCODE_VERSIONS
 

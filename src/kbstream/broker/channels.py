@@ -1,7 +1,7 @@
 """The pipeline channels an instance speaks for on the broker.
 
 One job: keep the output channels whose connection details the instance serves
-(``slotGetOutputChannelInformation``, ``slotGetOutputChannelNames``; broker spec, section
+(``slotGetOutputChannelInformation``, ``slotGetOutputChannelNames``; docs/wire/karabo-broker-amqp.md, section
 11) and the input channels it reconnects when the instance of one of their outputs
 announces itself; and make the :class:`~kbstream.broker.resolver.OutputResolver` the
 inputs use.
@@ -111,7 +111,7 @@ class Channels:
             return reply
         if info.get("hostname") in (None, "", "0.0.0.0", "default", "*"):
             info.set("hostname", self._owner.hostname, type=HashType.STRING)
-        # a peer in another process is always "remote" (broker spec 11.2)
+        # a peer in another process is always "remote" (docs/wire/karabo-broker-amqp.md, section 11.2)
         info.set("memoryLocation", "remote", type=HashType.STRING)
         reply.set("success", True, type=HashType.BOOL)
         reply.set("info", info)

@@ -1,7 +1,7 @@
 """The read-only Karabo device view of an instance: its configuration and its schema.
 
 One job: describe the instance the way a Karabo GUI or ``DeviceClient`` asks a device to
-(``slotGetConfiguration``, ``slotGetSchema``; broker spec, section 10.3), from one list of
+(``slotGetConfiguration``, ``slotGetSchema``; docs/wire/karabo-broker-amqp.md, section 10.3), from one list of
 elements, so that the configuration and the schema always agree.
 
 The view is built from *sections*: callables that yield :class:`Leaf` and :class:`Node`

@@ -2,7 +2,7 @@
 the rooms of the broker layer.
 
 :class:`BrokerInstance` makes a kbstream process appear to a Karabo 3 installation as an
-instance (broker spec, section 10). This module does the life cycle: on :meth:`start` it
+instance (docs/wire/karabo-broker-amqp.md, section 10). This module does the life cycle: on :meth:`start` it
 connects, checks that its id is free (``slotPing``), announces itself
 (``slotInstanceNew``) and sends heartbeats; it answers ``slotPing`` and ``slotDiscover``,
 announces itself again after a broker restart, and on :meth:`close` says goodbye
@@ -360,7 +360,7 @@ class BrokerInstance(_lifecycle.Lifecycle):
         if call is not None and call.sender == self.instance_id and rand is not None \
                 and rand == self._ping_rand:
             # our own self-check ping (recognised by its random value: a twin with the
-            # same id has the same sender): never answer it (spec 10.2).  Every other
+            # same id has the same sender): never answer it (docs/wire/karabo-broker-amqp.md, section 10.2).  Every other
             # ping is answered, also while starting, so two instances with one id
             # cannot both come up.
             return NO_REPLY

@@ -1,7 +1,7 @@
 """The fixed names and rules of Karabo's broker protocol that several rooms share.
 
 One job: say what a valid instance id, slot name, reply address and output channel id is,
-and hold the constants every instance announces or binds (broker spec, sections 4 and 10).
+and hold the constants every instance announces or binds (docs/wire/karabo-broker-amqp.md, sections 4 and 10).
 Pure functions and constants: no state, no threads; any thread may call them.
 """
 

@@ -24,6 +24,7 @@ import struct
 import kbhash
 from kbhash import Hash, HashTemplate, HashType, Timestamp
 
+from ..errors import EncodeError
 from .errors import PipelineProtocolError
 
 __all__ = [
@@ -131,7 +132,7 @@ class ChannelMetaData:
             elif "tid" in meta or "trainId" in meta:
                 ts = Timestamp(ts.sec, ts.frac, tid)
             return cls(meta.get("source", default_source), ts)
-        raise TypeError(f"metadata must be ChannelMetaData, a dict, a Hash or a Timestamp, not {type(meta).__name__}")
+        raise EncodeError(f"metadata must be ChannelMetaData, a dict, a Hash or a Timestamp, not {type(meta).__name__}")
 
     def __eq__(self, other):
         if not isinstance(other, ChannelMetaData):

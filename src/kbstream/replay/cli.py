@@ -1,7 +1,7 @@
 """The command lines ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
 
-Every option of extra_data's commands keeps its meaning (bridge spec,
-sections 10.4, 11.4 and 11.5); additions: ``--exclude``, real timestamps
+Every option of extra_data's commands keeps its meaning (``docs/wire/karabo-bridge-protocol.md``,
+sections 11.1 and 11.2); additions: ``--exclude``, real timestamps
 from ``INDEX/timestamp`` by default, ``--rate``, ``--repeat``/``--loop``
 (train ids keep increasing), ``--trains START:STOP:STEP``,
 ``--protocol-version``, ``--prefetch``, a progress bar on stderr and a final

@@ -197,12 +197,3 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
         stats.finish()
         sender.close(linger=linger)  # waits up to the linger for queued trains to go out
     return stats
-
-
-def __getattr__(name):
-    # The command-line entry points live in kbstream.replay.cli; kbstream.cli still
-    # imports them from here (lazily, so that this module does not import cli).
-    if name in ("serve_run_main", "serve_files_main"):
-        from . import cli
-        return getattr(cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
