@@ -414,3 +414,60 @@ def test_client_iteration(ipc_endpoint):
     assert got == [0, 1, 2]
     with pytest.raises(errors.ServerStateError):
         client.next()
+
+
+def _sub(ctx, endpoint, *topics):
+    """A subscriber that sends every subscription it is given, duplicates included (an
+    XSUB, as a raw peer can): a SUB socket would filter the duplicates itself."""
+    s = ctx.socket(zmq.XSUB)
+    s.linger = 0
+    s.connect(endpoint)
+    for t in topics:
+        s.send(b"\x01" + t)
+    return s
+
+
+def _settle_counts(server, n):
+    """Feed ``n`` trains one by one; return how (sent, dropped) grew."""
+    sent, dropped = server.trains_sent, server.trains_dropped
+    for i in range(n):
+        server.feed({"s": {"i": i}})
+        assert wait_for(lambda: server.trains_sent + server.trains_dropped
+                        == sent + dropped + i + 1)
+    return server.trains_sent - sent, server.trains_dropped - dropped
+
+
+def test_pub_after_a_double_subscriber_left_counts_trains_as_dropped(ipc_endpoint):
+    """A subscriber that subscribed twice and left: later trains reach nobody."""
+    ctx = zmq.Context()
+    try:
+        with kbstream.ServerInThread(ipc_endpoint, sock="PUB") as server:
+            sub = _sub(ctx, ipc_endpoint, b"", b"")
+            assert wait_for(lambda: _settle_counts(server, 1)[0] == 1)  # subscribed
+            sub.close(linger=0)
+            # once the disconnection has reached the server, nothing is sent any more
+            assert wait_for(lambda: _settle_counts(server, 1) == (0, 1))
+            assert _settle_counts(server, 20) == (0, 20)
+    finally:
+        ctx.term()
+
+
+def test_pub_counts_only_trains_some_subscription_matches(ipc_endpoint):
+    """Two subscribers, one leaves: still sent. A subscriber whose topic matches no train
+    (the first frame is a msgpack header) receives nothing: dropped."""
+    ctx = zmq.Context()
+    try:
+        with kbstream.ServerInThread(ipc_endpoint, sock="PUB") as server:
+            a = _sub(ctx, ipc_endpoint, b"")
+            b = _sub(ctx, ipc_endpoint, b"")
+            assert wait_for(lambda: _settle_counts(server, 1)[0] == 1)
+            a.close(linger=0)
+            time.sleep(0.3)
+            assert _settle_counts(server, 5) == (5, 0)
+            other = _sub(ctx, ipc_endpoint, b"no such topic")
+            b.close(linger=0)
+            assert wait_for(lambda: _settle_counts(server, 1) == (0, 1))
+            assert _settle_counts(server, 5) == (0, 5)
+            other.close(linger=0)
+    finally:
+        ctx.term()

@@ -16,8 +16,10 @@ path.
     are refused by libzmq (``ZMQ_MAXMSGSIZE``).
 ``PUB``
     never waits.  The socket is an XPUB, which speaks to SUB peers like PUB and reports
-    their subscriptions, so a train published while nobody subscribes is counted as
-    dropped rather than as sent.
+    each topic when its first subscriber arrives and when its last one leaves (however
+    often a peer repeats a subscription).  The sender keeps that set of topics, and a
+    train whose first frame no subscribed topic is a prefix of reaches nobody: it is
+    counted as dropped, not as sent.
 ``PUSH``
     waits until a PULL peer can take the train (nothing is lost); a peer that vanishes
     between poll and send never blocks the sender.
@@ -156,9 +158,6 @@ class Sender:
             self._socket.set_hwm(hwm)
             if sock == "REP":
                 self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_SIZE)
-            elif sock == "PUB":
-                self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-                self._socket.setsockopt(zmq.XPUB_VERBOSER, 1)
             bind_to = parse_endpoint(endpoint, use_infiniband)
             self._socket.bind(bind_to)
         except zmq.ZMQError as e:
@@ -169,7 +168,7 @@ class Sender:
             raise
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN if sock == "REP" else zmq.POLLOUT)
-        self._subscribers = 0
+        self._topics = set()  # PUB: topics with at least one subscriber
         self._closed = False
         self.sent = 0
         self.dropped = 0
@@ -216,7 +215,7 @@ class Sender:
         kind = self.sock_type
         if kind == "PUB":
             self._drain_subscriptions()
-            if self._subscribers <= 0:
+            if not self._reaches_someone(frames[0]):
                 self.dropped += 1
                 return DROPPED, None
             frames, tracker = self._prepare(frames, track)
@@ -284,9 +283,19 @@ class Sender:
             except zmq.Again:
                 return
             if msg[:1] == b"\x01":
-                self._subscribers += 1
+                self._topics.add(msg[1:])
             elif msg[:1] == b"\x00":
-                self._subscribers = max(0, self._subscribers - 1)
+                self._topics.discard(msg[1:])
+
+    def _reaches_someone(self, first_frame):
+        """Whether a subscribed topic is a prefix of the message (what XPUB delivers on)."""
+        topics = self._topics
+        if b"" in topics:
+            return True
+        if not topics:
+            return False
+        head = memoryview(first_frame)
+        return any(head[:len(t)] == t for t in topics)
 
     def close(self, linger=0):
         """Close the socket (``linger`` seconds for queued trains to leave; 0 drops them).
