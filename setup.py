@@ -33,5 +33,8 @@ setup(
         compiler_directives=DIRECTIVES,
         include_path=["src"],
         annotate=os.environ.get("KB_ANNOTATE") == "1",
+        # Always regenerate the C files: one built against another numpy (a build for
+        # another interpreter in the same tree) would not compile.
+        force=True,
     ),
 )

@@ -10,7 +10,11 @@
 #    and karabo.native, which the interop tests drive as subprocesses.
 # 3. RabbitMQ from Debian's packages (scripts/rabbitmq.sh), for the broker tests, which
 #    start their own private broker on 127.0.0.1; no system-wide broker is left running.
-# 4. pytest over tests/, strict, with Python's development mode on.
+# 4. The speed guards: a quick pytest-benchmark pass in the Python 3.12 environment
+#    .venv-bench next to the real peers (karabind, karabo.native, karabo_bridge, raw pyzmq),
+#    ratios checked against benchmarks/guards.json; the JSON stays in .benchmarks/guard.json.
+# 5. pytest over tests/, strict, with Python's development mode on.  The command fails
+#    if the tests or the speed guards fail.
 # Re-running is cheap: existing environments are reused, kbstream is rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +35,20 @@ export KBSTREAM_KARABO_PYTHON="$PWD/.venv-karabo/bin/python"
 step "RabbitMQ (Debian package)"
 bash scripts/rabbitmq.sh
 
+step "speed guards (Python 3.12 with the real peers; scripts/bench.sh --guard)"
+guard=0
+if [[ "${KBSTREAM_SKIP_GUARDS:-0}" == 1 ]]; then
+    echo "skipped: KBSTREAM_SKIP_GUARDS=1 (CI never sets it)"
+else
+    bash scripts/bench.sh --guard || guard=$?
+fi
+
 step "tests"
 export PYTHONDEVMODE=1
-exec .venv/bin/python -m pytest "$@"
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+if [[ $guard -ne 0 ]]; then
+    echo "speed guards FAILED (see the table above the tests; benchmarks/README.md)" >&2
+    [[ $status -ne 0 ]] || status=$guard
+fi
+exit $status
