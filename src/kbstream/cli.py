@@ -8,7 +8,9 @@ Subcommands:
 - ``make-demo-run DIR``: write a demo run (see ``--help``);
 - ``serve-run`` / ``serve-files``: the same as ``karabo-bridge-serve-run`` /
   ``karabo-bridge-serve-files``;
-- ``hash-demo``: only the kbhash round trip.
+- ``hash-demo``: only the kbhash round trip;
+- ``simulate PORT``, ``monitor ENDPOINT``, ``glimpse ENDPOINT``: the stream tools
+  (:mod:`kbstream.tools`), drop-ins for karabo-bridge's server-sim, monitor and glimpse.
 """
 
 import argparse
@@ -126,7 +128,18 @@ COMMANDS = {
     "make-demo-run": ("write a JUNGFRAU 4M demo run", None),
     "serve-run": ("karabo-bridge-serve-run", lambda argv: _serve("serve-run", argv)),
     "serve-files": ("karabo-bridge-serve-files", lambda argv: _serve("serve-files", argv)),
+    "simulate": ("a bridge server of simulated detector data (karabo-bridge-server-sim)",
+                 lambda argv: _tool("simulate", argv)),
+    "monitor": ("a live view of a bridge stream (karabo-bridge-monitor)",
+                lambda argv: _tool("monitor", argv)),
+    "glimpse": ("one train's structure (karabo-bridge-glimpse)", lambda argv: _tool("glimpse", argv)),
 }
+
+
+def _tool(name, argv):
+    import importlib
+
+    return importlib.import_module(f"kbstream.tools.{name}").main(argv)
 
 
 def main(argv=None):
