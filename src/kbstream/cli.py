@@ -8,7 +8,8 @@ Subcommands:
 - ``make-demo-run DIR``: write a demo run (see ``--help``);
 - ``serve-run`` / ``serve-files``: the same as ``karabo-bridge-serve-run`` /
   ``karabo-bridge-serve-files``;
-- ``hash-demo``: only the kbhash round trip.
+- ``hash-demo``: only the kbhash round trip;
+- ``bridge``: the same as ``kbstream-bridge`` (the train matcher, ``docs/matcher.md``).
 """
 
 import argparse
@@ -120,12 +121,19 @@ def _serve(which, argv):
     return (serve_run_main if which == "serve-run" else serve_files_main)(argv)
 
 
+def _bridge(argv):
+    from .matcher.cli import main as bridge_main
+
+    return bridge_main(argv)
+
+
 COMMANDS = {
     "demo": ("replay a generated JF4M demo run into a client, with rates (the main job)", demo),
     "hash-demo": ("kbhash round trip of a JUNGFRAU module Hash", lambda argv: hash_demo()),
     "make-demo-run": ("write a JUNGFRAU 4M demo run", None),
     "serve-run": ("karabo-bridge-serve-run", lambda argv: _serve("serve-run", argv)),
     "serve-files": ("karabo-bridge-serve-files", lambda argv: _serve("serve-files", argv)),
+    "bridge": ("kbstream-bridge: match pipeline outputs by train id, serve the trains", _bridge),
 }
 
 
