@@ -1,6 +1,8 @@
 """The matching state machine, driven directly: modes, offsets, bounds, max-wait, counters."""
 
 import random
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -340,3 +342,10 @@ def test_long_random_walk_with_realistic_streams(mode):
     out = _walk(core, ops, random.Random(5))
     tr = balanced(core)
     assert tr["seen"] > 1900 and len(out) > 400
+
+
+def test_importing_the_matcher_loads_neither_zmq_nor_the_pipeline():
+    code = ("import sys, kbstream.matcher; "
+            "print(sorted(m for m in ('zmq', 'kbstream.pipeline', 'kbstream.bridge.sender') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
