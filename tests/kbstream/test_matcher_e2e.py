@@ -4,6 +4,7 @@ command as a process."""
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -32,6 +33,13 @@ def _env():
     return env
 
 
+def _readline(proc, timeout=60.0):
+    """The next line of a process's stdout; fails instead of hanging when none comes."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output from {proc.args} within {timeout} s"
+    return proc.stdout.readline()
+
+
 class Sources:
     """N pipeline outputs, each in its own process (tests/kbstream/matcher_source.py)."""
 
@@ -48,7 +56,7 @@ class Sources:
             self.procs.append(p)
             self.names.append(name)
         for p in self.procs:
-            line = p.stdout.readline().split()
+            line = _readline(p).split()
             assert line[:1] == ["PORT"], line
             self.ports.append(int(line[1]))
 
@@ -144,7 +152,7 @@ def test_a_slow_client_never_stalls_the_inputs(tmp_path):
                                input_options={"onSlowness": "wait"})
         with matcher:
             for p in sources.procs:  # each source sent everything, nobody stalled
-                assert p.stdout.readline().strip() == "DONE"
+                assert _readline(p).strip() == "DONE"
             deadline = time.monotonic() + 60  # until the last item is matched
             while not (matcher.stats()["trains"]["matched"] == ntrains or time.monotonic() > deadline):
                 time.sleep(0.02)
@@ -168,7 +176,7 @@ def test_kbstream_bridge_command_serves_and_writes_stats(tmp_path):
            "--port", endpoint, "-z", "PUSH", "--stats", str(stats_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        assert "serving on" in proc.stdout.readline()
+        assert "serving on" in _readline(proc)
         with kbstream.Client(endpoint, sock="PULL", timeout=60) as c:
             got = [c.next() for _ in range(ntrains)]
         proc.send_signal(signal.SIGINT)
