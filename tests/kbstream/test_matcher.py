@@ -224,3 +224,27 @@ def test_offsets_align_sources(tmp_path):
     assert meta["A"]["timestamp.tid"] == meta["B"]["timestamp.tid"] == 50
     assert (data["B"]["data.image"] == 47 * 10 + 1).all()
     assert stats["sources"]["B"]["offset"] == 3
+
+
+def test_a_train_the_bridge_cannot_encode_is_counted_dropped(tmp_path):
+    outs = Outputs(["A"])
+    ep = f"ipc://{tmp_path}/enc"
+    iid = "m_enc"
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "PUSH")], instance_id=iid,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            outs.wait(iid)
+            h = Hash()
+            h["data.z"] = 1 + 2j  # a Karabo complex: no bridge encoding for it
+            outs.channels[0].write(h, Timestamp(1, 0, 5))
+            outs.channels[0].update()
+            outs.send(0, 6)
+            data, meta = client.next()  # the next train still arrives
+            _wait_for(lambda: m.stats()["trains"]["sent"] == 1, "the second train")
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert meta["A"]["timestamp.tid"] == 6
+    tr = stats["trains"]
+    assert tr["dropped_by"]["unencodable"] == 1 and tr["sent"] == 1 and tr["pending"] == 0
