@@ -80,6 +80,14 @@ def test_a_failing_bind_releases_the_outputs_bound_before(tcp_endpoint):
     TrainMatcher(["D:o=h:1"], [tcp_endpoint]).close()
 
 
+def test_bad_input_options_release_the_outputs(tcp_endpoint):
+    from kbstream.pipeline import PipelineConfigError
+
+    with pytest.raises(PipelineConfigError):
+        TrainMatcher(["D:o=h:1"], [tcp_endpoint], input_options={"onSlowness": "sometimes"})
+    TrainMatcher(["D:o=h:1"], [tcp_endpoint]).close()
+
+
 def test_life_cycle(tmp_path):
     m = TrainMatcher(["D:o=127.0.0.1:1"], [f"ipc://{tmp_path}/f"])
     assert m.endpoints == [f"ipc://{tmp_path}/f"]

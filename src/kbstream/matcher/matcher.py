@@ -217,6 +217,8 @@ class TrainMatcher(Lifecycle):
         an option out of range, or two sources with the same name.
     kbstream.BindError
         an output endpoint cannot be bound.
+    kbstream.pipeline.PipelineConfigError
+        ``input_options`` the InputChannel refuses.
     """
 
     def __init__(self, sources, outputs=(DEFAULT_OUTPUT,), *, mode="match", buffer=DEFAULT_BUFFER,
@@ -275,7 +277,12 @@ class TrainMatcher(Lifecycle):
         options = {"onSlowness": "drop"}
         options.update(input_options or {})
         for i, spec in enumerate(specs):
-            inp = InputChannel(f"{instance_id}:input{i}", resolver=resolver, **options)
+            try:
+                inp = InputChannel(f"{instance_id}:input{i}", resolver=resolver, **options)
+            except BaseException:
+                for out in self._outputs:
+                    out.sender.close()
+                raise
             inp.register_data_handler(self._handler(spec.name))
             inp.register_connection_tracker(self._tracker(spec.name))
             self._connection[spec.name] = ConnectionStatus.DISCONNECTED
