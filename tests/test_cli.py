@@ -13,6 +13,22 @@ def test_usage(capsys):
     assert "usage: kbstream COMMAND" in capsys.readouterr().err
 
 
+def test_bridge_subcommand(capsys):
+    assert "bridge" in (main([]), capsys.readouterr().out)[1]
+    try:
+        main(["bridge", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    else:
+        raise AssertionError("--help did not exit")
+    out = capsys.readouterr().out
+    assert "kbstream-bridge" in out and "--max-wait" in out and "--protocol-version" in out
+    # a bad option value is a message and status 2, not a traceback
+    assert main(["bridge", "D:o=127.0.0.1:1", "--mode", "buffer", "--buffer", "0",
+                 "--port", "tcp://127.0.0.1:0"]) == 2
+    assert "buffer must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_hash_demo(capsys):
     assert main(["hash-demo"]) == 0
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ Subcommands:
 - ``hash-demo``: only the kbhash round trip;
 - ``simulate PORT``, ``monitor ENDPOINT``, ``glimpse ENDPOINT``: the stream tools
   (:mod:`kbstream.tools`), drop-ins for karabo-bridge's server-sim, monitor and glimpse.
+- ``bridge``: the same as ``kbstream-bridge`` (the train matcher, ``docs/matcher.md``).
 """
 
 import argparse
@@ -122,6 +123,12 @@ def _serve(which, argv):
     return (serve_run_main if which == "serve-run" else serve_files_main)(argv)
 
 
+def _bridge(argv):
+    from .matcher.cli import main as bridge_main
+
+    return bridge_main(argv)
+
+
 COMMANDS = {
     "demo": ("replay a generated JF4M demo run into a client, with rates (the main job)", demo),
     "hash-demo": ("kbhash round trip of a JUNGFRAU module Hash", lambda argv: hash_demo()),
@@ -133,6 +140,7 @@ COMMANDS = {
     "monitor": ("a live view of a bridge stream (karabo-bridge-monitor)",
                 lambda argv: _tool("monitor", argv)),
     "glimpse": ("one train's structure (karabo-bridge-glimpse)", lambda argv: _tool("glimpse", argv)),
+    "bridge": ("kbstream-bridge: match pipeline outputs by train id, serve the trains", _bridge),
 }
 
 

@@ -36,9 +36,15 @@ Hierarchy (the subpackages' own ``errors`` modules add their leaves; all are lis
     |   +-- InvalidInstanceId, InvalidSlotName, InvalidOutputId, MessageError (ValueError),
     |   +-- InstanceIdInUse, RemoteError, RequestTimeout (TimeoutError)
     +-- replay.ReplayError                  finding, reading and replaying run files
-        +-- RunNotFoundError (FileNotFoundError), RunFileError (OSError)
-        |   +-- TruncatedFileError          a train's data lies past the end of its file
-        +-- PatternError, NoMatchError (ValueError)
+    |   +-- RunNotFoundError (FileNotFoundError), RunFileError (OSError)
+    |   |   +-- TruncatedFileError          a train's data lies past the end of its file
+    |   +-- PatternError, NoMatchError (ValueError)
+    +-- matcher.MatcherError                train matcher: sources, options, bookkeeping
+        +-- SourceSpecError (ValueError)    a source is not [ALIAS@]DEVICE:CHANNEL[=HOST:PORT]
+        |   +-- UnresolvedSourceError       a source has no endpoint and there is no resolver
+        |   +-- UnknownSourceError          an item names a source the matcher does not have
+        +-- MatcherConfigError (ValueError) an option value that is not allowed
+        +-- MatcherStateError (StateError)  a train settled twice, or never handed out
 
 A test walks the package and checks that every exception class it defines is in this tree.
 

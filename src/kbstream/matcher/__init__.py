@@ -1,0 +1,62 @@
+"""The train matcher: Karabo pipeline outputs in, matched trains out to bridge clients.
+
+One :class:`~kbstream.pipeline.InputChannel` per source receives items; the matching
+(:mod:`kbstream.matcher.core`, a pure state machine) puts the items of one train id
+together; each matched train goes to one or more bridge outputs
+(:class:`kbstream.bridge.sender.Sender`, each in its own thread behind a bounded queue).
+
+Rooms (arrows point down)::
+
+    cli.py      kbstream-bridge / kbstream bridge: the command
+    matcher.py  TrainMatcher: inputs, outputs, threads, statistics; parse_source
+    core.py     MatchCore: matching by train id, modes, bounds, counters (no I/O, no clock)
+    errors.py   MatcherError and its leaves
+
+``import kbstream.matcher`` loads the core and the errors only; :class:`TrainMatcher` and
+:func:`parse_source` (which need the pipeline and the bridge sockets) load on first use.
+Options and counters: ``docs/matcher.md``.
+"""
+
+import importlib
+
+from .core import DROPPED_REASONS, INCOMPLETE_REASONS, MODES, MatchCore, Train
+from .errors import (
+    MatcherConfigError,
+    MatcherError,
+    MatcherStateError,
+    SourceSpecError,
+    UnknownSourceError,
+    UnresolvedSourceError,
+)
+
+_LAZY = {"TrainMatcher": "matcher", "SourceSpec": "matcher", "parse_source": "matcher"}
+
+__all__ = [
+    "TrainMatcher",
+    "SourceSpec",
+    "parse_source",
+    "MatchCore",
+    "Train",
+    "MODES",
+    "INCOMPLETE_REASONS",
+    "DROPPED_REASONS",
+    "MatcherError",
+    "SourceSpecError",
+    "UnresolvedSourceError",
+    "UnknownSourceError",
+    "MatcherConfigError",
+    "MatcherStateError",
+]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kbstream.matcher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

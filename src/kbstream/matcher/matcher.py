@@ -1,0 +1,437 @@
+"""TrainMatcher: pipeline inputs -> matching by train id -> bridge outputs.
+
+Threads, once :meth:`TrainMatcher.start` ran:
+
+* per source, the threads of its :class:`~kbstream.pipeline.InputChannel` (receiving, and
+  one handler thread that flattens each item and offers it to the matching);
+* per output, one thread running :func:`kbstream.bridge.sender.run` on its
+  :class:`~kbstream.bridge.sender.Sender`, fed from a bounded queue;
+* with ``max_wait``, one thread that ends the trains that waited too long.
+
+One lock guards the matching (:class:`~kbstream.matcher.core.MatchCore`) and the hand-over
+of ready trains to the output queues, so every output gets the trains in the order the
+matching made them.  The lock is never held across socket I/O, a join or a wait: a
+handler thread only matches and appends to the queues; the output threads serialize and
+send without it.
+
+A slow bridge client never stalls the inputs: when an output's queue is full, the
+oldest train in it is dropped for that output (counted).  A train counts as ``sent`` once
+at least one output delivered it, as ``dropped`` once every output dropped it (reasons
+in :mod:`kbstream.matcher.core`); until then it is ``pending`` (``queued``).
+
+What a bridge client gets for a train: ``{source name: {flat key: value}}`` (the item's
+Hash flattened as :func:`kbstream.bridge.flatten_hash` does; arrays are the received
+arrays, not copies) and per source the metadata of :func:`kbstream.bridge.source_metadata`:
+the source name, the item's Karabo timestamp and the matched train id (the item's train
+id plus the source's offset, the same for every source of the train).
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+
+from .._lifecycle import Lifecycle
+from ..bridge import ENCODE_VERSIONS, flatten_hash, source_metadata
+from ..bridge.sender import EMPTY, POLL_INTERVAL, SENT, STOPPED, Sender, run
+from ..pipeline import ConnectionStatus, InputChannel
+from .core import DEFAULT_BUFFER, DEFAULT_MAX_PENDING, MatchCore
+from .errors import MatcherConfigError, SourceSpecError, UnresolvedSourceError
+
+__all__ = ["TrainMatcher", "SourceSpec", "parse_source", "DEFAULT_QUEUE_LENGTH", "DEFAULT_OUTPUT"]
+
+log = logging.getLogger("kbstream.matcher")
+
+#: trains each output may hold before it drops its oldest
+DEFAULT_QUEUE_LENGTH = 4
+#: the bridge output when none is given: REP on port 4545 of every interface
+DEFAULT_OUTPUT = ("tcp://*:4545", "REP")
+#: seconds between two checks for trains that waited ``max_wait``
+_TICK = 0.1
+#: seconds close() waits for the output and tick threads, all together
+_JOIN_TIMEOUT = 5.0
+
+
+class SourceSpec:
+    """One source: ``name`` (the alias, or ``DEVICE:CHANNEL``), ``device``, ``channel``,
+    ``host`` and ``port`` (None without an endpoint) and the train-id ``offset``."""
+
+    __slots__ = ("name", "device", "channel", "host", "port", "offset")
+
+    def __init__(self, name, device, channel, host=None, port=None, offset=0):
+        self.name = name
+        self.device = device
+        self.channel = channel
+        self.host = host
+        self.port = port
+        self.offset = offset
+
+    @property
+    def output_id(self):
+        """``DEVICE:CHANNEL``, the pipeline output's id."""
+        return f"{self.device}:{self.channel}"
+
+    def __repr__(self):
+        at = f"={self.host}:{self.port}" if self.host is not None else ""
+        alias = f"{self.name}@" if self.name != self.output_id else ""
+        return f"SourceSpec({alias}{self.output_id}{at}, offset={self.offset})"
+
+
+def parse_source(text, offset=0):
+    """Parse ``[ALIAS@]DEVICE:CHANNEL[=HOST:PORT]`` into a :class:`SourceSpec`.
+
+    ``DEVICE`` may contain ``/`` (Karabo device ids do) but no ``:``; ``HOST`` may be an
+    IPv6 address in brackets (``[::1]:4040``).  A :class:`SourceSpec` is returned as is.
+
+    Raises
+    ------
+    SourceSpecError
+        the text does not follow the grammar (the message says which part).
+    """
+    if isinstance(text, SourceSpec):
+        return text
+    if not isinstance(text, str):
+        raise SourceSpecError(f"a source must be a str like DEVICE:CHANNEL=HOST:PORT, not {text!r}", text)
+    spec, eq, endpoint = text.partition("=")
+    host = port = None
+    if eq:
+        h, colon, p = endpoint.rpartition(":")
+        if h.startswith("[") and h.endswith("]"):
+            h = h[1:-1]
+        if not colon or not h or not p.isdigit() or not 0 < int(p) < 65536:
+            raise SourceSpecError(f"source {text!r}: the endpoint must be HOST:PORT with a port "
+                                  f"1..65535, not {endpoint!r}", text)
+        host, port = h, int(p)
+    alias, at, output = spec.rpartition("@")
+    if at and not alias:
+        raise SourceSpecError(f"source {text!r}: empty name before '@'", text)
+    device, colon, channel = output.partition(":")
+    if not colon or not device or not channel or ":" in channel:
+        raise SourceSpecError(f"source {text!r}: expected [ALIAS@]DEVICE:CHANNEL[=HOST:PORT]", text)
+    if any(c.isspace() for c in spec):
+        raise SourceSpecError(f"source {text!r}: white space in the name", text)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise SourceSpecError(f"source {text!r}: the train-id offset must be an int, not {offset!r}", text)
+    return SourceSpec(alias or output, device, channel, host, port, offset)
+
+
+class _Token:
+    """A train handed to the outputs: how many have yet to report, and what they did."""
+
+    __slots__ = ("tid", "left", "sent", "reason")
+
+    def __init__(self, tid, left):
+        self.tid = tid
+        self.left = left
+        self.sent = False
+        self.reason = None
+
+
+class _Output:
+    """One bridge output: its sender, its bounded queue and its thread."""
+
+    def __init__(self, sender, queue_length, name):
+        self.sender = sender
+        self.endpoint = sender.bound_endpoint
+        self.queue = deque()
+        self.queue_length = queue_length
+        self.cond = threading.Condition()
+        self.dropped = 0  # trains pushed out of this queue
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.run_args = None
+
+    def push(self, item):
+        """Append a train; returns the one pushed out of a full queue, or None."""
+        with self.cond:
+            evicted = None
+            if len(self.queue) >= self.queue_length:
+                evicted = self.queue.popleft()
+                self.dropped += 1
+            self.queue.append(item)
+            self.cond.notify()
+        return evicted
+
+    def next_train(self):
+        with self.cond:
+            if not self.queue:
+                self.cond.wait(POLL_INTERVAL)
+                if not self.queue:
+                    return EMPTY
+            return self.queue.popleft()
+
+    def _run(self):
+        stop, protocol_version, on_sent, on_error = self.run_args
+        try:
+            run(self.sender, self.next_train, stop, protocol_version=protocol_version,
+                on_sent=on_sent, on_error=on_error)
+        except Exception:
+            log.exception("bridge output %s failed", self.endpoint)
+
+
+class TrainMatcher(Lifecycle):
+    """Match the items of several pipeline outputs by train id; serve the trains.
+
+    Follows kbstream's life cycle: the constructor checks everything and binds the bridge
+    outputs (their :attr:`endpoints` are known at once) but connects to no source;
+    :meth:`start` connects and starts the threads; :meth:`close` ends everything within a
+    bounded time; ``with`` starts and closes.
+
+    Parameters
+    ----------
+    sources : iterable
+        ``[ALIAS@]DEVICE:CHANNEL[=HOST:PORT]`` strings or :class:`SourceSpec` objects.
+    outputs : iterable
+        Bridge outputs, each ``(endpoint, sock)`` (sock ``'REP'``, ``'PUB'`` or
+        ``'PUSH'``; endpoint as :func:`kbstream.bridge.parse_endpoint`) or a bare
+        endpoint (REP).  Default: :data:`DEFAULT_OUTPUT`.
+    mode : {'match', 'buffer'}
+    buffer : int
+        Trains kept in ``buffer`` mode.
+    max_pending : int
+        Most trains waiting for items (100).
+    max_wait : float, optional
+        Seconds a train may wait for items (:mod:`kbstream.matcher.core`).
+    offsets : dict, optional
+        ``{source name: train-id offset}``, for sources given as strings.
+    resolver : callable or dict, optional
+        For sources without ``=HOST:PORT``: ``output_id -> connection info``, as
+        :class:`~kbstream.pipeline.InputChannel` takes it.
+    protocol_version : {'2.2', '1.0'}
+        Bridge protocol of every output.
+    queue_length : int
+        Trains each output may hold (:data:`DEFAULT_QUEUE_LENGTH`).
+    instance_id : str
+        The inputs are named ``<instance_id>:input<i>`` towards the pipeline outputs.
+    input_options : dict, optional
+        More keyword arguments for each InputChannel (e.g. ``onSlowness``).
+    context : zmq.Context, optional
+        For the bridge sockets; never terminated here.
+    clock : callable
+        Seconds of a monotonic clock (the matching's ``now``).
+
+    Raises
+    ------
+    SourceSpecError, UnresolvedSourceError
+        a source that does not parse, or has no endpoint and there is no resolver.
+    MatcherConfigError
+        an option out of range, or two sources with the same name.
+    kbstream.BindError
+        an output endpoint cannot be bound.
+    kbstream.pipeline.PipelineConfigError
+        ``input_options`` the InputChannel refuses.
+    """
+
+    def __init__(self, sources, outputs=(DEFAULT_OUTPUT,), *, mode="match", buffer=DEFAULT_BUFFER,
+                 max_pending=DEFAULT_MAX_PENDING, max_wait=None, offsets=None, resolver=None,
+                 protocol_version="2.2", queue_length=DEFAULT_QUEUE_LENGTH, instance_id="kbstream_matcher",
+                 input_options=None, context=None, clock=time.monotonic):
+        Lifecycle.__init__(self)
+        offsets = dict(offsets or {})
+        specs = []
+        for s in sources:
+            spec = parse_source(s)
+            if spec.name in offsets:
+                spec = SourceSpec(spec.name, spec.device, spec.channel, spec.host, spec.port,
+                                  offsets.pop(spec.name))
+            if spec.host is None and resolver is None:
+                raise UnresolvedSourceError(
+                    f"source {spec.name!r} has no endpoint: give it as {spec.output_id}=HOST:PORT "
+                    "(finding it through the broker is not available here)", s)
+            specs.append(spec)
+        if offsets:
+            raise MatcherConfigError(f"offsets for unknown sources: {sorted(offsets)}")
+        if protocol_version not in ENCODE_VERSIONS:
+            raise MatcherConfigError(f"protocol_version must be one of {ENCODE_VERSIONS}, "
+                                     f"not {protocol_version!r}")
+        if isinstance(queue_length, bool) or not isinstance(queue_length, int) or queue_length < 1:
+            raise MatcherConfigError(f"queue_length must be an integer >= 1, not {queue_length!r}")
+        self.specs = specs
+        self.protocol_version = protocol_version
+        self._clock = clock
+        # checks the sources (names unique, offsets) and the matching options
+        self._core = MatchCore([(s.name, s.offset) for s in specs], mode=mode, buffer=buffer,
+                               max_pending=max_pending, max_wait=max_wait)
+        outs = []
+        for o in outputs:
+            endpoint, sock = (o, "REP") if isinstance(o, (str, int)) else tuple(o)
+            if sock not in ("REP", "PUB", "PUSH"):
+                raise MatcherConfigError(f"output socket must be REP, PUB or PUSH, not {sock!r}")
+            outs.append((endpoint, sock))
+        if not outs:
+            raise MatcherConfigError("a matcher needs at least one bridge output")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._outputs = []
+        try:
+            for i, (endpoint, sock) in enumerate(outs):
+                sender = Sender(endpoint, sock, context=context)
+                out = _Output(sender, queue_length, f"{instance_id}-output{i}")
+                out.run_args = (self._stop, protocol_version, self._on_sent, self._on_error)
+                self._outputs.append(out)
+        except BaseException:
+            for out in self._outputs:
+                out.sender.close()
+            raise
+        self._connection = {}  # source name -> ConnectionStatus
+        self._inputs = []
+        options = {"onSlowness": "drop"}
+        options.update(input_options or {})
+        for i, spec in enumerate(specs):
+            try:
+                inp = InputChannel(f"{instance_id}:input{i}", resolver=resolver, **options)
+            except BaseException:
+                for out in self._outputs:
+                    out.sender.close()
+                raise
+            inp.register_data_handler(self._handler(spec.name))
+            inp.register_connection_tracker(self._tracker(spec.name))
+            self._connection[spec.name] = ConnectionStatus.DISCONNECTED
+            self._inputs.append(inp)
+        self._ticker = None
+        if max_wait is not None:
+            self._ticker = threading.Thread(target=self._tick_loop, name=f"{instance_id}-tick", daemon=True)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def endpoints(self):
+        """The bound endpoints of the outputs, as libzmq reports them."""
+        return [out.endpoint for out in self._outputs]
+
+    @property
+    def inputs(self):
+        """The InputChannels, one per source (in the order of :attr:`specs`)."""
+        return list(self._inputs)
+
+    # ------------------------------------------------------------ life cycle
+
+    def _start(self):
+        for out in self._outputs:
+            out.thread.start()
+        if self._ticker is not None:
+            self._ticker.start()
+        for spec, inp in zip(self.specs, self._inputs):
+            if spec.host is not None:
+                inp.connect({"hostname": spec.host, "port": spec.port, "connectionType": "tcp"},
+                            output_id=spec.output_id)
+            else:
+                inp.connected_output_channels = [spec.output_id]
+            inp.start()
+
+    def _close(self):
+        for inp in self._inputs:
+            inp.close()
+        self._stop.set()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        threads = [out.thread for out in self._outputs]
+        if self._ticker is not None:
+            threads.append(self._ticker)
+        for t in threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        for out in self._outputs:
+            out.sender.close()
+
+    def wait_connected(self, timeout=10.0):
+        """Wait until every source is connected (:class:`~kbstream.pipeline.ConnectTimeout`
+        after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        for inp in self._inputs:
+            inp.wait_connected(timeout=max(0.01, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------ data path
+
+    def _handler(self, name):
+        add = self._core.add
+        clock = self._clock
+
+        def on_item(data, meta):
+            values, _ = flatten_hash(data)
+            with self._lock:
+                ready = add(name, meta.tid, (values, meta.timestamp), clock())
+                if ready:
+                    self._dispatch(ready)
+
+        return on_item
+
+    def _tracker(self, name):
+        def track(output_id, status):
+            self._connection[name] = status
+
+        return track
+
+    def _dispatch(self, ready):
+        """Hand trains to every output (lock held)."""
+        n = len(self._outputs)
+        for train in ready:
+            tid = train.tid
+            data = {}
+            metadata = {}
+            for name, (values, ts) in train.parts.items():
+                data[name] = values
+                metadata[name] = source_metadata(name, tid, ts.sec, ts.frac)
+            token = _Token(tid, n)
+            item = (data, metadata, token)
+            for out in self._outputs:
+                evicted = out.push(item)
+                if evicted is not None:
+                    self._report(evicted[2], False, "output_full")
+
+    def _tick_loop(self):
+        while not self._stop.wait(_TICK):
+            with self._lock:
+                ready = self._core.tick(self._clock())
+                if ready:
+                    self._dispatch(ready)
+
+    def _report(self, token, sent, reason=None):
+        """One output is done with a train (lock held)."""
+        token.left -= 1
+        if sent:
+            token.sent = True
+        else:
+            token.reason = reason
+        if token.left == 0:
+            if token.sent:
+                self._core.settle(token.tid, "sent")
+            else:
+                self._core.settle(token.tid, "dropped", token.reason)
+
+    def _on_sent(self, token, outcome, tracker):
+        if outcome is STOPPED:
+            return  # closing: the train stays pending
+        with self._lock:
+            self._report(token, outcome is SENT, None if outcome is SENT else "no_subscriber")
+
+    def _on_error(self, token, exc):
+        with self._lock:
+            self._report(token, False, "unencodable")
+
+    # ------------------------------------------------------------ statistics
+
+    def stats(self):
+        """``{"sources": {name: {received, missing, latency, rate, status, ...}},
+        "trains": {seen, matched, sent, incomplete, dropped, pending, ...}}``.
+
+        The counters are those of :meth:`kbstream.matcher.core.MatchCore.stats`; a source
+        whose input is not connected has the status ``disconnected`` (``connecting``
+        while a connection is being made), and ``outputs`` lists per output its endpoint,
+        socket type, trains sent, dropped from its full queue, and queued now.
+        """
+        with self._lock:
+            st = self._core.stats(self._clock())
+        for name, s in st["sources"].items():
+            conn = self._connection.get(name)
+            if conn is ConnectionStatus.DISCONNECTED:
+                s["status"] = "disconnected"
+            elif conn is ConnectionStatus.CONNECTING:
+                s["status"] = "connecting"
+        st["outputs"] = [
+            {"endpoint": out.endpoint, "sock": out.sender.sock_type, "sent": out.sender.sent,
+             "dropped": out.dropped + out.sender.dropped, "queued": len(out.queue)}
+            for out in self._outputs
+        ]
+        return st
+
+    def __repr__(self):
+        return f"<TrainMatcher {[s.name for s in self.specs]} -> {self.endpoints}>"

@@ -1,0 +1,258 @@
+"""TrainMatcher in one process: source grammar, construction errors, life cycle, buffer mode,
+max-wait, PUB without subscribers, and what a client gets."""
+
+import time
+
+import numpy as np
+import pytest
+
+import kbstream
+from kbhash import Hash, Timestamp
+from kbstream.errors import BindError, StateError
+from kbstream.matcher import (
+    MatcherConfigError,
+    SourceSpecError,
+    TrainMatcher,
+    UnresolvedSourceError,
+    parse_source,
+)
+from kbstream.matcher.matcher import SourceSpec
+from kbstream.pipeline import OutputChannel
+
+# ---------------------------------------------------------------- the source grammar
+
+
+def test_parse_source_full_grammar():
+    s = parse_source("JF1@SPB_IRDA_JF4M/DET/JNGFR01:daqOutput=10.0.0.5:4040")
+    assert (s.name, s.device, s.channel, s.host, s.port) == \
+        ("JF1", "SPB_IRDA_JF4M/DET/JNGFR01", "daqOutput", "10.0.0.5", 4040)
+    assert s.output_id == "SPB_IRDA_JF4M/DET/JNGFR01:daqOutput"
+    s = parse_source("SA1/XTD2/XGM:output")
+    assert (s.name, s.host, s.port) == ("SA1/XTD2/XGM:output", None, None)
+    s = parse_source("D:out=[::1]:4040")
+    assert (s.host, s.port) == ("::1", 4040)
+    assert parse_source(s) is s
+
+
+@pytest.mark.parametrize("text", [
+    "", "NOCHANNEL", ":out", "dev:", "a:b:c", "@dev:out", "dev:out=host", "dev:out=host:0",
+    "dev:out=host:70000", "dev:out=:4040", "dev:out=host:port", "my dev:out=h:1",
+])
+def test_parse_source_refuses_bad_text(text):
+    with pytest.raises(SourceSpecError) as e:
+        parse_source(text)
+    assert isinstance(e.value, ValueError) and e.value.spec == text
+
+
+def test_parse_source_refuses_non_strings():
+    with pytest.raises(SourceSpecError):
+        parse_source(42)
+
+
+def test_a_source_without_endpoint_needs_a_resolver(tmp_path):
+    with pytest.raises(UnresolvedSourceError) as e:
+        TrainMatcher(["SPB/DET/JF:daqOutput"], [f"ipc://{tmp_path}/a"])
+    assert "has no endpoint" in str(e.value)
+    # with a resolver the source is accepted (connected through it once started)
+    m = TrainMatcher(["SPB/DET/JF:daqOutput"], [f"ipc://{tmp_path}/a"], resolver={})
+    m.close()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "zip"}, {"queue_length": 0}, {"protocol_version": "3.0"}, {"outputs": []},
+    {"outputs": [("ipc:///tmp/x", "DEALER")]}, {"offsets": {"nobody": 1}}, {"max_wait": -1},
+])
+def test_bad_options_are_typed_errors(kwargs, tmp_path):
+    kwargs.setdefault("outputs", [f"ipc://{tmp_path}/b"])
+    with pytest.raises(MatcherConfigError):
+        TrainMatcher(["D:o=h:1"], **kwargs)
+
+
+def test_two_sources_with_one_name_are_refused(tmp_path):
+    with pytest.raises(MatcherConfigError):
+        TrainMatcher(["X@D:o=h:1", "X@E:o=h:2"], [f"ipc://{tmp_path}/c"])
+
+
+def test_a_failing_bind_releases_the_outputs_bound_before(tcp_endpoint):
+    with pytest.raises(BindError):
+        TrainMatcher(["D:o=h:1"], [tcp_endpoint, "tcp://300.0.0.1:1"])
+    # the first endpoint is free again (a second bind of a TCP port would fail)
+    TrainMatcher(["D:o=h:1"], [tcp_endpoint]).close()
+
+
+def test_bad_input_options_release_the_outputs(tcp_endpoint):
+    from kbstream.pipeline import PipelineConfigError
+
+    with pytest.raises(PipelineConfigError):
+        TrainMatcher(["D:o=h:1"], [tcp_endpoint], input_options={"onSlowness": "sometimes"})
+    TrainMatcher(["D:o=h:1"], [tcp_endpoint]).close()
+
+
+def test_life_cycle(tmp_path):
+    m = TrainMatcher(["D:o=127.0.0.1:1"], [f"ipc://{tmp_path}/f"])
+    assert m.endpoints == [f"ipc://{tmp_path}/f"]
+    m.start()
+    with pytest.raises(StateError):
+        m.start()
+    m.close()
+    m.close()
+    with pytest.raises(StateError):
+        m.start()
+    assert m.stats()["outputs"][0]["endpoint"] == f"ipc://{tmp_path}/f"
+    TrainMatcher(["D:o=127.0.0.1:1"], [f"ipc://{tmp_path}/g"]).close()  # never started
+
+
+# ---------------------------------------------------------------- in-process data
+
+
+class Outputs:
+    """Pipeline outputs in this process, one per source name."""
+
+    def __init__(self, names):
+        self.channels = [OutputChannel(f"{n}:output", hostname="127.0.0.1").start() for n in names]
+        self.names = names
+
+    def specs(self):
+        return [f"{n}@{n}:output=127.0.0.1:{c.port}" for n, c in zip(self.names, self.channels)]
+
+    def wait(self, iid):
+        for k, c in enumerate(self.channels):
+            c.wait_for_inputs(copy=[f"{iid}:input{k}"], timeout=30)
+
+    def send(self, k, tid, n=0):
+        h = Hash()
+        h["data.image"] = np.full((4, 8), tid * 10 + k, dtype=np.int32)
+        h["data.n"] = n
+        self.channels[k].write(h, Timestamp(1_700_000_000, 5 * 10**17, tid))
+        self.channels[k].update()
+
+    def close(self):
+        for c in self.channels:
+            c.close()
+
+
+def _wait_for(cond, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_buffer_mode_delivers_partial_trains_with_the_sources_that_arrived(tmp_path):
+    outs = Outputs(["A", "B", "C"])
+    ep = f"ipc://{tmp_path}/buf"
+    iid = "m_buffer"
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "PUSH")], mode="buffer", buffer=2, instance_id=iid,
+                          queue_length=50, input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            outs.wait(iid)
+            present = {100: "ABC", 101: "A", 102: "BC", 103: "AC", 104: "ABC"}
+            sent = dict.fromkeys("ABC", 0)
+            for tid, which in present.items():
+                for k, name in enumerate("ABC"):
+                    if name in which:
+                        outs.send(k, tid)
+                        sent[name] += 1
+                        # the matching sees the items in the order they were sent
+                        _wait_for(lambda: m.stats()["sources"][name]["received"] == sent[name], "an item")
+            got = [client.next() for _ in range(3)]  # 104 - 2 = 102 and older are flushed
+            stats = m.stats()
+    finally:
+        outs.close()
+    for (data, meta), tid in zip(got, (100, 101, 102)):
+        assert list(data) == list(present[tid])
+        for name in data:
+            k = "ABC".index(name)
+            assert (data[name]["data.image"] == tid * 10 + k).all()
+            assert meta[name]["timestamp.tid"] == tid and meta[name]["source"] == name
+            assert meta[name]["timestamp.sec"] == "1700000000"
+            assert meta[name]["timestamp.frac"] == "500000000000000000"
+    tr = stats["trains"]
+    assert tr["seen"] == 5 and tr["matched"] == 1 and tr["incomplete"] == 0
+    assert tr["seen"] == tr["sent"] + tr["incomplete"] + tr["dropped"] + tr["pending"]
+    assert stats["sources"]["B"]["missing"] == 1 and stats["sources"]["A"]["missing"] == 1
+
+
+def test_max_wait_gives_up_a_train_that_never_completes(tmp_path):
+    outs = Outputs(["A", "B"])
+    iid = "m_wait"
+    try:
+        with TrainMatcher(outs.specs(), [f"ipc://{tmp_path}/w"], max_wait=0.2, instance_id=iid,
+                          input_options={"onSlowness": "wait"}) as m:
+            outs.wait(iid)
+            outs.send(0, 7)
+            _wait_for(lambda: m.stats()["trains"]["incomplete"] == 1, "the train to be given up")
+            stats = m.stats()
+    finally:
+        outs.close()
+    tr = stats["trains"]
+    assert tr["incomplete_by"]["max_wait"] == 1 and tr["pending"] == 0 and tr["seen"] == 1
+    assert stats["sources"]["B"]["missing"] == 1
+
+
+def test_pub_without_subscriber_counts_dropped_and_status_shows_connections(tmp_path):
+    outs = Outputs(["A"])
+    iid = "m_pub"
+    try:
+        m = TrainMatcher(outs.specs(), [(f"ipc://{tmp_path}/p", "PUB")], instance_id=iid,
+                         input_options={"onSlowness": "wait"})
+        assert m.stats()["sources"]["A"]["status"] == "disconnected"
+        with m:
+            m.wait_connected(30)
+            outs.wait(iid)
+            for tid in (1, 2, 3):
+                outs.send(0, tid)
+            _wait_for(lambda: m.stats()["trains"]["dropped"] == 3, "the PUB output to drop")
+            stats = m.stats()
+    finally:
+        outs.close()
+    tr = stats["trains"]
+    assert tr["dropped_by"]["no_subscriber"] == 3 and tr["sent"] == 0 and tr["matched"] == 3
+    assert stats["sources"]["A"]["status"] == "ok"
+    assert stats["outputs"][0]["sock"] == "PUB" and stats["outputs"][0]["dropped"] == 3
+
+
+def test_offsets_align_sources(tmp_path):
+    outs = Outputs(["A", "B"])
+    ep = f"ipc://{tmp_path}/off"
+    iid = "m_off"
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "PUSH")], offsets={"B": 3}, instance_id=iid,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            outs.wait(iid)
+            outs.send(0, 50)
+            outs.send(1, 47)  # B is three trains behind
+            data, meta = client.next()
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert meta["A"]["timestamp.tid"] == meta["B"]["timestamp.tid"] == 50
+    assert (data["B"]["data.image"] == 47 * 10 + 1).all()
+    assert stats["sources"]["B"]["offset"] == 3
+
+
+def test_a_train_the_bridge_cannot_encode_is_counted_dropped(tmp_path):
+    outs = Outputs(["A"])
+    ep = f"ipc://{tmp_path}/enc"
+    iid = "m_enc"
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "PUSH")], instance_id=iid,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            outs.wait(iid)
+            h = Hash()
+            h["data.z"] = 1 + 2j  # a Karabo complex: no bridge encoding for it
+            outs.channels[0].write(h, Timestamp(1, 0, 5))
+            outs.channels[0].update()
+            outs.send(0, 6)
+            data, meta = client.next()  # the next train still arrives
+            _wait_for(lambda: m.stats()["trains"]["sent"] == 1, "the second train")
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert meta["A"]["timestamp.tid"] == 6
+    tr = stats["trains"]
+    assert tr["dropped_by"]["unencodable"] == 1 and tr["sent"] == 1 and tr["pending"] == 0
