@@ -12,7 +12,7 @@ import json
 import struct
 import sys
 
-HASH, VECTOR_HASH, BOOL, VECTOR_INT8 = 30, 31, 0, 7
+HASH, VECTOR_HASH, BOOL, VECTOR_UINT8 = 30, 31, 0, 7
 
 
 def u32(n):
@@ -63,8 +63,8 @@ def hashes_holding_an_attributed_bool(n):
 
 
 def hashes_holding_an_attributed_vector(n):
-    """n Hashes of one empty VECTOR_INT8 node with one attribute, 24 bytes per element."""
-    return vector_of_hashes(n, u32(1) + node(b"\x00", VECTOR_INT8, u32(0), ONE_BOOL_ATTR))
+    """n Hashes of one empty VECTOR_UINT8 node with one attribute, 24 bytes per element."""
+    return vector_of_hashes(n, u32(1) + node(b"\x00", VECTOR_UINT8, u32(0), ONE_BOOL_ATTR))
 
 
 SHAPES = {
