@@ -1,4 +1,5 @@
-"""Plain value rules shared by both codecs: value checks on encode, NDArray parts.
+"""Plain value rules shared by both codecs: value checks on encode, NDArray parts,
+the decode limits (nesting depth, objects per input byte).
 
 Both the compiled codec and the pure-Python twin call these functions for
 everything off their fast paths, so the two cannot disagree on which values a
@@ -34,7 +35,7 @@ MAX_DEPTH = 100
 # elements, the parameters of a Schema, the Hash an NDArray or ImageData is
 # read as), every node's attribute set when it has attributes, and every array
 # view (numeric vectors, BYTE_ARRAY).  Everything else a decode makes costs at
-# most ~12 times its input bytes, so this bounds the memory a hostile archive
+# most ~16 times its input bytes, so this bounds the memory a hostile archive
 # can take to a fixed multiple of its size.  docs/safety-kbhash.md has the
 # measurements behind the two numbers.
 

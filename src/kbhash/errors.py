@@ -57,8 +57,8 @@ class LimitError(DecodeError):
 
     The archive may be valid; it is refused because it would make far more
     Python objects (Hashes, attribute sets, arrays) per byte than Karabo's own
-    data do, which is how a small hostile message could take hundreds of
-    times its size in memory.  The limit is ``max(4096, nbytes // 16)`` by
+    data do, which is how a small hostile message could take some 80 times
+    its size in memory.  The limit is ``max(4096, nbytes // 16)`` by
     default (:func:`kbhash.object_limit`, :func:`kbhash.set_object_limit`);
     pass ``max_objects=`` to :func:`kbhash.decode` to raise it for one call.
     See docs/safety-kbhash.md.
