@@ -11,12 +11,25 @@ There is no silent fallback: if the extension is missing, importing kbhash
 fails and says how to build it.  ``kbhash.backend`` names the one in use;
 :func:`select_backend` applies the same rule to any package that ships such a
 pair of codecs.
+
+Decoding is bounded for hostile input: nesting by ``MAX_DEPTH``, every length
+prefix by the bytes present, and the number of objects a decode creates
+(Hashes, attribute sets, arrays) by ``max(DEFAULT_MIN_OBJECTS, nbytes //
+DEFAULT_BYTES_PER_OBJECT)`` -- :func:`object_limit`, :func:`set_object_limit`,
+``decode(..., max_objects=n)``; beyond it :class:`LimitError`.  See
+docs/safety-kbhash.md.
 """
 
 from ._types import Encoding, HashType
 from ._infer import infer_type
-from ._values import MAX_DEPTH
-from .errors import DecodeError, EncodeError, KbHashError, TruncatedError, UnknownTypeError
+from ._values import (
+    DEFAULT_BYTES_PER_OBJECT,
+    DEFAULT_MIN_OBJECTS,
+    MAX_DEPTH,
+    object_limit,
+    set_object_limit,
+)
+from .errors import DecodeError, EncodeError, KbHashError, LimitError, TruncatedError, UnknownTypeError
 from .hash import Attributes, Hash, HashTemplate, ImageData, Schema, Timestamp
 
 try:
@@ -63,12 +76,17 @@ __all__ = [
     "bufferset_layout",
     "infer_type",
     "MAX_DEPTH",
+    "object_limit",
+    "set_object_limit",
+    "DEFAULT_MIN_OBJECTS",
+    "DEFAULT_BYTES_PER_OBJECT",
     "backend",
     "select_backend",
     "KbHashError",
     "DecodeError",
     "TruncatedError",
     "UnknownTypeError",
+    "LimitError",
     "EncodeError",
     "__version__",
 ]

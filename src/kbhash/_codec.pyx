@@ -50,6 +50,9 @@ __all__ = ["encode", "encode_bytes", "decode", "decode_prefix", "MAX_DEPTH"]
 
 MAX_DEPTH = V.MAX_DEPTH
 cdef int _MAX_DEPTH = V.MAX_DEPTH
+# The decode limit rule in force, [min_objects, bytes_per_object]: the very list
+# kbhash.set_object_limit changes in place, read once per decode.
+cdef list _OBJECT_RULE = V.OBJECT_RULE
 
 #: The C enum as a dict, for the consistency test with HashType.
 TYPE_IDS = {
@@ -711,6 +714,9 @@ cdef class _Reader:
     cdef const unsigned char* p
     cdef Py_ssize_t seglen
     cdef dict attr_types
+    cdef Py_ssize_t total
+    cdef Py_ssize_t limit
+    cdef Py_ssize_t budget
 
     def __cinit__(self):
         self.views = NULL
@@ -723,8 +729,8 @@ cdef class _Reader:
                 PyBuffer_Release(&self.views[k])
             PyMem_Free(self.views)
 
-    cdef int open(self, list mvs) except -1:
-        cdef Py_ssize_t k, total = 0
+    cdef int open(self, list mvs, object max_objects) except -1:
+        cdef Py_ssize_t k, total = 0, floor, per
         self.mvs = mvs
         self.nseg = len(mvs)
         self.views = <Py_buffer*>PyMem_Malloc(sizeof(Py_buffer) * self.nseg)
@@ -738,8 +744,25 @@ cdef class _Reader:
         self.pos = 0
         self.base = 0
         self.left = total
+        self.total = total
         self.p = <const unsigned char*>self.views[0].buf
         self.seglen = self.views[0].len
+        if max_objects is None:  # V.object_limit's rule, without the call
+            floor = _OBJECT_RULE[0]
+            per = _OBJECT_RULE[1]
+            self.limit = total // per
+            if self.limit < floor:
+                self.limit = floor
+        else:
+            self.limit = V.object_limit(total, max_objects)
+        self.budget = self.limit
+        return 0
+
+    cdef inline int charge(self, Py_ssize_t off) except -1:
+        """Count one more object (Hash, attribute set, array) starting at ``off``."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise V.limit_error(self.limit, self.total, off)
         return 0
 
     cdef inline Py_ssize_t offset(self) noexcept:
@@ -826,6 +849,7 @@ cdef str _read_str(_Reader r, what):
 cdef object _read_hash(_Reader r, int depth):
     if depth > _MAX_DEPTH:
         raise DecodeError(f"Hash nested deeper than {MAX_DEPTH} levels at offset {r.offset()}", r.offset())
+    r.charge(r.offset())
     cdef Py_ssize_t n = r.count("Hash node count", 10)
     cdef Py_ssize_t k, off, voff
     cdef dict vals = {}
@@ -876,10 +900,12 @@ cdef object _read_hash(_Reader r, int depth):
 
 cdef dict _read_attrs(_Reader r, int depth):
     """The attribute values (None if there are none); their types go to r.attr_types."""
+    cdef Py_ssize_t off = r.offset()
     cdef Py_ssize_t n = r.count("attribute count", 6)
     if n == 0:
         return None
-    cdef Py_ssize_t k, off
+    r.charge(off)
+    cdef Py_ssize_t k
     cdef dict vals = {}
     cdef dict types = {}
     cdef int t
@@ -935,6 +961,7 @@ cdef object _read_value(_Reader r, int t, int depth):
         itemsize = dt.itemsize
         off = r.offset()
         n = r.count(name, itemsize)
+        r.charge(off)
         q = r.take(n * itemsize, name)
         start = q - r.p
         arr = _frombuffer(r.mvs[r.i], dt, n, start)
@@ -944,7 +971,10 @@ cdef object _read_value(_Reader r, int t, int depth):
                     raise DecodeError(f"VECTOR_BOOL at offset {off} has an element that is not 0 or 1", off)
         return arr
     if t == T_VECTOR_HASH or t == T_VECTOR_HASH_POINTER:
+        off = r.offset()
         n = r.count(_TYPE_NAME[t], 4)
+        if n > r.budget:  # every element is a Hash: fail before making any
+            raise V.limit_error(r.limit, r.total, off)
         return [_read_hash(r, depth + 1) for k in range(n)]
     if t == T_VECTOR_STRING:
         n = r.count("VECTOR_STRING", 4)
@@ -956,7 +986,9 @@ cdef object _read_value(_Reader r, int t, int depth):
         q = r.take(n, "VECTOR_CHAR")
         return PyBytes_FromStringAndSize(<const char*>q, n)
     if t == T_BYTE_ARRAY:
+        off = r.offset()
         n = r.count("BYTE_ARRAY", 1)
+        r.charge(off)
         q = r.take(n, "BYTE_ARRAY")
         return r.view(q - r.p, n)
     if t == T_COMPLEX_FLOAT:
@@ -1016,19 +1048,20 @@ cdef list _segments(data):
     return segs
 
 
-def decode(data, *, copy=False):
+def decode(data, *, copy=False, max_objects=None):
     """Decode one archive from a buffer or from a list of buffers.
 
     Same contract as ``kbhash._pure.decode``: arrays are numpy views on the
     input (``copy=True`` copies the input once first), BYTE_ARRAY values
     memoryviews on it; errors are DecodeError (ValueError) subclasses naming
-    the offset.
+    the offset, LimitError beyond ``max_objects`` objects (None: the rule of
+    ``kbhash.object_limit``).
     """
     if copy:
         chunks = data if isinstance(data, (list, tuple)) else [data]
         data = bytearray(_join([memoryview(c).cast("B") for c in chunks]))
     cdef _Reader r = _Reader()
-    r.open(_segments(data))
+    r.open(_segments(data), max_objects)
     h = _read_hash(r, 0)
     r.advance()
     if r.left:
@@ -1036,12 +1069,13 @@ def decode(data, *, copy=False):
     return h
 
 
-def decode_prefix(data):
+def decode_prefix(data, *, max_objects=None):
     """Decode the archive at the start of ``data``; return ``(Hash, bytes consumed)``.
 
-    Same contract as ``kbhash._pure.decode_prefix``: trailing data is left alone.
+    Same contract as ``kbhash._pure.decode_prefix``: trailing data is left alone
+    (and counts in the default object limit).
     """
     cdef _Reader r = _Reader()
-    r.open(_segments(data))
+    r.open(_segments(data), max_objects)
     h = _read_hash(r, 0)
     return h, r.offset()

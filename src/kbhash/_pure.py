@@ -304,15 +304,23 @@ def _segments(data):
 class _Reader:
     """Reads across a list of segments; a value never spans two of them."""
 
-    __slots__ = ("segs", "i", "pos", "base", "left", "total")
+    __slots__ = ("segs", "i", "pos", "base", "left", "total", "limit", "budget")
 
-    def __init__(self, segs):
+    def __init__(self, segs, max_objects):
         self.segs = segs
         self.i = 0
         self.pos = 0
         self.base = 0
         self.total = sum(len(s) for s in segs)
         self.left = self.total
+        self.limit = V.object_limit(self.total, max_objects)
+        self.budget = self.limit
+
+    def charge(self, off):
+        """Count one more object (Hash, attribute set, array) starting at ``off``."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise V.limit_error(self.limit, self.total, off)
 
     @property
     def offset(self):
@@ -385,6 +393,7 @@ def _read_str(r, what):
 def _read_hash(r, depth):
     if depth > MAX_DEPTH:
         raise DecodeError(f"Hash nested deeper than {MAX_DEPTH} levels at offset {r.offset}", r.offset)
+    r.charge(r.offset)
     n = r.count("Hash node count", 10)
     h = Hash.__new__(Hash)
     vals = {}
@@ -428,9 +437,11 @@ def _read_hash(r, depth):
 
 
 def _read_attrs(r, depth):
+    off = r.offset
     n = r.count("attribute count", 6)
     if n == 0:
         return None
+    r.charge(off)
     vals = {}
     types = {}
     for _ in range(n):
@@ -460,6 +471,7 @@ def _read_value(r, t, depth):
         dt = VECTOR_DTYPE[t]
         off = r.offset
         n = r.count(type_name_(t), dt.itemsize)
+        r.charge(off)
         seg, p = r.take(n * dt.itemsize, type_name_(t))
         arr = np.frombuffer(seg, dtype=dt, count=n, offset=p)
         if t == T.VECTOR_BOOL and n and arr.view(np.uint8).max() > 1:
@@ -470,7 +482,10 @@ def _read_value(r, t, depth):
     if t == T.HASH or t == T.HASH_POINTER:
         return _read_hash(r, depth + 1)
     if t == T.VECTOR_HASH or t == T.VECTOR_HASH_POINTER:
+        off = r.offset
         n = r.count(type_name_(t), 4)
+        if n > r.budget:  # every element is a Hash: fail before making any
+            raise V.limit_error(r.limit, r.total, off)
         return [_read_hash(r, depth + 1) for _ in range(n)]
     if t == T.VECTOR_STRING:
         n = r.count("VECTOR_STRING", 4)
@@ -483,7 +498,9 @@ def _read_value(r, t, depth):
         seg, p = r.take(n, "VECTOR_CHAR")
         return bytes(seg[p : p + n])
     if t == T.BYTE_ARRAY:
+        off = r.offset
         n = r.count("BYTE_ARRAY", 1)
+        r.charge(off)
         seg, p = r.take(n, "BYTE_ARRAY")
         return seg[p : p + n]
     if t in _COMPLEX_STRUCT:
@@ -521,7 +538,7 @@ def type_name_(t):
     return HashType(t).name
 
 
-def decode(data, *, copy=False):
+def decode(data, *, copy=False, max_objects=None):
     """Decode one archive from a buffer or from a list of buffers.
 
     Parameters
@@ -533,6 +550,11 @@ def decode(data, *, copy=False):
     copy : bool
         If true, arrays and byte arrays are copied out of the input instead of
         being views on it.
+    max_objects : int, optional
+        The most objects (Hashes, attribute sets, arrays) the decode may
+        create.  None (the default) allows ``max(4096, nbytes // 16)`` for
+        ``nbytes`` input bytes, or the rule :func:`kbhash.set_object_limit`
+        set (docs/safety-kbhash.md).
 
     Returns
     -------
@@ -545,12 +567,13 @@ def decode(data, *, copy=False):
     ------
     DecodeError
         (a ValueError) with the offset of the problem; TruncatedError when the
-        data ends early, UnknownTypeError for unknown type ids.
+        data ends early, UnknownTypeError for unknown type ids, LimitError when
+        the archive would create more than ``max_objects`` objects.
     """
     if copy:
         data = b"".join(bytes(memoryview(p).cast("B")) for p in (data if isinstance(data, (list, tuple)) else [data]))
         data = bytearray(data)
-    r = _Reader(_segments(data))
+    r = _Reader(_segments(data), max_objects)
     h = _read_hash(r, 0)
     r._advance()
     if r.left:
@@ -558,13 +581,14 @@ def decode(data, *, copy=False):
     return h
 
 
-def decode_prefix(data):
+def decode_prefix(data, *, max_objects=None):
     """Decode the archive at the start of ``data``; return ``(Hash, bytes consumed)``.
 
     For payloads that carry several archives back to back (Karabo's broker
     messages: header Hash then body Hash).  Same errors as :func:`decode`;
-    trailing data is left alone.
+    trailing data is left alone.  The default object limit counts all the
+    bytes of ``data``, trailing ones included.
     """
-    r = _Reader(_segments(data))
+    r = _Reader(_segments(data), max_objects)
     h = _read_hash(r, 0)
     return h, r.offset

@@ -1,4 +1,5 @@
-"""Plain value rules shared by both codecs: value checks on encode, NDArray parts.
+"""Plain value rules shared by both codecs: value checks on encode, NDArray parts,
+the decode limits (nesting depth, objects per input byte).
 
 Both the compiled codec and the pure-Python twin call these functions for
 everything off their fast paths, so the two cannot disagree on which values a
@@ -11,18 +12,91 @@ in ``_nodes``.
 import math
 import operator
 import struct
+import sys
 
 import numpy as np
 
 from ._infer import NDARRAY_TYPE
 from ._types import INT_RANGE, NDARRAY_DTYPE, VECTOR_DTYPE, HashType, type_name
-from .errors import DecodeError, EncodeError
+from .errors import DecodeError, EncodeError, LimitError
 
 T = HashType
 _FLT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
 
 #: Nesting limit of encoder and decoder (a Hash inside a Hash counts one level).
 MAX_DEPTH = 100
+
+# ---------------------------------------------------------------- decode limit
+#
+# A decode may create at most max(min_objects, nbytes // bytes_per_object)
+# objects, nbytes being all the input bytes handed to the call.  Objects are
+# the things that cost a few hundred bytes of memory each however few bytes
+# of input they take: every Hash (the top level, nested ones, VECTOR_HASH
+# elements, the parameters of a Schema, the Hash an NDArray or ImageData is
+# read as), every node's attribute set when it has attributes, and every array
+# view (numeric vectors, BYTE_ARRAY).  Everything else a decode makes costs at
+# most ~16 times its input bytes, so this bounds the memory a hostile archive
+# can take to a fixed multiple of its size.  docs/safety-kbhash.md has the
+# measurements behind the two numbers.
+
+#: Objects every decode may create whatever the input size.
+DEFAULT_MIN_OBJECTS = 4096
+#: Input bytes per object above that floor (the smallest non-empty Hash is 14 bytes).
+DEFAULT_BYTES_PER_OBJECT = 16
+
+# The rule in force, [min_objects, bytes_per_object].  The compiled codec keeps
+# a reference to this very list, so it is changed in place, never replaced.
+OBJECT_RULE = [DEFAULT_MIN_OBJECTS, DEFAULT_BYTES_PER_OBJECT]
+
+
+def _count_arg(value, name, minimum):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {v}")
+    return min(v, sys.maxsize)
+
+
+def object_limit(nbytes, max_objects=None):
+    """The number of objects a decode of ``nbytes`` input bytes may create.
+
+    ``max_objects`` (an int >= 0) is returned as is; None applies the rule in
+    force, ``max(min_objects, nbytes // bytes_per_object)``.
+    """
+    if max_objects is None:
+        floor, per = OBJECT_RULE
+        return max(floor, nbytes // per)
+    return _count_arg(max_objects, "max_objects", 0)
+
+
+def set_object_limit(min_objects=None, bytes_per_object=None):
+    """Change the decode limit rule for every later decode that passes no ``max_objects``.
+
+    Arguments left at None keep their value.  Returns the rule that was in
+    force before, as ``(min_objects, bytes_per_object)``, so it can be put
+    back.  ``set_object_limit(DEFAULT_MIN_OBJECTS, DEFAULT_BYTES_PER_OBJECT)``
+    restores the defaults.
+    """
+    old = tuple(OBJECT_RULE)
+    floor = old[0] if min_objects is None else _count_arg(min_objects, "min_objects", 0)
+    per = old[1] if bytes_per_object is None else _count_arg(bytes_per_object, "bytes_per_object", 1)
+    OBJECT_RULE[0] = floor
+    OBJECT_RULE[1] = per
+    return old
+
+
+def limit_error(limit, nbytes, off):
+    """The LimitError of a decode of ``nbytes`` bytes that passed ``limit`` objects at ``off``."""
+    return LimitError(
+        f"decode limit: more than {limit} objects (Hashes, attribute sets, arrays) "
+        f"in {nbytes} input bytes, at offset {off}",
+        off,
+        limit,
+    )
 
 
 def ndarray_parts(arr):

@@ -11,6 +11,7 @@ __all__ = [
     "DecodeError",
     "TruncatedError",
     "UnknownTypeError",
+    "LimitError",
     "EncodeError",
 ]
 
@@ -49,6 +50,30 @@ class UnknownTypeError(DecodeError):
     def __init__(self, message, offset=None, type_code=None):
         super().__init__(message, offset)
         self.type_code = type_code
+
+
+class LimitError(DecodeError):
+    """Decoding the archive would create more objects than the decode limit allows.
+
+    The archive may be valid; it is refused because it would make far more
+    Python objects (Hashes, attribute sets, arrays) per byte than Karabo's own
+    data do, which is how a small hostile message could take some 80 times
+    its size in memory.  The limit is ``max(4096, nbytes // 16)`` by
+    default (:func:`kbhash.object_limit`, :func:`kbhash.set_object_limit`);
+    pass ``max_objects=`` to :func:`kbhash.decode` to raise it for one call.
+    See docs/safety-kbhash.md.
+
+    Attributes
+    ----------
+    offset : int
+        Absolute byte offset of the object that went over the limit.
+    limit : int
+        The number of objects that was allowed.
+    """
+
+    def __init__(self, message, offset=None, limit=None):
+        super().__init__(message, offset)
+        self.limit = limit
 
 
 class EncodeError(KbHashError, TypeError, ValueError):

@@ -5,7 +5,9 @@ lies, bytes inserted or cut, the archive split into arbitrary buffers) and fed
 to both decoders.  They must agree exactly: the same exception class, message
 and offset, or Hashes that encode to the same bytes.  Any crash of the compiled
 code kills the test run.  The number of examples is bounded (``FUZZ_EXAMPLES``,
-default 400) so the test takes a few seconds.
+default 400) so the test takes a few seconds.  With a small object limit
+(``max_objects``) both must also fail at the same object, with the same
+LimitError.
 """
 
 import os
@@ -42,9 +44,9 @@ def damaged(draw):
     return bytes(data)
 
 
-def outcome(codec, data):
+def outcome(codec, data, **kwargs):
     try:
-        h = codec.decode(data)
+        h = codec.decode(data, **kwargs)
     except Exception as e:  # compared below: both must raise the same
         return ("error", type(e).__name__, str(e), getattr(e, "offset", None))
     try:
@@ -64,6 +66,35 @@ def test_compiled_decoder_agrees_with_pure_on_damaged_archives(data):
     assert a == b
     if a[0] == "error":
         assert a[1] in ("DecodeError", "TruncatedError", "UnknownTypeError"), a
+
+
+@FUZZ
+@given(damaged(), st.integers(0, 40))
+def test_object_limit_agrees_on_damaged_archives(data, max_objects):
+    a = outcome(_codec, data, max_objects=max_objects)
+    b = outcome(_pure, data, max_objects=max_objects)
+    assert a == b
+    if a[0] == "error":
+        assert a[1] in ("DecodeError", "TruncatedError", "UnknownTypeError", "LimitError"), a
+
+
+@FUZZ
+@given(hashes("all"), st.integers(0, 60))
+def test_object_limit_agrees_on_valid_archives(h, max_objects):
+    data = _pure.encode_bytes(h)
+    a = outcome(_codec, data, max_objects=max_objects)
+    assert a == outcome(_pure, data, max_objects=max_objects)
+    assert a[0] == "ok" or a[1] == "LimitError", a
+
+
+@FUZZ
+@given(damaged(), st.lists(st.integers(0, 400), max_size=4), st.integers(0, 12))
+def test_object_limit_agrees_on_split_archives(data, cuts, max_objects):
+    cuts = sorted(min(c, len(data)) for c in cuts)
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    a = outcome(_codec, pieces, max_objects=max_objects)
+    assert a == outcome(_pure, pieces, max_objects=max_objects)
+    assert a[:2] != ("error", "TypeError"), a
 
 
 @FUZZ
