@@ -44,6 +44,7 @@ import mmap
 import os
 import re
 import secrets
+import select
 import socket
 import stat
 import struct
@@ -377,34 +378,54 @@ class SlotMapper:
             return ConnectionLost("input closed")
         return PipelineProtocolError(what)
 
+    def _wait(self, sock, deadline, what):
+        """Until ``sock`` is readable; in short slices, so that :meth:`interrupt` is seen
+        (shutting a listening socket down does not wake a waiting accept)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while True:
+            if self.closing:
+                raise ConnectionLost("input closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PipelineProtocolError(what)
+            if poller.poll(max(1, int(min(left, 0.05) * 1000))):
+                return
+
     def _accept(self):
         """The output's connection: our user id, and it knows the key."""
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        what = "the output did not connect its shared-memory socket"
         want = self.key.encode()
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._failed("the output did not connect its shared-memory socket")
+            self._wait(self.listener, deadline, what)
             try:
-                self.listener.settimeout(left)
+                self.listener.settimeout(0.05)
                 sock, _ = self.listener.accept()
             except OSError:
-                raise self._failed("the output did not connect its shared-memory socket") from None
+                continue  # gone meanwhile: wait on
             try:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                if _peer_uid(sock) == os.geteuid() and hmac.compare_digest(sock.recv(64), want):
-                    sock.settimeout(HANDSHAKE_TIMEOUT)
-                    self.peer = sock
-                    _close(self.listener)
-                    return
+                if _peer_uid(sock) == os.geteuid():
+                    self._wait(sock, deadline, what)
+                    sock.settimeout(0.05)
+                    if hmac.compare_digest(sock.recv(64), want):
+                        self.peer = sock
+                        _close(self.listener)
+                        return
             except OSError:
                 pass
+            except BaseException:
+                _close(sock)
+                raise
             _close(sock)  # somebody else: wait for the output
 
     def _next_fd(self):
         if self.peer is None:
             self._accept()
+        self._wait(self.peer, time.monotonic() + HANDSHAKE_TIMEOUT,
+                   "the output did not pass the descriptor of a new slot")
         try:
+            self.peer.settimeout(0.05)
             data, fds, flags, _ = socket.recv_fds(self.peer, 64, 4, socket.MSG_CMSG_CLOEXEC)
         except OSError as e:
             raise self._failed(f"shared-memory socket: {e}") from None
