@@ -789,9 +789,13 @@ def test_a_killed_output_leaves_no_segment_behind():
 # ------------------------------------------------------------------ handler writes stay private
 
 
-def test_handler_writes_never_reach_the_output_and_the_slot_reads_true_afterwards():
+@pytest.mark.parametrize("page_map", [True, False], ids=["page-map", "no-page-map"])
+def test_handler_writes_never_reach_the_output_and_the_slot_reads_true_afterwards(page_map, monkeypatch):
     """A handler writes into its (writable) array: the output's slot keeps what the output
-    wrote; the next message in the same slot is seen as sent, not as the handler left it."""
+    wrote; the next message in the same slot is seen as sent, not as the handler left it
+    (with the kernel's page map telling which pages were written, and without)."""
+    if not page_map:
+        monkeypatch.setattr(pshm, "_pagemap", -1)
     out = OutputChannel("priv:output", hostname="127.0.0.1").start()
     inp = InputChannel("priv:input", onSlowness="wait", credit_window=1)
     got = Received(inp, write=0xABCD)
@@ -816,6 +820,27 @@ def test_handler_writes_never_reach_the_output_and_the_slot_reads_true_afterward
     finally:
         inp.close()
         out.close()
+
+
+def test_the_page_map_tells_which_pages_a_handler_wrote():
+    import mmap
+
+    fd = memfd(b"\1" * (1 << 20), 1 << 20)
+    try:
+        m = pshm._Mapping(1, mmap.mmap(fd, 1 << 20, access=mmap.ACCESS_COPY), 1 << 20)
+    finally:
+        os.close(fd)
+    pages = (1 << 20) // mmap.PAGESIZE
+    if pshm._has_private_pages(m.addr, pages) is None:
+        pytest.skip("LOUD SKIP: /proc/self/pagemap cannot be read here")
+    assert int(m.arr.sum()) == 1 << 20                         # read: still the file's pages
+    assert pshm._has_private_pages(m.addr, pages) is False
+    m.arr[5000] = 7                                            # written: a private copy
+    assert pshm._has_private_pages(m.addr, pages) is True
+    m.discard(1 << 20)
+    assert pshm._has_private_pages(m.addr, pages) is False and m.arr[5000] == 1
+    m.arr = None
+    m.mm.close()
 
 
 # ------------------------------------------------------------------ wire

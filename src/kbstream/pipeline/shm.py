@@ -301,22 +301,53 @@ def fill(seg, buffers):
 # ---------------------------------------------------------------- input side
 
 
+_pagemap = None  # descriptor of /proc/self/pagemap; -1 where it cannot be read
+_PM_PRESENT = np.uint64(1 << 63)
+_PM_SWAPPED = np.uint64(1 << 62)
+_PM_FILE = np.uint64(1 << 61)  # a page of the file (or shared), not a private copy
+
+
+def _has_private_pages(addr, npages):
+    """Whether a page of ``npages`` at ``addr`` is a private copy (a handler wrote into
+    it); None when the kernel does not say (then assume so)."""
+    global _pagemap
+    if _pagemap is None:
+        try:
+            _pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            _pagemap = -1
+    if _pagemap < 0:
+        return None
+    try:
+        raw = os.pread(_pagemap, npages * 8, addr // mmap.PAGESIZE * 8)
+    except OSError:
+        return None
+    if len(raw) != npages * 8:
+        return None
+    e = np.frombuffer(raw, np.uint64)
+    return bool(((e & _PM_SWAPPED) != 0).any() or ((e & (_PM_PRESENT | _PM_FILE)) == _PM_PRESENT).any())
+
+
 class _Mapping:
     """The input's private mapping of one slot's memfd."""
 
-    __slots__ = ("gen", "mm", "arr", "size", "broken")
+    __slots__ = ("gen", "mm", "arr", "addr", "size", "broken")
 
     def __init__(self, gen, mm, size):
         self.gen = gen
         self.mm = mm
         self.size = size
         self.arr = np.frombuffer(mm, np.uint8)
+        self.addr = self.arr.__array_interface__["data"][0]
         self.broken = False
 
     def discard(self, nbytes):
-        """Forget what a handler wrote into the first ``nbytes`` (back to the output's data)."""
+        """Forget what a handler wrote into the first ``nbytes`` (back to the output's data).
+
+        Only when something was written (the page map says so: a cheap look), since
+        dropping the pages makes the next message fault them in again."""
         n = min(self.size, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
-        if n:
+        if n and _has_private_pages(self.addr, n // mmap.PAGESIZE) is not False:
             try:
                 self.mm.madvise(mmap.MADV_DONTNEED, 0, n)
             except (OSError, ValueError):
