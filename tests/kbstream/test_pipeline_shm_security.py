@@ -41,7 +41,7 @@ SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 pytestmark = pytest.mark.skipif(not pshm.available(), reason="no shared memory on this platform")
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ fakes and tools
 
 
 def wait_until(pred, timeout=TIMEOUT):

@@ -79,7 +79,8 @@ _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 def available():
     """Whether this process can use the shared-memory path (Linux, not KBSTREAM_NO_SHM)."""
     return (sys.platform.startswith("linux") and not os.environ.get("KBSTREAM_NO_SHM")
-            and hasattr(os, "memfd_create") and hasattr(socket, "send_fds") and _SEALS != 0)
+            and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+            and hasattr(socket, "SO_PEERCRED") and _SEALS != 0)
 
 
 def is_local_peer(sock):
