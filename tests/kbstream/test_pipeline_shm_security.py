@@ -795,7 +795,7 @@ def test_handler_writes_never_reach_the_output_and_the_slot_reads_true_afterward
     wrote; the next message in the same slot is seen as sent, not as the handler left it
     (with the kernel's page map telling which pages were written, and without)."""
     if not page_map:
-        monkeypatch.setattr(pshm, "_pagemap", -1)
+        monkeypatch.setattr(pshm, "_pagemap", (os.getpid(), -1))
     out = OutputChannel("priv:output", hostname="127.0.0.1").start()
     inp = InputChannel("priv:input", onSlowness="wait", credit_window=1)
     got = Received(inp, write=0xABCD)
@@ -841,6 +841,38 @@ def test_the_page_map_tells_which_pages_a_handler_wrote():
     assert pshm._has_private_pages(m.addr, pages) is False and m.arr[5000] == 1
     m.arr = None
     m.mm.close()
+
+
+_FORKED_PAGE_MAP = r"""
+import mmap, os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import test_pipeline_shm_security as t
+from kbstream.pipeline import shm
+
+def written_after_a_write():
+    fd = t.memfd(b"\1" * (1 << 20), 1 << 20)
+    m = shm._Mapping(1, mmap.mmap(fd, 1 << 20, access=mmap.ACCESS_COPY), 1 << 20)
+    os.close(fd)
+    m.arr[5000] = 7
+    return shm._has_private_pages(m.addr, (1 << 20) // mmap.PAGESIZE)
+
+print("parent", written_after_a_write(), flush=True)   # opens the parent's page map
+pid = os.fork()
+if pid == 0:
+    print("child", written_after_a_write(), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_reads_its_own_page_map():
+    r = subprocess.run([sys.executable, "-c", _FORKED_PAGE_MAP, SRC, HERE], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = sorted(r.stdout.split("\n")[:2])
+    if "None" in r.stdout:
+        pytest.skip("LOUD SKIP: /proc/self/pagemap cannot be read here")
+    assert lines == ["child True", "parent True"]
 
 
 # ------------------------------------------------------------------ wire

@@ -74,6 +74,7 @@ _KEY = re.compile(r"[0-9a-f]{32}\Z")
 #: The datagram that carries a slot's descriptor: slot, generation, segment size.
 _FD_MSG = struct.Struct("<IQQ")
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a closed peer is an OSError, never SIGPIPE
 
 
 def available():
@@ -136,7 +137,7 @@ def connect_input(tcp_sock, offer, send_timeout):
         if _peer_uid(sock) != os.geteuid():
             _close(sock)
             return None
-        sock.sendall(key.encode())
+        sock.sendall(key.encode(), _NOSIGNAL)
         sock.settimeout(send_timeout)
         return sock
     except OSError:
@@ -274,7 +275,7 @@ class SlotRing:
         index, seg = slot
         fill(seg, msg.body)  # the one copy of this message
         if seg.fd >= 0:
-            socket.send_fds(self.peer, [_FD_MSG.pack(index, seg.gen, seg.size)], [seg.fd])
+            socket.send_fds(self.peer, [_FD_MSG.pack(index, seg.gen, seg.size)], [seg.fd], _NOSIGNAL)
             seg.close_fd()
         return msg.via_shm(index, seg.gen)
 
@@ -302,7 +303,7 @@ def fill(seg, buffers):
 # ---------------------------------------------------------------- input side
 
 
-_pagemap = None  # descriptor of /proc/self/pagemap; -1 where it cannot be read
+_pagemap = (None, None)  # (pid, descriptor of its /proc/<pid>/pagemap; -1 if unreadable)
 _PM_PRESENT = np.uint64(1 << 63)
 _PM_SWAPPED = np.uint64(1 << 62)
 _PM_FILE = np.uint64(1 << 61)  # a page of the file (or shared), not a private copy
@@ -312,15 +313,19 @@ def _has_private_pages(addr, npages):
     """Whether a page of ``npages`` at ``addr`` is a private copy (a handler wrote into
     it); None when the kernel does not say (then assume so)."""
     global _pagemap
-    if _pagemap is None:
+    pid, fd = _pagemap
+    if pid != os.getpid():  # first use, or a forked child: the parent's map is not ours
+        if fd is not None and fd >= 0:
+            os.close(fd)
         try:
-            _pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            _pagemap = -1
-    if _pagemap < 0:
+            fd = -1
+        _pagemap = (os.getpid(), fd)
+    if fd < 0:
         return None
     try:
-        raw = os.pread(_pagemap, npages * 8, addr // mmap.PAGESIZE * 8)
+        raw = os.pread(fd, npages * 8, addr // mmap.PAGESIZE * 8)
     except OSError:
         return None
     if len(raw) != npages * 8:
