@@ -7,8 +7,8 @@ same-host output's shared memory) and hands them to the channel.  When the outpu
 away (or sends garbage, which closes the connection with a logged reason) it tries again
 every ``reconnect_interval`` seconds, asking the resolver afresh each time.
 
-Locks: ``Connection.lock`` guards the socket's writes (hello, update, kbRelease,
-kbShmMapped) and the shared-memory mapper; the channel never holds its own lock while
+Locks: ``Connection.lock`` guards the socket's writes (hello, update, kbRelease) and the
+shared-memory mapper's record of held slots; the channel never holds its own lock while
 taking it, nor does a connection hold it while calling into the channel.
 """
 
@@ -94,7 +94,7 @@ class Connection:
         self.received = 0
         self.last_error = None
         self.pool = _BufferPool(limit=2 * (channel.capacity + channel.credit_window) + 4)
-        self.mapper = shm.SlotMapper()
+        self.mapper = None  # shm.SlotMapper while connected to an output on this host
         self.lock = threading.Lock()  # the socket's writes and the mapper
 
     def _resolve(self):
@@ -145,6 +145,9 @@ class Connection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        mapper = self.mapper
+        if mapper is not None:
+            mapper.interrupt()
 
     def _connect(self, info):
         ch = self.channel
@@ -163,13 +166,26 @@ class Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        mapper = self._shm_mapper(sock)
         with self.lock:
             self.sock = sock
-            self.mapper = shm.SlotMapper()
+            self.mapper = mapper
         sock.sendall(wire.hello(ch.channel_id, ch.data_distribution, ch.on_slowness, ch.max_queue_length,
-                                credit_window=ch.credit_window, shm_token=ch.shm_token))
+                                credit_window=ch.credit_window, shm_offer=mapper and mapper.offer))
         ch._connected(self)
         self._set_status(ConnectionStatus.CONNECTED)
+
+    def _shm_mapper(self, sock):
+        """A mapper that offers shared memory to the output, or None (TCP only): only an
+        output on this host is offered it."""
+        ch = self.channel
+        if not ch.use_shm or not shm.is_local_peer(sock):
+            return None
+        try:
+            return shm.SlotMapper(ch.max_message_size)
+        except OSError as e:
+            log.info("%s: no shared memory towards %s: %s", ch.channel_id, self.output_id, e)
+            return None
 
     def _set_status(self, status):
         self.status = status
@@ -178,6 +194,9 @@ class Connection:
     def _disconnected(self):
         with self.lock:
             sock, self.sock = self.sock, None
+            mapper = self.mapper
+        if mapper is not None:
+            mapper.close()  # its sockets; mappings stay while arrays use them
         if sock is not None:
             try:
                 sock.close()
@@ -234,17 +253,13 @@ class Connection:
             items = None
             self.release_slots()
 
-    def _shm_body(self, name, slot, size):
-        if self.channel.shm_token is None:
+    def _shm_body(self, slot, gen, size):
+        mapper = self.mapper
+        if mapper is None:
             raise PipelineProtocolError("shared-memory message on a connection that did not offer it")
+        mapping = mapper.open(slot, gen, size)  # may wait for the descriptor: not under the lock
         with self.lock:
-            try:
-                arr, new = self.mapper.open(slot, name, size)
-            except (OSError, ValueError) as e:
-                raise PipelineProtocolError(f"cannot map shared memory {name!r}: {e}") from None
-            view = self.mapper.message_view(slot, arr, size)
-        if new:
-            self.send(wire.control("kbShmMapped", self.channel.channel_id, name=name))
+            view = mapper.message_view(slot, mapping, size)
         return memoryview(view)
 
     def send(self, frame):
@@ -261,7 +276,7 @@ class Connection:
         try:
             with self.lock:
                 sock = self.sock
-                if sock is None:
+                if sock is None or self.mapper is None:
                     return
                 frames = [wire.control("kbRelease", self.channel.channel_id, slot=slot)
                           for slot in self.mapper.releasable()]

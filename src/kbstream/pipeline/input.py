@@ -129,7 +129,7 @@ class InputChannel(Lifecycle):
         self.respond_to_eos = bool(respondToEndOfStream)
         self.resolver = resolver
         self.connect_timeout = connect_timeout
-        self.shm_token = shm.host_token() if use_shm else None
+        self.use_shm = bool(use_shm) and shm.available()
         self.schema = schema
         self.on_schema_mismatch = on_schema_mismatch
         self.schema_mismatches = 0
@@ -148,7 +148,7 @@ class InputChannel(Lifecycle):
         #                          owed_update.  Never held across socket I/O, a join or a
         #                          user callback; the handler thread waits on it.
         #   3. Connection.lock     one per output (see _receive): that socket's writes
-        #                          (hello, update, kbRelease, kbShmMapped) and its
+        #                          (hello, update, kbRelease) and its
         #                          shared-memory mapper.
         self._cond = threading.Condition()
         self._queue = collections.deque()  # (data, meta, conn) or (_EOS, None, conn)

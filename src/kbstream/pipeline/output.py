@@ -6,7 +6,7 @@ the sending.
 
 Threads: one accepts connections (started by :meth:`OutputChannel.start`); one per
 connection reads the input's control frames (hello, update, and kbstream's own
-kbRelease/kbShmMapped) and sends what the input's credit releases.  ``write``/``update``
+kbRelease) and sends what the input's credit releases.  ``write``/``update``
 run in the caller's thread; ``update`` sends the message itself (``socket.sendmsg``
 straight from the arrays' memory) and returns once it is sent, dropped or queued for
 every input, so the arrays passed to ``write`` may be reused then; messages *queued* for a
@@ -151,6 +151,7 @@ class OutputChannel(Lifecycle):
         self.schema = schema
         self.validate_schema = validateSchema
         self.use_shm = use_shm
+        self._shm_budget = shm.SlotBudget()  # the slots of all inputs together
         self._validated = False
         self.hostname = socket.gethostname() if hostname == "default" else hostname
         bind = self.hostname if _is_ip(self.hostname) else "0.0.0.0"
@@ -279,10 +280,6 @@ class OutputChannel(Lifecycle):
                     with self._lock:
                         if conn.ring is not None:
                             conn.ring.release(_hello_int(h, "slot", -1))
-                elif kind == "kbShmMapped":
-                    with self._lock:
-                        if conn.ring is not None:
-                            conn.ring.mapped(str(h.get("name", "")))
                 else:
                     log.debug("%s: ignoring control frame %r", self.channel_id, kind)
         except PipelineProtocolError as e:
@@ -313,10 +310,8 @@ class OutputChannel(Lifecycle):
             raise PipelineProtocolError(f"memoryLocation {mem!r}: only 'remote' is served")
         max_queue = max(1, _hello_int(h, "maxQueueLength", 2))
         window = max(1, min(_hello_int(h, "kbCreditWindow", 1), 64))
-        token = h.get("kbShm")
-        ring = None
-        if self.use_shm and token and token == shm.host_token():
-            ring = shm.SlotRing(max_slots=window + 8)
+        offer = h.get("kbShmFd")
+        ring = self._shm_ring(conn, offer, window) if self.use_shm and offer is not None else None
         with self._lock:
             if conn.id is not None:
                 if ring is not None:
@@ -341,6 +336,14 @@ class OutputChannel(Lifecycle):
                 self._release(old)
         log.debug("%s: %s connected (%s, %s, window %d)", self.channel_id, iid, dist, slow, window)
         self._serve(serve)
+
+    def _shm_ring(self, conn, offer, window):
+        """Shared-memory slots for an input that offered them, or None (it gets TCP)."""
+        peer = shm.connect_input(conn.sock, offer, self.send_timeout)
+        if peer is None:
+            log.debug("%s: %s gets TCP (shared memory offered but not usable)", self.channel_id, conn.addr)
+            return None
+        return shm.SlotRing(peer, self._shm_budget, max_slots=window + 8)
 
     def _unregister(self, conn):
         """Take ``conn`` out of the policy and the registry (``_lock`` held).
@@ -413,9 +416,8 @@ class OutputChannel(Lifecycle):
         """Send one message; None, or the error that ended the connection."""
         try:
             if slot is not None:
-                index, seg = slot
-                shm.fill(seg, msg.body)  # the one copy of this message
-                msg = msg.via_shm(seg.name, index)
+                # conn.ring is released only when no send to conn is in flight
+                msg = conn.ring.place(slot, msg)
             _sendmsg_all(conn.sock, msg)
         except (OSError, ValueError) as e:
             # OSError: the peer left or stalled past send_timeout; ValueError: the

@@ -57,8 +57,11 @@ _HEADER = HashTemplate([("sourceInfo", T.VECTOR_HASH), ("_bufferSetLayout_", T.V
                         ("byteSizes", T.VECTOR_UINT32)])
 _EOS = HashTemplate([("endOfStream", None), ("_bufferSetLayout_", T.VECTOR_HASH), ("nData", T.UINT32),
                      ("byteSizes", T.VECTOR_UINT32)])
-# kbstream's reference to a body in shared memory (the header's kbShm node).
-_SHM_REF = HashTemplate([("name", None), ("slot", T.UINT32), ("size", T.UINT64)])
+# kbstream's shared-memory path (kbstream.pipeline.shm): an input's offer (the hello's
+# kbShmFd node) and the reference to a body in a slot (the data header's kbShmFd node).
+_SHM_OFFER = HashTemplate([("socket", None), ("key", None)])
+_SHM_REF = HashTemplate([("slot", T.UINT32), ("gen", T.UINT64), ("size", T.UINT64)])
+_SHM_REF_KEYS = ("slot", "gen", "size")
 
 #: Largest control frame (hello/update) accepted; real ones are < 300 bytes.
 MAX_CONTROL_SIZE = 64 * 1024
@@ -151,20 +154,22 @@ def _frame(h):
 
 
 def hello(instance_id, data_distribution="copy", on_slowness="drop", max_queue_length=2,
-          memory_location="remote", credit_window=1, shm_token=None):
-    """The framed hello an input sends first (keys in Karabo's order, extensions last)."""
+          memory_location="remote", credit_window=1, shm_offer=None):
+    """The framed hello an input sends first (keys in Karabo's order, extensions last).
+
+    ``shm_offer``: ``(socket name, key)`` of a same-host input's shared-memory offer."""
     h = _HELLO.build({"reason": "hello", "instanceId": instance_id, "memoryLocation": memory_location,
                       "dataDistribution": data_distribution, "onSlowness": on_slowness,
                       "maxQueueLength": int(max_queue_length)})
     if credit_window > 1:
         h.set_typed((("kbCreditWindow", int(credit_window), _UINT32),))
-    if shm_token:
-        h.set_typed((("kbShm", shm_token, None),))
+    if shm_offer:
+        h.set_typed((("kbShmFd", _SHM_OFFER.build({"socket": shm_offer[0], "key": shm_offer[1]}), None),))
     return _frame(h)
 
 
 def control(reason, instance_id, **fields):
-    """A framed kbstream control frame (kbRelease, kbShmMapped); Karabo outputs never get one."""
+    """A framed kbstream control frame (kbRelease); Karabo outputs never get one."""
     h = _CONTROL.build({"reason": reason, "instanceId": instance_id})
     h.set_typed([(k, v, _UINT32 if isinstance(v, int) and not isinstance(v, bool) else None)
                  for k, v in fields.items()])
@@ -226,11 +231,11 @@ class Message(list):
         m.header, m.body, m.body_size = self.header, body, self.body_size
         return m
 
-    def via_shm(self, name, slot):
-        """The same message with its body in shared-memory slot ``slot`` of segment ``name``."""
-        ref = _SHM_REF.build({"name": name, "slot": int(slot), "size": self.body_size})
+    def via_shm(self, slot, gen):
+        """The same message with its body in shared-memory slot ``slot`` (generation ``gen``)."""
+        ref = _SHM_REF.build({"slot": int(slot), "gen": int(gen), "size": self.body_size})
         h = Hash(self.header)
-        h.set_typed((("kbShm", ref, None),))
+        h.set_typed((("kbShmFd", ref, None),))
         hb = kbhash.encode_bytes(h)
         return [U32.pack(len(hb)) + hb + U32.pack(0)]
 
@@ -295,13 +300,15 @@ def parse_header(data, body_size):
         raise PipelineProtocolError(f"data header is not a Hash archive: {e}") from None
     m = MessageHeader()
     m.shm = None
-    shm = h.get("kbShm")
+    if "kbShm" in h:
+        raise PipelineProtocolError("a shared-memory reference by file name (kbShm) is never accepted")
+    shm = h.get("kbShmFd")
     if shm is not None:
-        if body_size != 0 or not isinstance(shm, Hash) or not isinstance(shm.get("name"), str) \
-                or type(shm.get("slot")) is not int or type(shm.get("size")) is not int \
-                or not 0 <= shm["slot"] < 2**32 or not 0 <= shm["size"] <= 0xFFFFFFFF:
-            raise PipelineProtocolError("malformed kbShm reference")
-        m.shm = (shm["name"], shm["slot"], shm["size"])
+        if body_size != 0 or not isinstance(shm, Hash) or any(type(shm.get(k)) is not int for k in _SHM_REF_KEYS) \
+                or not 0 <= shm["slot"] < 2**32 or not 0 < shm["gen"] < 2**64 \
+                or not 0 <= shm["size"] <= 0xFFFFFFFF:
+            raise PipelineProtocolError("malformed kbShmFd reference")
+        m.shm = (shm["slot"], shm["gen"], shm["size"])
         body_size = shm["size"]
     eos = h.get("endOfStream", False)
     if not isinstance(eos, bool):
