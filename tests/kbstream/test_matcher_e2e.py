@@ -19,7 +19,6 @@ from kbstream.matcher import TrainMatcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "matcher_source.py")
-SRC = os.path.normpath(os.path.join(HERE, "..", "..", "src"))
 SHAPE = (16, 512, 128)
 
 
@@ -28,9 +27,8 @@ def value(key, tid):
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    """The children import kbstream as this process does (installed, or PYTHONPATH)."""
+    return dict(os.environ)
 
 
 def _readline(proc, timeout=60.0):
@@ -55,10 +53,14 @@ class Sources:
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
             self.procs.append(p)
             self.names.append(name)
-        for p in self.procs:
-            line = _readline(p).split()
-            assert line[:1] == ["PORT"], line
-            self.ports.append(int(line[1]))
+        try:
+            for p in self.procs:
+                line = _readline(p).split()
+                assert line[:1] == ["PORT"], line
+                self.ports.append(int(line[1]))
+        except BaseException:
+            self.close()  # no process or pipe outlives a failed start
+            raise
 
     def specs(self):
         return [f"{n}=127.0.0.1:{p}" for n, p in zip(self.names, self.ports)]
