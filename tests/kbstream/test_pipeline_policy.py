@@ -135,7 +135,8 @@ def test_copy_drop_sends_with_credit_and_drops_without():
     t.write("m2")
     assert t.payloads("a") == ["m0", "m2"]
     assert t.stats("a") | {} == {"sent": 2, "dropped": 1, "queued": 0, "sending": 0, "queued_bytes": 0,
-                                 "shared": False, "onSlowness": "drop"}
+                                 "shared": False, "onSlowness": "drop", "maxQueueLength": 2,
+                                 "credit_window": 1, "background": False}
     assert t.copies == []  # nothing was queued: nothing copied
     t.check()
 

@@ -17,8 +17,14 @@ A kbstream output then lets that many messages be in flight on the
 connection; Karabo's output ignores unknown hello keys and keeps its one
 message in flight, and one ``update`` per received message is exactly what a
 Karabo input sends too, so both directions stay compatible.
+
+Every hello value is checked by :func:`parse_hello` (type and range; an output cuts
+``maxQueueLength`` to :data:`MAX_QUEUE_LENGTH` and ``kbCreditWindow`` to
+:data:`MAX_CREDIT_WINDOW`), so a peer can neither crash an output with a value of the
+wrong type nor make it reserve what it likes.
 """
 
+import numbers
 import struct
 
 import kbhash
@@ -34,7 +40,9 @@ __all__ = [
     "data_message",
     "eos_message",
     "parse_control",
+    "parse_hello",
     "parse_header",
+    "Hello",
     "MAX_CONTROL_SIZE",
     "MAX_HEADER_SIZE",
 ]
@@ -66,6 +74,14 @@ MAX_CONTROL_SIZE = 64 * 1024
 MAX_HEADER_SIZE = 64 * 1024 * 1024
 #: Largest number of buffers one message may declare.
 MAX_BUFFERS = 1 << 20
+#: Largest ``maxQueueLength`` an output honours (a larger request is cut to it).
+MAX_QUEUE_LENGTH = 10_000
+#: Largest ``kbCreditWindow`` an output honours (a larger request is cut to it).
+MAX_CREDIT_WINDOW = 64
+#: Longest ``instanceId`` (characters) a hello may carry; Karabo ids are far shorter.
+MAX_ID_LENGTH = 1024
+#: Longest ``kbShm`` token accepted.
+MAX_TOKEN_LENGTH = 256
 
 ON_SLOWNESS = ("drop", "queueDrop", "wait")
 DISTRIBUTION = ("copy", "shared")
@@ -252,6 +268,67 @@ def parse_control(data):
     if not isinstance(reason, str):
         raise PipelineProtocolError("control frame without a 'reason'")
     return reason, h
+
+
+class Hello:
+    """A validated hello (see :func:`parse_hello`).
+
+    Attributes
+    ----------
+    instance_id, data_distribution, on_slowness, memory_location : str
+    max_queue_length : int
+        In ``[1, MAX_QUEUE_LENGTH]``.
+    credit_window : int
+        In ``[1, MAX_CREDIT_WINDOW]``.
+    shm_token : str or None
+    """
+
+    __slots__ = ("instance_id", "data_distribution", "on_slowness", "memory_location", "max_queue_length",
+                 "credit_window", "shm_token")
+
+
+def _hello_choice(h, key, default, allowed):
+    value = h.get(key, default)
+    if not isinstance(value, str) or value not in allowed:
+        raise PipelineProtocolError(f"hello has {key}={value!r}: not one of {allowed}")
+    return value
+
+
+def _hello_count(h, key, default, cap):
+    value = h.get(key, default)
+    # an integer of any width; not a bool, a float (inf, nan, 2.5) or a string
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise PipelineProtocolError(f"hello has a {key} of type {type(value).__name__}, not an integer")
+    value = int(value)
+    if value < 0:
+        raise PipelineProtocolError(f"hello has a negative {key} ({value})")
+    return min(max(1, value), cap)
+
+
+def parse_hello(h):
+    """Check every value of a hello (a decoded control Hash); returns a :class:`Hello`.
+
+    Types and choices must be what Karabo sends (PipelineProtocolError otherwise);
+    ``maxQueueLength`` and ``kbCreditWindow`` are integers >= 0, where 0 counts as 1 and
+    values above :data:`MAX_QUEUE_LENGTH` / :data:`MAX_CREDIT_WINDOW` are cut to them.
+    """
+    out = Hello()
+    iid = h.get("instanceId")
+    if not isinstance(iid, str) or not iid:
+        raise PipelineProtocolError("hello without instanceId")
+    if len(iid) > MAX_ID_LENGTH:
+        raise PipelineProtocolError(f"hello has an instanceId of {len(iid)} characters")
+    out.instance_id = iid
+    out.data_distribution = _hello_choice(h, "dataDistribution", "copy", DISTRIBUTION)
+    out.on_slowness = _hello_choice(h, "onSlowness", "drop", ON_SLOWNESS)
+    out.memory_location = _hello_choice(h, "memoryLocation", "remote", ("remote", "local"))
+    out.max_queue_length = _hello_count(h, "maxQueueLength", 2, MAX_QUEUE_LENGTH)
+    out.credit_window = _hello_count(h, "kbCreditWindow", 1, MAX_CREDIT_WINDOW)
+    token = h.get("kbShm")
+    if token is not None and (not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH):
+        raise PipelineProtocolError("hello has a malformed kbShm token")
+    out.shm_token = token or None
+    return out
 
 
 class MessageHeader:
