@@ -481,8 +481,8 @@ class OutputChannel(Lifecycle):
                 greeting.popleft()
             elif conn.hello_deadline <= now:
                 greeting.popleft()
-                log.info("%s: closing connection from %s: no hello within %s s", self.channel_id, conn.addr,
-                         self.hello_timeout)
+                log.warning("%s: closing connection from %s: no hello within %s s", self.channel_id, conn.addr,
+                            self.hello_timeout)
                 self._drop(conn, "no hello")
             else:
                 nxt = conn.hello_deadline

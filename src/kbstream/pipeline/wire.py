@@ -74,6 +74,11 @@ MAX_CONTROL_SIZE = 64 * 1024
 MAX_HEADER_SIZE = 64 * 1024 * 1024
 #: Largest number of buffers one message may declare.
 MAX_BUFFERS = 1 << 20
+#: Bytes a data header may have beyond what its items need (a Karabo header has < 200).
+HEADER_ROOM = 4096
+#: Bytes a data header may have per item, besides 4 per character of its source and 16
+#: per buffer (a Karabo header has about 180).
+HEADER_ROOM_PER_ITEM = 1024
 #: Largest ``maxQueueLength`` an output honours (a larger request is cut to it).
 MAX_QUEUE_LENGTH = 10_000
 #: Largest ``kbCreditWindow`` an output honours (a larger request is cut to it).
@@ -363,8 +368,8 @@ def parse_header(data, body_size):
     """Validate a data header against the declared body size.
 
     Raises PipelineProtocolError when keys are missing or mistyped, when the
-    per-item sizes disagree with each other or with the body size, or when
-    counts are absurd.
+    per-item sizes disagree with each other or with the body size, when counts
+    are absurd, or when the header is far larger than its items need.
     """
     try:
         h = kbhash.decode(data)
@@ -419,6 +424,14 @@ def parse_header(data, body_size):
     if total != body_size:
         raise PipelineProtocolError(f"item sizes add up to {total} bytes but the body has {body_size}")
     m.metas = [ChannelMetaData.from_hash(x) for x in info]
+    # A header holds its items' metadata and sizes.  One much larger than they need hides
+    # something else (millions of empty Hashes: 4 bytes each on the wire, hundreds in
+    # memory); it is refused, whatever it decoded into.
+    room = HEADER_ROOM + sum(HEADER_ROOM_PER_ITEM + 4 * len(meta.source) + 16 * len(sizes)
+                             for meta, sizes in zip(m.metas, buffers))
+    if len(data) > room:
+        raise PipelineProtocolError(f"data header of {len(data)} bytes for {len(info)} items: "
+                                    f"more than {room} bytes they can need")
     m.buffers = buffers
     m.body_size = body_size
     return m
