@@ -580,3 +580,34 @@ def test_a_header_of_millions_of_empty_hashes_is_refused(tmp_path):
                     "byte (kbhash.decode raising kbhash.DecodeError beyond the limit); this kbhash has no "
                     f"such limit yet (the header cost {(r['after']['VmHWM'] - r['before']['VmRSS']) >> 20} MiB)")
     assert r["after"]["VmHWM"] - r["before"]["VmRSS"] < 200 * MiB, r
+
+
+# ------------------------------------------------------- wire: hello and header checks
+
+
+def test_parse_hello_takes_what_karabo_and_kbstream_send():
+    with open(os.path.join(os.path.dirname(__file__), "..", "data", "karabo_pipeline_session.json")) as f:
+        session = json.load(f)
+    stream = bytes.fromhex(session["variants"]["remote"]["input_to_output"]["hex"])
+    n = struct.unpack_from("<I", stream)[0]
+    kind, h = wire.parse_control(stream[4:4 + n])  # the real C++ input's hello
+    hello = wire.parse_hello(h)
+    assert kind == "hello" and (hello.instance_id, hello.data_distribution, hello.on_slowness) == (
+        "capReceiver:input", "copy", "wait")
+    assert (hello.max_queue_length, hello.credit_window, hello.shm_token) == (2, 1, None)
+    ours = wire.hello("k:in", "shared", "queueDrop", 0, credit_window=8, shm_token="t")
+    hello = wire.parse_hello(wire.parse_control(ours[4:])[1])
+    assert (hello.max_queue_length, hello.credit_window, hello.shm_token) == (1, 8, "t")  # 0 counts as 1
+
+
+def test_headers_of_many_items_pass_and_padded_ones_do_not():
+    items = [(Hash("i", k), wire.ChannelMetaData(f"a_long/source/name_{k:05d}" * 4)) for k in range(2000)]
+    msg = wire.data_message(items)
+    hlen = struct.unpack_from("<I", msg[0])[0]
+    header = msg[0][4:4 + hlen]
+    m = wire.parse_header(header, msg.body_size)  # about 300 bytes per item: far below the room
+    assert len(m.metas) == 2000
+    padded = _empty_hashes_header((wire.HEADER_ROOM + wire.HEADER_ROOM_PER_ITEM) // 4)  # one item, 5 KiB of {}
+    with pytest.raises(wire.PipelineProtocolError, match="more than"):
+        wire.parse_header(padded, 4)
+    assert wire.parse_header(_empty_hashes_header(100), 4).buffers == [[4]]

@@ -405,6 +405,8 @@ class DeliveryPolicy:
         if wait:
             d.owed.update(marker.pending)
         self._shared_append(marker)
+        if self.no_input_shared == "queueDrop":
+            self._trim(self._shared_queue, self.shared_queue_length, None)
         d.outcome[SHARED] = WAIT if wait else QUEUE
         for rec in shared:
             self._fill(rec, d.serve)
@@ -445,14 +447,16 @@ class DeliveryPolicy:
             d.late.append("a shared input")
         marker = d.marker
         if marker is not None and marker.delivery is not None:
+            d.marker = None
             if marker.pending:
                 d.owed.difference_update(marker.pending)
                 d.late.extend(sorted(self._inputs[k].id for k in marker.pending))
-                # the marker stays (an end of stream is never dropped), no longer owed
+                # the marker stays (an end of stream is never dropped), no longer owed; the
+                # inputs that took it already keep it, owed (their sends are handed out)
                 queue = self._shared_queue
                 queue[_index(queue, marker)] = Entry(marker.seq, marker.payload, True, marker.nbytes,
                                                      None, marker.pending)
-            marker.delivery = None
+                marker.pending = None
         self._trim_total()
 
     # ------------------------------------------------------------ sending
