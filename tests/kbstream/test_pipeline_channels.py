@@ -716,6 +716,9 @@ def test_serving_an_input_never_waits_behind_a_send_in_flight(channels):
         assert out._finish(conn, tx, None)  # the copy is next: the I/O thread sends it
         out._wake()
         col.wait_eos(2)
+        deadline = time.monotonic() + TIMEOUT
+        while out.stats()["receiver:input"]["sent"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the I/O thread counts it once the socket took it all
         assert out.stats()["receiver:input"]["sent"] == 2
     finally:
         other.close()

@@ -113,6 +113,16 @@ class SlowReader:
         self.thread.join(TIMEOUT)
 
 
+def _complete(data):
+    """True when ``data`` holds at least one whole message."""
+    if len(data) < 4:
+        return False
+    h = struct.unpack_from("<I", data)[0]
+    if len(data) < 8 + h:
+        return False
+    return len(data) >= 8 + h + struct.unpack_from("<I", data, 4 + h)[0]
+
+
 def _messages(data):
     """Split what an input read into (header Hash, body bytes) messages."""
     out, pos = [], 0
@@ -424,6 +434,7 @@ def test_a_slow_wait_input_holds_update_only_until_its_timeout_and_still_gets_th
         assert read_by_slow < 8 * MiB, read_by_slow
         slow_in.fast.set()
         _wait_for(lambda: out.stats()["slow:input"]["sent"] == 1, "the message never got through")
+        _wait_for(lambda: _complete(bytes(slow_in.data)), "the message never arrived whole")
         (header, body), = _messages(slow_in.data)
         item = kbhash.decode(body)
         assert item["index"] == 1 and item["blob"].size == 24 * MiB and (item["blob"] == 7).all()

@@ -489,8 +489,11 @@ class OutputChannel(Lifecycle):
                 break
         for conn in list(self._background):
             tx = conn.tx
-            if conn.gone or tx is None:
+            if conn.gone:
                 self._forget(conn)
+                continue
+            if tx is None:
+                self._background.discard(conn)
                 continue
             limit = tx.progress_at + self.send_timeout
             if limit <= now:
@@ -755,13 +758,15 @@ class OutputChannel(Lifecycle):
     def _send_background(self, conn):
         """Send copies to ``conn`` while its socket takes them (I/O thread)."""
         while True:
-            tx = conn.tx
-            if tx is None:
-                with self._lock:
-                    self._kick.discard(conn)
-                    entry = None if conn.gone else self._policy.next_send(conn, background=True)
+            with self._lock:
+                self._kick.discard(conn)
+                tx = conn.tx  # a writer's detached send, or ours in progress
+                entry = slot = None
+                if tx is None and not conn.gone:
+                    entry = self._policy.next_send(conn, background=True)
                     if entry is not None:
                         slot = self._slot_for(conn, entry.payload)
+            if tx is None:
                 if entry is None:
                     self._background.discard(conn)
                     if not conn.gone:
