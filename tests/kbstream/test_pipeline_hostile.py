@@ -168,6 +168,7 @@ def test_idle_connections_cost_no_thread_each(output):
         last.sendall(_hello("last:input"))
         out.wait_for_inputs(copy=["last:input"], timeout=TIMEOUT)  # accepted after the 50 idle ones
         assert len(_threads("idle:output")) <= 2, [t.name for t in _threads("idle:output")]
+        assert out.connection_count() == 51
     finally:
         for s in idle + [last]:
             s.close()
