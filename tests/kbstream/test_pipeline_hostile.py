@@ -623,3 +623,23 @@ def test_headers_of_many_items_pass_and_padded_ones_do_not():
     with pytest.raises(wire.PipelineProtocolError, match="more than"):
         wire.parse_header(padded, 4)
     assert wire.parse_header(_empty_hashes_header(100), 4).buffers == [[4]]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="counts /proc/self/fd")
+@pytest.mark.parametrize("repeat", range(3))
+def test_close_during_background_sends_leaves_no_socket_open(repeat):
+    """close() while slow inputs are sent to in the background: every socket is closed."""
+    before = len(os.listdir("/proc/self/fd"))
+    out = OutputChannel("fd:output", hostname="127.0.0.1").start()
+    slow = [SlowReader(out.port, f"slow{k}:input", "drop", pause=3600) for k in range(3)]
+    try:
+        out.wait_for_inputs(copy=[f"slow{k}:input" for k in range(3)], timeout=TIMEOUT)
+        for i in range(4):
+            out.write({"index": i, "blob": np.zeros(16 * MiB, np.uint8)})
+            out.update(timeout=TIMEOUT)
+        assert all(st["background"] for k, st in out.stats().items() if k != "__shared__")
+    finally:
+        out.close()
+        for s in slow:
+            s.close()
+    assert len(os.listdir("/proc/self/fd")) <= before

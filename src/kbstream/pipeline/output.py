@@ -441,7 +441,9 @@ class OutputChannel(Lifecycle):
             kick, self._kick = self._kick, set()
             closing, self._closing = self._closing, []
         for conn in kick:
-            if not conn.gone:
+            if conn.gone:
+                self._forget(conn)  # ends a send a writer left to us
+            else:
                 self._send_background(conn)
         for conn in closing:
             self._forget(conn)
@@ -985,6 +987,18 @@ class OutputChannel(Lifecycle):
         self._wake()
         if self._io is not threading.current_thread():
             self._io.join(_JOIN_TIMEOUT)
+        self._sweep()  # a writer may have left a send to the thread as it ended
+
+    def _sweep(self):
+        """End the background sends the I/O thread left (when it ends): their connections
+        are dropped, so this releases them and closes their sockets."""
+        with self._lock:
+            conns = self._kick | self._background
+            self._kick = set()
+        for conn in conns:
+            tx = conn.tx
+            if tx is not None:
+                self._finish(conn, tx, ConnectionError("channel closed"))
 
     def _io_exit(self):
         """Close what the I/O thread watched (its last act, or close() before start())."""
@@ -995,6 +1009,7 @@ class OutputChannel(Lifecycle):
             self._lock.notify_all()
         for conn in conns:  # only when the thread failed: close() dropped them already
             self._drop(conn, "channel closed")
+        self._sweep()
         for conn in closing:
             _close_socket(conn.sock)
         for sock in (self._server, self._wake_r, self._wake_w):
