@@ -702,22 +702,39 @@ def test_messages_queued_for_a_slow_input_still_travel_through_shared_memory(cha
 
 
 def test_serving_an_input_never_waits_behind_a_send_in_flight(channels):
-    """Serving an input whose sender is busy (a stalled send can last send_timeout)
-    returns at once: the busy sender sends what was handed out, in order."""
-    out, inp, col = copy_pair(channels, onSlowness="wait")
+    """While a send to an input is in flight (a slow one can last send_timeout), what is
+    handed out to it after waits for that sender: the I/O thread asked to serve it
+    returns at once and goes on serving everybody else; the copy goes out, in order,
+    when the send in flight ends."""
+    from kbstream.pipeline import output as poutput
+
+    make_output, make_input = channels
+    out, inp, col = copy_pair(channels, onSlowness="queueDrop")
     conn = out._inputs["receiver:input"]
-    with out._lock:   # as if a send to this input were in flight
-        d = out._policy.offer([wire.eos_message()], eos=True)
+    with out._lock:   # this test is the sender of the first end of stream
+        first = out._policy.offer([wire.eos_message()], eos=True)
         in_flight = out._policy.next_send(conn)
-    assert in_flight is d.entry and d.serve == [conn]
-    t = threading.Thread(target=out._serve, args=([conn],), daemon=True)
-    t.start()
-    t.join(20)
-    blocked = t.is_alive()
-    with out._lock:
-        out._policy.end_send(conn, in_flight)
-    t.join()
-    assert not blocked and d.done
+        second = out._policy.offer([wire.eos_message()], eos=True)
+        assert out._policy.detach(conn, second.entry, queued_only=True) is not None  # a copy now
+        assert not out._dispatch([conn])  # its sender is busy: nothing for the I/O thread
+        out._kick.add(conn)  # ask anyway
+    out._wake()
+    assert in_flight is first.entry and first.serve == [conn] and second.done
+    other = RawInput(out.port, "other:input", slow="drop")  # the I/O thread still serves others
+    try:
+        out.wait_for_inputs(copy=["other:input"], timeout=TIMEOUT)
+        assert col.eos == 0
+        tx, error = out._start_tx(conn, in_flight, None)
+        assert error is None and poutput._push(conn.sock, tx) is None and not tx.views
+        assert out._finish(conn, tx, None)  # the copy is next: the I/O thread sends it
+        out._wake()
+        col.wait_eos(2)
+        deadline = time.monotonic() + TIMEOUT
+        while out.stats()["receiver:input"]["sent"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the I/O thread counts it once the socket took it all
+        assert out.stats()["receiver:input"]["sent"] == 2
+    finally:
+        other.close()
 
 
 def test_input_without_shared_memory_gets_tcp(channels):
@@ -884,8 +901,11 @@ def test_a_stalled_input_with_credit_is_disconnected_after_send_timeout(channels
         big = np.zeros(4 << 20, np.uint8)
         for i in range(8):  # 32 MiB: more than the socket buffers hold
             out.write({"index": i, "blob": big})
-            out.update(timeout=TIMEOUT)
-        assert out.input_ids() == []  # dropped as stalled, and update() returned
+            out.update(timeout=TIMEOUT)  # returns: the rest goes on in the background
+        deadline = time.monotonic() + TIMEOUT
+        while out.input_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.input_ids() == []  # dropped as stalled
     finally:
         stalled.close()
 
@@ -967,7 +987,7 @@ def test_output_binds_in_its_constructor_and_accepts_after_start():
         raw = RawInput(out.port, "early:input", slow="wait")  # the kernel holds it until start()
         assert out.start() is out
         out.wait_for_inputs(copy=["early:input"])
-        assert _threads("lc:output-accept") != []
+        assert _threads("lc:output-io") != []
         with pytest.raises(StateError, match="already started"):
             out.start()
     finally:

@@ -54,6 +54,7 @@ class Driver:
         self.gen = itertools.count()
         self.received = {}
         self.hold = set()
+        self.bg = set()  # ids whose copies are sent in the background (next_send background=True)
         self.in_flight = {}  # key -> entry
 
     @property
@@ -88,7 +89,9 @@ class Driver:
     def serve(self, keys):
         for key in keys:
             while key not in self.in_flight:
-                entry = self.policy.next_send(key)
+                entry = self.policy.next_send(key, background=True) if key[0] in self.bg else None
+                if entry is None:
+                    entry = self.policy.next_send(key)
                 if entry is None:
                     break
                 if key[0] in self.hold:
@@ -96,6 +99,23 @@ class Driver:
                     break
                 self.received[key].append((entry.seq, entry.payload))
                 assert not self.policy.end_send(key, entry)
+
+    def detach(self, iid):
+        """The writer stops waiting for the send in flight to ``iid``: it goes on in the
+        background with the message's copy."""
+        key = next(k for k in self.in_flight if k[0] == iid)
+        new = self.policy.detach(key, self.in_flight[key])
+        assert new is not None and new.delivery is None
+        self.in_flight[key] = new
+        return new
+
+    def background(self, iid):
+        """Take the next copy for ``iid`` as a background sender and hold it in flight."""
+        key = self.keys[iid]
+        entry = self.policy.next_send(key, background=True)
+        if entry is not None:
+            self.in_flight[key] = entry
+        return entry
 
     def finish(self, iid, ok=True):
         """Complete the send in flight to ``iid`` (whatever its key was); True if the input
@@ -119,6 +139,28 @@ class Driver:
 
     def check(self):
         assert self.policy.problems() == []
+        self.check_bounds()
+
+    def check_bounds(self):
+        """Each queue within its bounds (its newest message aside), all of them within the
+        total unless nothing they hold may be dropped."""
+        p = self.policy
+        queues = [(rec.waiting, rec.max_queue) for rec in p._inputs.values()
+                  if (rec.on_slowness == "queueDrop" and not rec.shared)
+                  or (rec.shared and p.no_input_shared == "queueDrop")]
+        if p.no_input_shared == "queueDrop":
+            queues.append((p._shared_queue, p.shared_queue_length))
+        droppable = 0
+        for queue, length in queues:
+            data = [e for e in queue if not e.eos]
+            nbytes = sum(e.nbytes for e in queue)
+            if len(data) > 1:
+                assert len(data) <= length, (len(data), length)
+                if p.max_queue_bytes is not None:
+                    assert nbytes <= p.max_queue_bytes, (nbytes, p.max_queue_bytes)
+                droppable += sum(1 for e in data[:-1] if e.delivery is None)
+        if p.max_total_bytes is not None and p.total_bytes > p.max_total_bytes:
+            assert droppable == 0, (p.total_bytes, p.max_total_bytes)
 
 
 # ------------------------------------------------------- copy / drop
@@ -135,7 +177,8 @@ def test_copy_drop_sends_with_credit_and_drops_without():
     t.write("m2")
     assert t.payloads("a") == ["m0", "m2"]
     assert t.stats("a") | {} == {"sent": 2, "dropped": 1, "queued": 0, "sending": 0, "queued_bytes": 0,
-                                 "shared": False, "onSlowness": "drop"}
+                                 "shared": False, "onSlowness": "drop", "maxQueueLength": 2,
+                                 "credit_window": 1, "background": False}
     assert t.copies == []  # nothing was queued: nothing copied
     t.check()
 
@@ -556,6 +599,26 @@ def test_shared_end_of_stream_wait_deadline_names_the_late_inputs():
     t.check()
 
 
+def test_shared_end_of_stream_taken_before_the_deadline_stays_owed_until_sent():
+    t = Driver(no_input_shared="wait")
+    t.hold.add("s1")
+    t.connect("s1", shared=True)
+    t.connect("s2", shared=True)
+    t.write("m0")  # s1 takes it and holds it in flight
+    t.write("m1")  # s2 takes it
+    t.finish("s1")
+    t.credit("s1")
+    d = t.write("EOS", eos=True)  # s1 takes the marker (in flight), s2 has no credit
+    assert t.key("s1") in d.owed and t.key("s2") in d.owed
+    t.policy.expire(d)
+    assert d.late == ["s2"] and d.owed == {t.key("s1")}  # s1's send is handed out: still owed
+    t.finish("s1")
+    assert d.done
+    t.credit("s2")
+    assert t.payloads("s2")[-1] == "EOS"
+    t.check()
+
+
 def test_shared_input_gone_is_no_longer_owed_the_end_of_stream():
     t, (w0, w1) = shared_pool(no_input_shared="wait")
     t.write("m0")
@@ -618,6 +681,149 @@ def test_failed_send_is_not_counted_as_sent():
     t.disconnect("a")  # what the output does after a failed send
 
 
+# ------------------------------------------------------- bounds in bytes
+
+
+def test_queue_drop_is_bounded_in_bytes_and_keeps_the_newest():
+    t = Driver(max_queue_bytes=25)
+    t.connect("a", on_slowness="queueDrop", max_queue=100)
+    t.write("m0", nbytes=10)  # the hello's credit
+    for i in range(1, 6):
+        assert t.write(f"m{i}", nbytes=10).outcome == {"a": QUEUE}
+    st = t.stats("a")
+    assert st["queued"] == 2 and st["queued_bytes"] == 20 and st["dropped"] == 3
+    t.write("big", nbytes=100)  # alone beyond the cap: the newest always stays
+    st = t.stats("a")
+    assert st["queued"] == 1 and st["queued_bytes"] == 100 and st["dropped"] == 5
+    t.credit("a", 3)
+    assert t.payloads("a") == ["m0", "big"]
+    t.check()
+
+
+def test_an_end_of_stream_is_never_dropped_for_bytes():
+    t = Driver(max_queue_bytes=10, max_total_bytes=10)
+    t.connect("a", on_slowness="queueDrop", max_queue=100)
+    t.write("m0", nbytes=8)
+    t.write("EOS", eos=True, nbytes=8)
+    t.write("m1", nbytes=8)
+    t.write("m2", nbytes=8)  # m1 goes; the end of stream stays
+    assert t.stats("a")["queued"] == 2 and t.stats("a")["dropped"] == 1
+    t.credit("a", 3)
+    assert t.payloads("a") == ["m0", "EOS", "m2"]
+    t.check()
+
+
+def test_the_shared_queue_is_bounded_in_bytes():
+    t = Driver(no_input_shared="queueDrop", shared_queue_length=100, max_queue_bytes=30)
+    t.connect("s", shared=True)
+    t.write("m0", nbytes=10)
+    for i in range(1, 8):
+        assert t.write(f"m{i}", nbytes=10).outcome == {SHARED: QUEUE}
+    assert t.stats()[SHARED] == {"dropped": 4, "queued": 3, "queued_bytes": 30}
+    t.check()
+
+
+def test_all_queues_together_are_bounded_and_the_fullest_gives_way():
+    t = Driver(max_total_bytes=50)
+    t.connect("a", on_slowness="queueDrop", max_queue=100)
+    t.connect("b", on_slowness="queueDrop", max_queue=100)
+    t.write("m0", nbytes=10)  # the hello credits
+    t.credit("b", 1)
+    for i in range(1, 4):
+        t.write(f"m{i}", nbytes=10)  # a queues 3, b has credit for m1 then queues 2
+    assert (t.stats("a")["queued_bytes"], t.stats("b")["queued_bytes"]) == (30, 20)
+    t.write("m4", nbytes=10)  # 70 > 50: a (the fullest) drops its oldest two
+    st = t.stats()
+    assert (st["a"]["queued_bytes"], st["b"]["queued_bytes"]) == (20, 30) and t.policy.total_bytes == 50
+    assert (st["a"]["dropped"], st["b"]["dropped"]) == (2, 0)
+    t.write("m5", nbytes=100)  # the newest of each queue stays, whatever the total
+    assert (t.stats("a")["queued"], t.stats("b")["queued"]) == (1, 1) and t.policy.total_bytes == 200
+    t.credit("a", 2)
+    t.credit("b", 2)
+    assert t.payloads("a") == ["m0", "m5"] and t.payloads("b") == ["m0", "m1", "m5"]
+    t.check()
+
+
+# ------------------------------------------------------- slow inputs: detach, background
+
+
+@pytest.mark.parametrize("slowness", ["drop", "queueDrop"])
+def test_a_detached_send_goes_on_in_the_background_and_the_input_takes_nothing_new(slowness):
+    t = Driver()
+    t.hold.add("a")
+    t.connect("a", on_slowness=slowness, window=4, max_queue=2)
+    t.connect("w", on_slowness="wait")
+    d0 = t.write("m0")
+    assert not d0.done and d0.owed == {t.key("a")}  # "w" got it at once
+    assert not t.policy.waits(t.key("a")) and t.policy.waits(t.key("w"))
+    copy = t.detach("a")
+    assert d0.done and copy.payload == Copy("m0") and t.copies == ["m0"]
+    assert t.stats("a")["background"] and t.stats("a")["sending"] == 1
+    t.credit("w")
+    d1 = t.write("m1")  # "a" has credit left but is busy in the background
+    assert d1.outcome["a"] == (DROP_NO_CREDIT if slowness == "drop" else QUEUE) and d1.done
+    t.credit("a")  # kept for later: nothing moves while the background send lasts
+    assert t.stats("a")["sending"] == 1
+    t.hold.clear()
+    t.finish("a")
+    assert not t.stats("a")["background"]
+    t.credit("w")
+    t.write("m2")  # credit again: sent at once
+    assert t.payloads("a") == ["m0", "m2"] if slowness == "drop" else ["m0", "m1", "m2"]
+    assert t.stats("a")["sent"] + t.stats("a")["dropped"] == 3
+    t.check()
+
+
+def test_a_message_waiting_in_an_outbox_behind_a_send_can_be_detached():
+    t = Driver()
+    t.hold.add("a")
+    t.connect("a", on_slowness="drop", window=4)
+    t.write("m0")  # in flight, held
+    d1 = t.write("m1")  # in the outbox behind it
+    key = t.key("a")
+    assert t.policy.next_send(key) is None  # the sender is busy
+    assert t.policy.detach(key, d1.entry, queued_only=True).payload == Copy("m1")
+    assert d1.done and t.policy.detach(key, d1.entry) is None  # nothing left to detach
+    assert t.policy.head(key) is None
+    t.hold.clear()
+    t.finish("a")
+    assert t.payloads("a") == ["m0", "m1"]
+    t.check()
+
+
+def test_next_send_hands_copies_to_the_background_and_writers_their_own():
+    t = Driver()
+    t.connect("a", on_slowness="queueDrop", max_queue=5)
+    t.write("m0")
+    t.write("m1")  # queued: a copy
+    key = t.key("a")
+    t.policy.credit(key)  # the copy goes to the outbox, nobody serves it yet
+    assert t.policy.head(key).payload == Copy("m1")
+    assert t.policy.next_send(key, owned_only=True) is None
+    entry = t.background("a")
+    assert entry.payload == Copy("m1") and t.stats("a")["background"]
+    t.finish("a")
+    assert not t.stats("a")["background"] and t.payloads("a") == ["m0", "m1"]
+    t.check()
+
+
+def test_a_shared_input_busy_in_the_background_leaves_the_pool_until_its_send_ends():
+    t = Driver(no_input_shared="queueDrop", shared_queue_length=5)
+    t.hold.add("s1")
+    t.connect("s1", shared=True, window=2)
+    t.connect("s2", shared=True)
+    d = t.write("m0")  # s1 got credit first
+    assert d.outcome["s1"] == SEND
+    t.detach("s1")
+    t.write("m1")  # s1 has a credit left but is busy: s2 takes it
+    t.write("m2")  # queued for the pool
+    assert t.payloads("s2") == ["m1"] and t.stats()[SHARED]["queued"] == 1
+    t.hold.clear()
+    t.finish("s1")  # back in the pool: it takes the queued one
+    assert t.payloads("s1") == ["m0", "m2"]
+    t.check()
+
+
 # ------------------------------------------------------- random walk over every option
 
 
@@ -628,6 +834,10 @@ def _random_walk(seed, steps=300):
                    shared_queue_length=rng.randint(1, 4))
     if rng.random() < 0.25:
         options["selector"] = lambda ids: rng.choice(ids + [""])
+    if rng.random() < 0.5:
+        options["max_queue_bytes"] = rng.randint(5, 30)
+    if rng.random() < 0.5:
+        options["max_total_bytes"] = rng.randint(10, 60)
     t = Driver(**options)
     names = [f"c{k}" for k in range(3)] + [f"s{k}" for k in range(3)]
     offered = {}  # copy input id -> messages offered while connected
@@ -657,7 +867,16 @@ def _random_walk(seed, steps=300):
         elif r < 0.6 and any(k[0] == iid for k in t.in_flight):
             t.hold.discard(iid)
             t.finish(iid)
-        elif r < 0.7 and open_:
+        elif r < 0.62 and iid in t.keys:
+            t.bg ^= {iid}  # its copies from now on in the background, or no longer
+        elif r < 0.68 and iid in t.keys and not t.policy.waits(t.key(iid)):
+            # the writers stop waiting for an input they need not wait for
+            key = t.key(iid)
+            if key in t.in_flight and t.in_flight[key].delivery is not None:
+                t.detach(iid)
+            for d in open_:
+                t.policy.detach(key, d.entry, queued_only=True)
+        elif r < 0.74 and open_:
             t.policy.expire(open_.pop(rng.randrange(len(open_))))
         else:
             eos = rng.random() < 0.15
@@ -669,8 +888,15 @@ def _random_walk(seed, steps=300):
                 if eos:
                     eos_owed[i].append(payload)
             d = t.write(payload, eos=eos, nbytes=rng.randint(0, 9))
+            if rng.random() < 0.4:  # as update() does: no waiting for inputs that need none
+                for key in [k for k in d.owed if k != SHARED and not t.policy.waits(k)]:
+                    if t.in_flight.get(key) is d.entry:
+                        t.detach(key[0])
+                    else:
+                        t.policy.detach(key, d.entry, queued_only=True)
             if not d.done:
                 open_.append(d)
+            open_ = [x for x in open_ if not x.done]
         t.check()
         c = t.stats()
         for i in live():

@@ -1,4 +1,4 @@
-"""Blocking socket helpers shared by the pipeline's output and input channels."""
+"""Blocking socket helpers of the pipeline's input channel (the output never blocks: output.py)."""
 
 import socket
 
@@ -28,29 +28,3 @@ def recv_exact(sock, n):
     buf = bytearray(n)
     recv_into(sock, memoryview(buf))
     return buf
-
-
-def sendmsg_all(sock, buffers):
-    """Send all buffers (scatter-gather, partial sends resumed)."""
-    views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
-    while views:
-        n = sock.sendmsg(views[:512])
-        while n:
-            if n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-
-
-def close(sock):
-    """Shut down and close, ignoring a socket that is already gone."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass

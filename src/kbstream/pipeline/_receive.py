@@ -7,9 +7,16 @@ same-host output's shared memory) and hands them to the channel.  When the outpu
 away (or sends garbage, which closes the connection with a logged reason) it tries again
 every ``reconnect_interval`` seconds, asking the resolver afresh each time.
 
-Locks: ``Connection.lock`` guards the socket's writes (hello, update, kbRelease) and the
-shared-memory mapper's record of held slots; the channel never holds its own lock while
-taking it, nor does a connection hold it while calling into the channel.
+Credit: the hello grants the output ``credit_window`` messages and every ``update``
+one more.  A message beyond that (an output that ignores credit and keeps sending) is a
+protocol error: the connection is closed before its header is read, with a logged
+reason, and tried again later.  So an input holds at most ``capacity`` items plus what
+its credit let in, whatever the output does.
+
+Locks: ``Connection.lock`` guards the socket's writes (hello, update, kbRelease), the
+count of credits granted on it and the shared-memory mapper's record of held slots; the
+channel never holds its own lock while taking it, nor does a connection hold it while
+calling into the channel.
 """
 
 import logging
@@ -92,6 +99,8 @@ class Connection:
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"{channel.channel_id}<-{output_id}", daemon=True)
         self.received = 0
+        self.granted = 0  # credits granted on this socket: the hello's window, then updates
+        self.taken = 0  # messages received on this socket
         self.last_error = None
         self.pool = _BufferPool(limit=2 * (channel.capacity + channel.credit_window) + 4)
         self.mapper = None  # shm.SlotMapper while connected to an output on this host
@@ -170,6 +179,8 @@ class Connection:
         with self.lock:
             self.sock = sock
             self.mapper = mapper
+            self.granted = ch.credit_window  # the hello is the first credit (a window: more)
+            self.taken = 0
         sock.sendall(wire.hello(ch.channel_id, ch.data_distribution, ch.on_slowness, ch.max_queue_length,
                                 credit_window=ch.credit_window, shm_offer=mapper and mapper.offer))
         ch._connected(self)
@@ -213,6 +224,9 @@ class Connection:
         sock = self.sock
         while not self.stop.is_set():
             hlen = wire.U32.unpack(_recv_exact(sock, 4))[0]
+            self.taken += 1
+            if self.taken > self.granted:  # granted only grows, and before the update is sent
+                raise PipelineProtocolError(f"the output sent message {self.taken} for {self.granted} credits")
             if hlen > wire.MAX_HEADER_SIZE:
                 raise PipelineProtocolError(f"data header of {hlen} bytes")
             hdata = _recv_exact(sock, hlen)
@@ -265,6 +279,13 @@ class Connection:
     def send(self, frame):
         with self.lock:
             if self.sock is not None:
+                self.sock.sendall(frame)
+
+    def grant(self, frame):
+        """Send an ``update``: one more message the output may send on this socket."""
+        with self.lock:
+            if self.sock is not None:
+                self.granted += 1  # first: the output may answer before sendall returns
                 self.sock.sendall(frame)
 
     def release_slots(self):

@@ -10,6 +10,8 @@ Flow control: an input holds at most ``capacity`` received but unhandled
 items (``max(2 * minData, credit_window, 2)``); beyond that it stops sending
 ``update`` and the output's policy (drop / queueDrop / wait) applies, as with
 Karabo.  With ``minData=0`` (everything until end of stream) it never stops.
+An output that sends more messages than it was granted is disconnected (a
+protocol error, logged) and connected again later.
 
 End of stream: the handler is called once every connected output has sent
 its end of stream, after the data handlers for everything before it, and the
@@ -317,7 +319,7 @@ class InputChannel(Lifecycle):
         if self.delay_on_input:
             time.sleep(self.delay_on_input)
         try:
-            conn.send(wire.update(self.channel_id))
+            conn.grant(wire.update(self.channel_id))
         except OSError as e:
             log.info("%s: could not grant credit to %s: %s", self.channel_id, conn.output_id, e)
 

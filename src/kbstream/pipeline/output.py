@@ -4,13 +4,25 @@ Who gets which message is decided by :class:`~kbstream.pipeline.policy.DeliveryP
 (its docstring describes every option); this module owns the sockets, the threads and
 the sending.
 
-Threads: one accepts connections (started by :meth:`OutputChannel.start`); one per
-connection reads the input's control frames (hello, update, and kbstream's own
-kbRelease) and sends what the input's credit releases.  ``write``/``update``
-run in the caller's thread; ``update`` sends the message itself (``socket.sendmsg``
-straight from the arrays' memory) and returns once it is sent, dropped or queued for
-every input, so the arrays passed to ``write`` may be reused then; messages *queued* for a
-slow input are copied first (as Karabo's ``safeNDArray``).
+Threads: one I/O thread (started by :meth:`OutputChannel.start`) accepts connections,
+reads every connection's control frames (hello, update, and kbstream's own
+kbRelease) through one selector, enforces the hello deadline and sends, in
+the background, the messages that are already copies (queued ones, and the rest of a
+message a slow input did not take at once).  A connection costs a socket and a small
+buffer, never a thread (a same-host input's shared-memory handshake, which may wait,
+runs on a short-lived thread of its own while its connection is not read).  ``write``/``update`` run in the caller's thread; ``update``
+sends the message itself (``socket.sendmsg`` straight from the arrays' memory) and
+returns once it is sent, dropped or queued (copied first, as Karabo's ``safeNDArray``)
+for every input, so the arrays passed to ``write`` may be reused then.
+
+Slow inputs cost only themselves.  Sockets never block: a ``drop`` or ``queueDrop``
+input (and a shared input unless ``noInputShared="wait"``) whose socket does not take
+the whole message at once gets the rest from a copy, in the background, and meanwhile
+counts as having no credit, so its own policy applies to the next messages.  Only a
+``wait`` input holds ``update()``: until it grants credit and has read the message, or
+until ``update``'s ``timeout`` (the rest of a message it is reading then goes on in the
+background).  An input that reads nothing for ``send_timeout`` seconds while a message
+is being sent to it is disconnected as stalled.
 
 Thread safety: ``write``, ``update`` and ``signal_end_of_stream`` may be called from
 several threads; a message is the set of items written since the previous ``update`` by
@@ -18,14 +30,20 @@ any thread.  Each input has one sender at a time and gets its messages in the or
 their sequence numbers, so nothing is reordered and an end of stream never overtakes the
 data before it nor is overtaken by the data after it.
 
-An input that has credit but does not read for ``send_timeout`` seconds is disconnected,
-so a stalled peer cannot hold ``update()`` for ever.
+Bounds against peers (docs/safety-pipeline.md): at most ``max_connections`` open
+connections; a connection that sends no valid hello within ``hello_timeout`` seconds is
+closed; every hello value is checked (:func:`kbstream.pipeline.wire.parse_hello`);
+queues are bounded in messages and in bytes, per input and in total; ``close()``
+returns within a bounded time whatever the peers do.
 """
 
+import collections
+import errno
 import ipaddress
 import logging
+import select
+import selectors
 import socket
-import struct
 import threading
 import time
 
@@ -35,34 +53,129 @@ from kbhash import Hash, HashType
 from .._lifecycle import Lifecycle
 from ..errors import BindError, EncodeError, KbStreamError, StateError
 from . import shm, wire
-from ._io import close as _close, recv_exact as _recv_exact, sendmsg_all as _sendmsg_all
 from .errors import ChannelClosed, ChannelTimeout, PipelineConfigError, PipelineProtocolError, SchemaError
-from .policy import MODES, DeliveryPolicy
+from .policy import MODES, SHARED, DeliveryPolicy
 
 __all__ = ["OutputChannel"]
 
 log = logging.getLogger("kbstream.pipeline")
 
-#: Seconds close() waits for the channel's threads, all together.
+#: Seconds close() waits for the I/O thread.
 _JOIN_TIMEOUT = 5.0
+#: Buffers per sendmsg call (below the kernel's IOV_MAX).
+_IOV_MAX = 512
+#: Connections accepted per wake-up of the I/O thread (the rest wait for the next turn).
+_ACCEPT_BATCH = 64
+#: Seconds the I/O thread stops accepting after running out of file descriptors.
+_ACCEPT_PAUSE = 0.5
+#: Receive buffer a connection starts with (it grows to the largest control frame).
+_RECV_START = 4096
+_SOCKET_BUFFER = 4 * 1024 * 1024
+#: What a writer does with a send it could not finish at once: go on in the background.
+_LATER = object()
 
 
 class _Connection:
     """One accepted TCP connection; an input once its hello arrived.
 
     Its delivery state lives in the policy (keyed by this object); here are the socket,
-    the shared-memory slots and ``gone`` (set once, by the first ``_drop``).
+    the control-frame buffer, the shared-memory slots, the background send and ``gone``
+    (set once, by the first ``_drop``).  The socket is closed by the I/O thread once no
+    sender uses it any more (``_release``).
     """
 
-    __slots__ = ("sock", "addr", "id", "ring", "shm_sent", "gone")
+    __slots__ = ("sock", "addr", "id", "ring", "shm_sent", "gone", "rbuf", "rlen", "hello_deadline", "tx",
+                 "events", "poller", "paused")
 
-    def __init__(self, sock, addr):
+    def __init__(self, sock, addr, hello_deadline):
         self.sock = sock
         self.addr = addr
         self.id = None
         self.ring = None  # shared-memory slots when the input runs on this machine
         self.shm_sent = 0
         self.gone = False
+        self.rbuf = bytearray(_RECV_START)  # control frames received, not yet parsed
+        self.rlen = 0
+        self.hello_deadline = hello_deadline
+        self.tx = None  # the _Tx the I/O thread sends in the background
+        self.events = 0  # selector events registered (I/O thread only)
+        self.poller = None  # select.poll for a writer waiting on this socket (its sender only)
+        self.paused = False  # not read while its shared-memory handshake runs
+
+    def __repr__(self):
+        return f"<connection {self.id or '(no hello)'} from {self.addr}>"
+
+
+class _Tx:
+    """One message being sent: what is left of its buffers, and since when nothing moved.
+
+    ``owned``: the buffers are the channel's own bytes (a copy, a shared-memory
+    reference), not the writer's arrays, so the send may outlive ``update()``.
+    """
+
+    __slots__ = ("entry", "slot", "views", "owned", "sent", "progress_at")
+
+    def __init__(self, entry, slot, views, owned):
+        self.entry = entry
+        self.slot = slot
+        self.views = views
+        self.owned = owned
+        self.sent = 0
+        self.progress_at = time.monotonic()
+
+
+def _views(buffers, skip=0):
+    """Byte views of ``buffers`` (empty ones left out), without their first ``skip`` bytes."""
+    views = []
+    for b in buffers:
+        v = memoryview(b).cast("B")
+        n = v.nbytes
+        if skip >= n:
+            skip -= n
+            continue
+        views.append(v[skip:] if skip else v)
+        skip = 0
+    return views
+
+
+def _push(sock, tx):
+    """Send what the socket takes now (it never blocks); None, or the error that ends
+    the connection.  ``tx.views`` is empty when the message is sent."""
+    views = tx.views
+    while views:
+        try:
+            n = sock.sendmsg(views[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (OSError, ValueError) as e:  # ValueError: the socket was closed under us
+            return e
+        tx.sent += n
+        tx.progress_at = time.monotonic()
+        while n:
+            first = views[0]
+            if n >= first.nbytes:
+                n -= first.nbytes
+                del views[0]
+            else:
+                views[0] = first[n:]
+                n = 0
+    return None
+
+
+def _shutdown(sock):
+    """Shut a socket down (wakes every thread blocked on it); it stays open."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _close_socket(sock):
+    _shutdown(sock)
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _is_ip(text):
@@ -74,10 +187,11 @@ def _is_ip(text):
 
 
 def _hello_int(h, key, default):
-    try:
-        return int(h.get(key, default))
-    except (TypeError, ValueError):
-        raise PipelineProtocolError(f"hello has a non-integer {key!r}") from None
+    """An integer field of a kbstream control frame (kbRelease's slot)."""
+    value = h.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PipelineProtocolError(f"control frame has a non-integer {key!r}")
+    return value
 
 
 def _materialize(msg):
@@ -86,6 +200,16 @@ def _materialize(msg):
     if isinstance(msg, wire.Message):
         return msg.copied()
     return [bytes(memoryview(b).cast("B")) for b in msg]
+
+
+def _positive(value, name, channel_id, kind=float):
+    try:
+        value = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise PipelineConfigError(f"{channel_id}: {name} must be a number, not {value!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise PipelineConfigError(f"{channel_id}: {name} must be positive and finite, not {value!r}")
+    return value
 
 
 class OutputChannel(Lifecycle):
@@ -124,13 +248,24 @@ class OutputChannel(Lifecycle):
         Offer kbstream inputs on the same machine the shared-memory data path
         (:mod:`kbstream.pipeline.shm`); Karabo inputs always get TCP.
     send_timeout : float
-        Seconds an input with credit may take to read a message before it is
-        disconnected as stalled.
+        Seconds an input may read nothing while a message is being sent to it
+        before it is disconnected as stalled.
+    hello_timeout : float
+        Seconds a new connection has to send its hello before it is closed.
+    max_connections : int
+        Open connections at most (with or without hello); more are closed at once.
+    max_queue_bytes : int
+        Bytes each queue (a ``queueDrop`` input's, the shared one) may hold; beyond it
+        the oldest messages are dropped, the newest always stays.
+    max_total_queue_bytes : int
+        Bytes all queues together may hold (each queue counted on its own).
     """
 
     def __init__(self, channel_id, *, hostname="default", port=0, noInputShared="drop",
                  distributionMode="load-balanced", shared_selector=None, sharedQueueLength=10,
-                 schema=None, validateSchema="always", use_shm=True, send_timeout=30.0):
+                 schema=None, validateSchema="always", use_shm=True, send_timeout=30.0,
+                 hello_timeout=10.0, max_connections=256, max_queue_bytes=256 << 20,
+                 max_total_queue_bytes=1 << 30):
         Lifecycle.__init__(self)
         if noInputShared not in wire.ON_SLOWNESS:
             raise PipelineConfigError(f"noInputShared must be one of {wire.ON_SLOWNESS}, not {noInputShared!r}")
@@ -144,10 +279,14 @@ class OutputChannel(Lifecycle):
         self.shared_selector = shared_selector
         try:
             self.shared_queue_length = int(sharedQueueLength)
-            self.send_timeout = float(send_timeout)
             port = int(port)
         except (TypeError, ValueError) as e:
             raise PipelineConfigError(f"{channel_id}: a numeric option is not a number ({e})") from None
+        self.send_timeout = _positive(send_timeout, "send_timeout", channel_id)
+        self.hello_timeout = _positive(hello_timeout, "hello_timeout", channel_id)
+        self.max_connections = _positive(max_connections, "max_connections", channel_id, int)
+        self.max_queue_bytes = _positive(max_queue_bytes, "max_queue_bytes", channel_id, int)
+        self.max_total_queue_bytes = _positive(max_total_queue_bytes, "max_total_queue_bytes", channel_id, int)
         self.schema = schema
         self.validate_schema = validateSchema
         self.use_shm = use_shm
@@ -159,31 +298,48 @@ class OutputChannel(Lifecycle):
             self._server = socket.create_server((bind, port), reuse_port=False)
         except OSError as e:
             raise BindError(f"{channel_id}: cannot listen on {bind}:{port}: {e}", f"{bind}:{port}") from e
+        self._server.setblocking(False)
         self.port = self._server.getsockname()[1]
         # Locks.  Each is a leaf: none is ever taken while another one is held (should two
         # ever be needed together, take them in this order):
         #   1. Lifecycle._lc_lock  the started/closed flags; held only inside the
         #                          bookkeeping of start() and close().
         #   2. _lock (Condition)   the delivery policy (every queue, credit and counter),
-        #                          _inputs, _conns, _threads, and each connection's ring,
-        #                          shm_sent and gone.  Held for decisions only: never across
-        #                          a send, a receive, a join or a log call; what it does
-        #                          cover besides bookkeeping is the copy of a message queued
-        #                          for a slow input, taking (or making) a shared-memory slot
-        #                          and the shared_selector callback.  Writers waiting for
-        #                          credit wait on it; every change of the policy notifies.
+        #                          _inputs, _conns, _kick, _closing, _io_running, and each
+        #                          connection's ring, shm_sent, tx and gone.  Held for
+        #                          decisions only: never across a send, a receive, a join
+        #                          or a log call; what it does cover besides bookkeeping is
+        #                          the copy of a message queued for (or detached from) a
+        #                          slow input, taking (or making) a shared-memory slot and
+        #                          the shared_selector callback.  Writers waiting for credit
+        #                          or for another input's sender wait on it; every change of
+        #                          the policy notifies.
         #   3. _chunk_lock         _chunk (the items written since the last update).
         # Sending to one input is serialised by the policy (one sender at a time, from
         # next_send to end_send), not by a lock: nobody ever waits behind a send in flight.
         self._lock = threading.Condition()
         self._policy = DeliveryPolicy(noInputShared, distributionMode, shared_selector,
-                                      self.shared_queue_length, copy=_materialize)
+                                      self.shared_queue_length, copy=_materialize,
+                                      max_queue_bytes=self.max_queue_bytes,
+                                      max_total_bytes=self.max_total_queue_bytes)
         self._inputs = {}  # id -> _Connection, once its hello arrived
-        self._conns = set()  # every open _Connection
-        self._threads = []
+        self._conns = set()  # every open _Connection not dropped yet
+        self._kick = set()  # connections whose next message is a copy for the I/O thread to send
+        self._closing = []  # dropped connections whose socket the I/O thread closes
+        self._admitting = []  # (connection, Hello, ring or error) after a shared-memory handshake
+        self._io_running = False
         self._chunk = []
         self._chunk_lock = threading.Lock()
-        self._accepter = threading.Thread(target=self._accept_loop, name=f"{channel_id}-accept", daemon=True)
+        # The I/O thread's own state (only it touches these after start()).
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._greeting = collections.deque()  # connections without hello, in accept order
+        self._background = set()  # connections with a send in the background
+        self._accept_paused_until = None
+        self._refusing = False
+        self._io = threading.Thread(target=self._io_loop, name=f"{channel_id}-io", daemon=True)
 
     # ------------------------------------------------------------ properties
 
@@ -203,12 +359,18 @@ class OutputChannel(Lifecycle):
 
     def stats(self):
         """Counters per input (sent, dropped, queued, sending, queued_bytes, shm, shared,
-        onSlowness) and of the shared pool (key ``"__shared__"``: dropped, queued)."""
+        onSlowness, maxQueueLength, credit_window, background) and of the shared pool
+        (key ``"__shared__"``: dropped, queued, queued_bytes)."""
         with self._lock:
             out = self._policy.counters()
             for iid, conn in self._inputs.items():
                 out[iid]["shm"] = conn.shm_sent
         return out
+
+    def connection_count(self):
+        """Open connections (inputs and connections still without hello)."""
+        with self._lock:
+            return len(self._conns)
 
     def wait_for_inputs(self, copy=(), shared=(), timeout=10.0):
         """Block until inputs with these ids have sent their hello."""
@@ -234,89 +396,306 @@ class OutputChannel(Lifecycle):
         if not self.started:
             raise StateError(f"{what} on {self.channel_id} before start()")
 
-    # ------------------------------------------------------------ connections
+    # ------------------------------------------------------------ the I/O thread
 
-    def _accept_loop(self):
-        timeval = struct.pack("ll", int(self.send_timeout), int((self.send_timeout % 1) * 1e6))
-        while True:
+    def _io_loop(self):
+        sel = self._sel
+        try:
+            sel.register(self._server, selectors.EVENT_READ, None)
+            sel.register(self._wake_r, selectors.EVENT_READ, self)
+            while not self.closed:
+                for key, mask in sel.select(self._timers()):
+                    what = key.data
+                    if what is None:
+                        self._accept()
+                    elif what is self:
+                        self._drain_wake()
+                    elif what.gone:
+                        self._forget(what)
+                    else:
+                        if mask & selectors.EVENT_READ:
+                            self._on_readable(what)
+                        if mask & selectors.EVENT_WRITE and not what.gone:
+                            self._send_background(what)
+                self._housekeeping()
+        except Exception:  # a bug: never leave writers waiting for a thread that is gone
+            log.exception("%s: the I/O thread failed; closing every connection", self.channel_id)
+        finally:
+            self._io_exit()
+
+    def _wake(self):
+        """Make the I/O thread look at _kick and _closing."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (it wakes anyway) or closed (it is gone)
+            pass
+
+    def _drain_wake(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _housekeeping(self):
+        """Start the background sends asked for, close the sockets of dropped connections."""
+        if not (self._kick or self._closing or self._admitting):
+            return
+        with self._lock:
+            kick, self._kick = self._kick, set()
+            closing, self._closing = self._closing, []
+            admitting, self._admitting = self._admitting, []
+        for conn, hello, ring in admitting:
+            self._admitted(conn, hello, ring)
+        for conn in kick:
+            if conn.gone:
+                self._forget(conn)  # ends a send a writer left to us
+            else:
+                self._send_background(conn)
+        for conn in closing:
+            self._forget(conn)
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+
+    def _forget(self, conn):
+        """Stop watching a dropped connection; finish its background send (I/O thread)."""
+        if conn.events:
+            conn.events = 0
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self._background.discard(conn)
+        tx = conn.tx
+        if tx is not None:
+            self._finish(conn, tx, ConnectionError("input dropped"))
+
+    def _interest(self, conn, write):
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        if conn.events and conn.events != events:
+            self._sel.modify(conn.sock, events, conn)
+            conn.events = events
+
+    def _timers(self):
+        """Close connections past their hello deadline and stalled background sends;
+        returns the seconds until the next deadline (None: none)."""
+        now = time.monotonic()
+        nxt = None
+        greeting = self._greeting
+        while greeting:
+            conn = greeting[0]
+            if conn.id is not None or conn.gone:
+                greeting.popleft()
+            elif conn.hello_deadline <= now:
+                greeting.popleft()
+                log.warning("%s: closing connection from %s: no hello within %s s", self.channel_id, conn.addr,
+                            self.hello_timeout)
+                self._drop(conn, "no hello")
+            else:
+                nxt = conn.hello_deadline
+                break
+        for conn in list(self._background):
+            tx = conn.tx
+            if conn.gone:
+                self._forget(conn)
+                continue
+            if tx is None:
+                self._background.discard(conn)
+                continue
+            limit = tx.progress_at + self.send_timeout
+            if limit <= now:
+                self._finish(conn, tx, TimeoutError(f"nothing read for {self.send_timeout} s"))
+                self._forget(conn)
+            elif nxt is None or limit < nxt:
+                nxt = limit
+        if self._accept_paused_until is not None:
+            if self._accept_paused_until <= now:
+                self._accept_paused_until = None
+                self._sel.register(self._server, selectors.EVENT_READ, None)
+            elif nxt is None or self._accept_paused_until < nxt:
+                nxt = self._accept_paused_until
+        if self._kick or self._closing or self._admitting:
+            return 0
+        return None if nxt is None else max(0.0, nxt - now)
+
+    def _accept(self):
+        for _ in range(_ACCEPT_BATCH):
             try:
                 sock, addr = self._server.accept()
-            except OSError:
-                break
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-            # sends give up after send_timeout (the socket stays blocking for reads)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-            conn = _Connection(sock, addr)
-            t = threading.Thread(target=self._read_loop, args=(conn,), name=f"{self.channel_id}-in-{addr[1]}",
-                                 daemon=True)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("%s: cannot accept connections (%s); trying again in %s s", self.channel_id, e,
+                                _ACCEPT_PAUSE)
+                    self._sel.unregister(self._server)
+                    self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+                    return
+                log.info("%s: accept failed: %s", self.channel_id, e)
+                continue
+            conn = _Connection(sock, addr, time.monotonic() + self.hello_timeout)
             with self._lock:
-                if self.closed:  # close() has taken its list of connections already
-                    _close(sock)
-                    break
-                self._conns.add(conn)
-                self._threads = [x for x in self._threads if x.is_alive()]
-                self._threads.append(t)
-            t.start()
-
-    def _read_loop(self, conn):
-        reason = "closed"
-        try:
-            while not self.closed:
-                n = wire.U32.unpack(_recv_exact(conn.sock, 4))[0]
-                if n > wire.MAX_CONTROL_SIZE:
-                    raise PipelineProtocolError(f"control frame of {n} bytes")
-                kind, h = wire.parse_control(_recv_exact(conn.sock, n))
-                if kind == "hello":
-                    self._on_hello(conn, h)
-                elif conn.id is None:
-                    raise PipelineProtocolError(f"{kind!r} before hello")
-                elif kind == "update":
-                    with self._lock:
-                        serve = self._policy.credit(conn)
-                        self._lock.notify_all()
-                    self._serve(serve)
-                elif kind == "kbRelease":
-                    with self._lock:
-                        if conn.ring is not None:
-                            conn.ring.release(_hello_int(h, "slot", -1))
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                _close_socket(sock)
+                if not self._refusing:
+                    log.warning("%s: %d connections open (max_connections): refusing new ones", self.channel_id,
+                                self.max_connections)
+                    self._refusing = True
                 else:
-                    log.debug("%s: ignoring control frame %r", self.channel_id, kind)
+                    log.debug("%s: refused a connection from %s", self.channel_id, addr)
+                continue
+            self._refusing = False
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+                self._sel.register(sock, selectors.EVENT_READ, conn)
+                conn.events = selectors.EVENT_READ
+            except (OSError, ValueError) as e:
+                self._drop(conn, f"cannot set the connection up ({e})")
+                continue
+            self._greeting.append(conn)
+
+    def _on_readable(self, conn):
+        try:
+            with memoryview(conn.rbuf) as view:
+                n = conn.sock.recv_into(view[conn.rlen:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(conn, f"connection lost ({e})")
+            return
+        if n == 0:
+            self._drop(conn, "connection closed by the peer")
+            return
+        conn.rlen += n
+        self._handle_frames(conn)
+
+    def _handle_frames(self, conn):
+        try:
+            self._parse_frames(conn)
         except PipelineProtocolError as e:
-            reason = f"protocol error: {e}"
             log.warning("%s: closing connection from %s: %s", self.channel_id, conn.addr, e)
-        except (ConnectionError, OSError) as e:
-            reason = f"connection lost ({e})"
-        except Exception as e:  # never let a peer kill the thread silently
-            reason = f"internal error: {e!r}"
+            self._drop(conn, f"protocol error: {e}")
+        except Exception as e:  # never let a peer stop the I/O thread
             log.exception("%s: closing connection from %s", self.channel_id, conn.addr)
-        finally:
-            self._drop(conn, reason)
+            self._drop(conn, f"internal error: {e!r}")
+
+    def _parse_frames(self, conn):
+        """Handle every complete control frame received on ``conn``."""
+        buf = conn.rbuf
+        pos = 0
+        need = 0
+        while not conn.gone and not conn.paused:
+            avail = conn.rlen - pos
+            if avail < 4:
+                break
+            size = wire.U32.unpack_from(buf, pos)[0]
+            if size > wire.MAX_CONTROL_SIZE:
+                raise PipelineProtocolError(f"control frame of {size} bytes")
+            if avail < 4 + size:
+                need = 4 + size
+                break
+            frame = bytes(buf[pos + 4:pos + 4 + size])
+            pos += 4 + size
+            self._on_control(conn, frame)
+        if conn.gone:
+            return
+        rest = conn.rlen - pos
+        if pos:
+            if rest == 0 and len(buf) > _RECV_START:
+                conn.rbuf = bytearray(_RECV_START)  # a large frame is done with
+            else:
+                buf[:rest] = buf[pos:conn.rlen]
+            conn.rlen = rest
+        if need > len(conn.rbuf):
+            conn.rbuf.extend(bytes(need - len(conn.rbuf)))
+
+    def _on_control(self, conn, data):
+        kind, h = wire.parse_control(data)
+        if kind == "hello":
+            self._on_hello(conn, h)
+        elif conn.id is None:
+            raise PipelineProtocolError(f"{kind!r} before hello")
+        elif kind == "update":
             with self._lock:
-                self._conns.discard(conn)
+                self._dispatch(self._policy.credit(conn))
+                self._lock.notify_all()
+        elif kind == "kbRelease":
+            with self._lock:
+                if conn.ring is not None:
+                    conn.ring.release(_hello_int(h, "slot", -1))
+        else:
+            log.debug("%s: ignoring control frame %r", self.channel_id, kind)
 
     def _on_hello(self, conn, h):
-        iid = h.get("instanceId")
-        if not isinstance(iid, str) or not iid:
-            raise PipelineProtocolError("hello without instanceId")
-        dist = h.get("dataDistribution", "copy")
-        slow = h.get("onSlowness", "drop")
-        if dist not in wire.DISTRIBUTION:
-            raise PipelineProtocolError(f"unknown dataDistribution {dist!r}")
-        if slow not in wire.ON_SLOWNESS:
-            raise PipelineProtocolError(f"unknown onSlowness {slow!r}")
-        mem = h.get("memoryLocation", "remote")
-        if mem != "remote":
-            raise PipelineProtocolError(f"memoryLocation {mem!r}: only 'remote' is served")
-        max_queue = max(1, _hello_int(h, "maxQueueLength", 2))
-        window = max(1, min(_hello_int(h, "kbCreditWindow", 1), 64))
+        hello = wire.parse_hello(h)
+        if hello.memory_location != "remote":
+            raise PipelineProtocolError(f"memoryLocation {hello.memory_location!r}: only 'remote' is served")
+        if conn.id is not None:
+            raise PipelineProtocolError("second hello on one connection")
         offer = h.get("kbShmFd")
-        ring = self._shm_ring(conn, offer, window) if self.use_shm and offer is not None else None
+        if not (self.use_shm and offer is not None):
+            self._admit(conn, hello, None)
+            return
+        # The shared-memory handshake may wait (shm.HANDSHAKE_TIMEOUT): never in this
+        # thread.  The connection is not read meanwhile; its hello deadline still runs.
+        conn.paused = True
+        if conn.events:
+            conn.events = 0
+            self._sel.unregister(conn.sock)
+        threading.Thread(target=self._handshake, args=(conn, hello, offer), daemon=True,
+                         name=f"{self.channel_id}-shm-{conn.addr[1]}").start()
+
+    def _handshake(self, conn, hello, offer):
+        try:
+            ring = self._shm_ring(conn, offer, hello.credit_window)
+        except PipelineProtocolError as e:
+            ring = e
+        except Exception as e:  # never leave the connection paused
+            log.exception("%s: shared-memory handshake with %s failed", self.channel_id, conn.addr)
+            ring = PipelineProtocolError(f"internal error: {e!r}")
         with self._lock:
-            if conn.id is not None:
-                if ring is not None:
-                    ring.close()
-                raise PipelineProtocolError("second hello on one connection")
+            later = self._io_running
+            if later:
+                self._admitting.append((conn, hello, ring))
+        if later:
+            self._wake()
+        elif not isinstance(ring, Exception) and ring is not None:
+            ring.close()
+
+    def _admitted(self, conn, hello, ring):
+        """A shared-memory handshake ended (I/O thread): admit the input, or drop it."""
+        if isinstance(ring, Exception):
+            log.warning("%s: closing connection from %s: %s", self.channel_id, conn.addr, ring)
+            self._drop(conn, f"protocol error: {ring}")
+            return
+        if conn.gone:
+            if ring is not None:
+                ring.close()
+            return
+        self._admit(conn, hello, ring)
+        if conn.gone:
+            return
+        conn.paused = False
+        try:
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.events = selectors.EVENT_READ
+        except (OSError, ValueError) as e:
+            self._drop(conn, f"cannot watch the connection ({e})")
+            return
+        self._handle_frames(conn)  # what arrived after the hello
+
+    def _admit(self, conn, hello, ring):
+        """Register the input of a valid hello (I/O thread)."""
+        iid = hello.instance_id
+        window = hello.credit_window
+        with self._lock:
             if conn.gone:  # the channel closed meanwhile
                 if ring is not None:
                     ring.close()
@@ -325,17 +704,21 @@ class OutputChannel(Lifecycle):
             release_old = old is not None and self._unregister(old)
             conn.id = iid
             conn.ring = ring
-            serve = self._policy.connect(conn, iid, shared=dist == "shared", on_slowness=slow,
-                                         max_queue=max_queue, window=window)
+            shared = hello.data_distribution == "shared"
+            serve = self._policy.connect(conn, iid, shared=shared, on_slowness=hello.on_slowness,
+                                         max_queue=hello.max_queue_length, window=window)
             self._inputs[iid] = conn
+            self._dispatch(serve)
             self._lock.notify_all()
         if old is not None:
             log.info("%s: %s connected again, closing its old connection", self.channel_id, iid)
-            _close(old.sock)
+            _shutdown(old.sock)
             if release_old:
                 self._release(old)
-        log.debug("%s: %s connected (%s, %s, window %d)", self.channel_id, iid, dist, slow, window)
-        self._serve(serve)
+        log.debug("%s: %s connected (%s, %s, window %d)", self.channel_id, iid, hello.data_distribution,
+                  hello.on_slowness, window)
+
+    # ------------------------------------------------------------ dropping connections
 
     def _shm_ring(self, conn, offer, window):
         """Shared-memory slots for an input that offered them, or None (it gets TCP)."""
@@ -348,12 +731,13 @@ class OutputChannel(Lifecycle):
     def _unregister(self, conn):
         """Take ``conn`` out of the policy and the registry (``_lock`` held).
 
-        True when the caller must release its slots now; False if it was gone already or a
-        send to it is in flight (its sender releases them, see ``_serve``).
+        True when the caller must release it now; False if it was gone already or a
+        send to it is in flight (its sender releases it, see ``_finish``).
         """
         if conn.gone:
             return False
         conn.gone = True
+        self._conns.discard(conn)
         if conn.id is not None and self._inputs.get(conn.id) is conn:
             del self._inputs[conn.id]
         sending = self._policy.disconnect(conn)
@@ -366,43 +750,37 @@ class OutputChannel(Lifecycle):
             release = self._unregister(conn)
         if registered:
             log.info("%s: input %s gone: %s", self.channel_id, conn.id, reason)
-        _close(conn.sock)
+        _shutdown(conn.sock)  # wakes whoever waits on it
         if release:
             self._release(conn)
 
     def _release(self, conn):
+        """Free a dropped connection's slots; its socket is closed by the I/O thread (which
+        watches it), or here once that thread has ended."""
         with self._lock:
             ring, conn.ring = conn.ring, None
+            later = self._io_running
+            if later:
+                self._closing.append(conn)
         if ring is not None:
             ring.close()
+        if later:
+            self._wake()
+        else:
+            _close_socket(conn.sock)
 
     # ------------------------------------------------------------ sending
 
-    def _serve(self, conns):
-        """Send what the policy hands out for each of ``conns`` (in its order), until it
-        says nothing is left or another thread is that input's sender."""
+    def _dispatch(self, conns):
+        """After the policy handed messages out (``_lock`` held): the I/O thread sends the
+        copies; a writer sends its own message (it waits for it)."""
+        kick = False
         for conn in conns:
-            while True:
-                with self._lock:
-                    entry = self._policy.next_send(conn)
-                    if entry is None:
-                        break
-                    slot = self._slot_for(conn, entry.payload)
-                error = "interrupted"
-                try:
-                    error = self._transmit(conn, entry.payload, slot)
-                finally:
-                    with self._lock:
-                        gone = self._policy.end_send(conn, entry, ok=error is None)
-                        if error is None and slot is not None:
-                            conn.shm_sent += 1
-                        self._lock.notify_all()
-                if gone:  # dropped while we were sending: its slots are ours to release
-                    self._release(conn)
-                    break
-                if error is not None:
-                    self._drop(conn, f"send failed ({error})")
-                    break
+            e = self._policy.head(conn)
+            if e is not None and e.delivery is None and conn not in self._kick:
+                self._kick.add(conn)
+                kick = True
+        return kick
 
     def _slot_for(self, conn, msg):
         """A shared-memory slot for ``msg`` (``_lock`` held), or None to send over TCP."""
@@ -412,18 +790,169 @@ class OutputChannel(Lifecycle):
         return ring.acquire(msg.body_size)
 
     @staticmethod
-    def _transmit(conn, msg, slot):
-        """Send one message; None, or the error that ended the connection."""
+    def _start_tx(conn, entry, slot):
+        """The buffers to send for ``entry``: the message, or its shared-memory reference
+        after the one copy of its body into ``slot``."""
+        msg = entry.payload
         try:
             if slot is not None:
                 # conn.ring is released only when no send to conn is in flight
-                msg = conn.ring.place(slot, msg)
-            _sendmsg_all(conn.sock, msg)
+                return _Tx(entry, slot, _views(conn.ring.place(slot, msg)), True), None
+            return _Tx(entry, slot, _views(msg), entry.delivery is None), None
         except (OSError, ValueError) as e:
-            # OSError: the peer left or stalled past send_timeout; ValueError: the
-            # connection (and its slots) was closed under us
-            return e
-        return None
+            # ValueError: the connection (and its slots) was closed under us
+            return _Tx(entry, slot, [], True), e
+
+    def _finish(self, conn, tx, error):
+        """The send of ``tx`` ended (``error`` None: completely).  True if the I/O thread
+        has copies to send now."""
+        with self._lock:
+            if conn.tx is tx:
+                conn.tx = None
+            gone = self._policy.end_send(conn, tx.entry, ok=error is None)
+            if error is None and tx.slot is not None:
+                conn.shm_sent += 1
+            kick = not gone and error is None and self._dispatch([conn])
+            self._lock.notify_all()
+        if gone:  # dropped while we were sending: it is ours to release
+            self._release(conn)
+        elif error is not None:
+            self._drop(conn, f"send failed ({error})")
+        return kick
+
+    def _send_background(self, conn):
+        """Send copies to ``conn`` while its socket takes them (I/O thread)."""
+        while True:
+            with self._lock:
+                self._kick.discard(conn)
+                tx = conn.tx  # a writer's detached send, or ours in progress
+                entry = slot = None
+                if tx is None and not conn.gone:
+                    entry = self._policy.next_send(conn, background=True)
+                    if entry is not None:
+                        slot = self._slot_for(conn, entry.payload)
+            if tx is None:
+                if entry is None:
+                    self._background.discard(conn)
+                    if not conn.gone:
+                        self._interest(conn, write=False)
+                    return
+                tx, error = self._start_tx(conn, entry, slot)
+                if error is not None:
+                    self._finish(conn, tx, error)
+                    return
+                with self._lock:
+                    conn.tx = tx
+            error = ConnectionError("input dropped") if conn.gone else _push(conn.sock, tx)
+            if error is None and tx.views:
+                self._background.add(conn)
+                self._interest(conn, write=True)
+                return
+            self._finish(conn, tx, error)
+            if error is not None:
+                self._forget(conn)
+                return
+
+    def _send_inline(self, conn, entry, slot, may_wait, deadline):
+        """A writer sends ``entry`` itself.  Without ``may_wait`` it takes what the socket
+        takes at once; otherwise it waits for the socket until ``deadline`` (None: until
+        the input stalls).  What is left then goes on in the background."""
+        tx, error = self._start_tx(conn, entry, slot)
+        sock = conn.sock
+        while error is None:
+            error = _push(sock, tx)
+            if error is not None or not tx.views:
+                break
+            if not may_wait:
+                return self._to_background(conn, tx)
+            now = time.monotonic()
+            limit = tx.progress_at + self.send_timeout
+            if now >= limit:
+                error = TimeoutError(f"nothing read for {self.send_timeout} s")
+                break
+            if deadline is not None:
+                if now >= deadline:
+                    return self._to_background(conn, tx)
+                limit = min(limit, deadline)
+            self._wait_writable(conn, limit - now)
+        if self._finish(conn, tx, error):
+            self._wake()
+
+    @staticmethod
+    def _wait_writable(conn, seconds):
+        poller = conn.poller
+        try:
+            if poller is None:
+                poller = select.poll()
+                poller.register(conn.sock, select.POLLOUT)
+                conn.poller = poller
+            poller.poll(max(1, int(seconds * 1000) + 1))
+        except (OSError, ValueError):  # closed under us: the next send says so
+            pass
+
+    def _to_background(self, conn, tx):
+        """The writer leaves the rest of ``tx`` to the I/O thread (from the message's
+        copy unless its buffers are the channel's own)."""
+        with self._lock:
+            new = None if conn.gone else self._policy.detach(conn, tx.entry, copy=not tx.owned)
+            if new is not None:
+                if not tx.owned:
+                    tx.views = _views(new.payload, tx.sent)
+                    tx.owned = True
+                tx.entry = new
+                conn.tx = tx
+                self._kick.add(conn)
+                self._lock.notify_all()
+        if new is None:  # dropped meanwhile
+            self._finish(conn, tx, ConnectionError("input dropped"))
+        else:
+            self._wake()
+
+    def _claim(self, d, expired):
+        """What the writer of ``d`` sends next (``_lock`` held): ``(conn, entry, slot,
+        may_wait)`` or None, and whether the I/O thread has new work.  Messages for inputs
+        it need not wait for, which it cannot send now, are detached (their copy goes on
+        in the background)."""
+        policy = self._policy
+        keys = [k for k in d.owed if k is not SHARED]
+        if len(keys) > 1:
+            keys.sort(key=policy.waits)  # the inputs it need not wait for first
+        kick = False
+        for conn in keys:
+            may_wait = not expired and policy.waits(conn)
+            entry = policy.next_send(conn, owned_only=True)
+            if entry is not None:
+                return (conn, entry, self._slot_for(conn, entry.payload), may_wait), kick
+            if not may_wait and policy.detach(conn, d.entry, queued_only=True) is not None:
+                kick = self._dispatch([conn]) or kick
+        return None, kick
+
+    def _deliver(self, d, deadline):
+        """Send, and wait for, what the writer of ``d`` owes its inputs."""
+        expired = False
+        while True:
+            job = None
+            kick = False
+            with self._lock:
+                while d.owed:
+                    if self.closed:
+                        raise ChannelClosed(f"{self.channel_id} closed while waiting for an input")
+                    if not expired and deadline is not None and time.monotonic() >= deadline:
+                        self._policy.expire(d)  # what stays owed is handed out already
+                        expired = True
+                    job, kick = self._claim(d, expired)
+                    if job is not None or kick or not d.owed:
+                        break
+                    left = 1.0 if expired or deadline is None else deadline - time.monotonic()
+                    self._lock.wait(max(0.0, left))
+            if kick:
+                self._wake()
+            if job is None:
+                if not d.owed:
+                    return
+                continue
+            conn, entry, slot, may_wait = job
+            self._send_inline(conn, entry, slot, may_wait, None if expired else deadline)
 
     # ------------------------------------------------------------ writing
 
@@ -449,12 +978,14 @@ class OutputChannel(Lifecycle):
     def update(self, timeout=None):
         """Send the items written since the last update as one message.
 
-        Blocks for ``wait`` inputs until they grant credit.  With ``timeout``
-        (seconds), an input that gives no credit in time is skipped (the
+        Blocks for ``wait`` inputs until they grant credit and have read the message.
+        With ``timeout`` (seconds), an input that gives no credit in time is skipped (the
         message counts as dropped for it; every other input still gets it) and
-        ChannelTimeout is raised at the end.  Data sent while no input is
-        connected is discarded, as in Karabo.  An item kbhash cannot encode
-        raises :class:`kbstream.EncodeError` (the message is not sent).
+        ChannelTimeout is raised at the end; a message a ``wait`` input is still reading
+        then goes on in the background.  Other inputs never hold ``update()``: what
+        their sockets do not take at once is copied and sent in the background.  Data
+        sent while no input is connected is discarded, as in Karabo.  An item kbhash
+        cannot encode raises :class:`kbstream.EncodeError` (the message is not sent).
         """
         self._require_started("update()")
         with self._chunk_lock:
@@ -486,22 +1017,13 @@ class OutputChannel(Lifecycle):
             if self.closed:
                 raise ChannelClosed(f"{self.channel_id} is closed")
             d = self._policy.offer(msg, eos, nbytes)
+            kick = self._dispatch(d.serve)
+        if kick:
+            self._wake()
         if d.error is not None:
             log.error("%s: shared input selector failed", self.channel_id, exc_info=d.error)
-        self._serve(d.serve)
         if d.owed:
-            with self._lock:
-                while d.owed:
-                    if self.closed:
-                        raise ChannelClosed(f"{self.channel_id} closed while waiting for an input")
-                    left = 1.0
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            self._policy.expire(d)  # what remains owed is a send in flight
-                            deadline = None
-                            continue
-                    self._lock.wait(left)
+            self._deliver(d, deadline)
         if d.late:
             raise ChannelTimeout(f"{self.channel_id}: {', '.join(d.late)} gave no credit in time",
                                  self.channel_id, timeout)
@@ -509,21 +1031,60 @@ class OutputChannel(Lifecycle):
     # ------------------------------------------------------------ life cycle
 
     def _start(self):
-        self._accepter.start()
+        with self._lock:
+            self._io_running = True
+        self._io.start()
 
     def _close(self):
-        """Stop listening and close every connection (waiting writers get ChannelClosed)."""
+        """Stop listening and drop every connection (waiting writers get ChannelClosed);
+        the I/O thread closes the sockets and ends."""
         with self._lock:
             conns = list(self._conns)
-            threads = list(self._threads)
+            started = self._io_running
             self._lock.notify_all()
-        _close(self._server)
         for conn in conns:
             self._drop(conn, "channel closed")
-        deadline = time.monotonic() + _JOIN_TIMEOUT
-        for t in [self._accepter] + threads:
-            if t.is_alive() and t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
+        if not started:
+            self._io_exit()
+            return
+        self._wake()
+        if self._io is not threading.current_thread():
+            self._io.join(_JOIN_TIMEOUT)
+        self._sweep()  # a writer may have left a send to the thread as it ended
+
+    def _sweep(self):
+        """End the background sends the I/O thread left (when it ends): their connections
+        are dropped, so this releases them and closes their sockets."""
+        with self._lock:
+            conns = self._kick | self._background
+            self._kick = set()
+        for conn in conns:
+            tx = conn.tx
+            if tx is not None:
+                self._finish(conn, tx, ConnectionError("channel closed"))
+
+    def _io_exit(self):
+        """Close what the I/O thread watched (its last act, or close() before start())."""
+        with self._lock:
+            self._io_running = False
+            closing, self._closing = self._closing, []
+            admitting, self._admitting = self._admitting, []
+            conns = list(self._conns)
+            self._lock.notify_all()
+        for _, _, ring in admitting:
+            if ring is not None and not isinstance(ring, Exception):
+                ring.close()
+        for conn in conns:  # only when the thread failed: close() dropped them already
+            self._drop(conn, "channel closed")
+        self._sweep()
+        for conn in closing:
+            _close_socket(conn.sock)
+        for sock in (self._server, self._wake_r, self._wake_w):
+            _close_socket(sock)
+        try:
+            self._sel.close()
+        except (OSError, ValueError):
+            pass
 
     def __repr__(self):
         return f"<OutputChannel {self.channel_id} on {self.hostname}:{self.port}, inputs {self.input_ids()}>"

@@ -20,21 +20,32 @@ whichever shared input takes them first, and end-of-stream markers that every sh
 input must take.  An input takes the message with the lowest sequence number among its own
 waiting messages and the shared entries meant for it.
 
-Invariant (after every event): an input with credit has nothing waiting for it.  So a
-message goes to an input's outbox at once only when nothing older waits for that input,
-and nothing is ever reordered.
+Invariant (after every event): an input with credit that is not being sent to in the
+background has nothing waiting for it.  So a message goes to an input's outbox at once
+only when nothing older waits for that input, and nothing is ever reordered.
 
 Each event returns the inputs (their keys) that got something in their outbox while no
 sender was busy with them; the caller then *serves* them: ``next_send(key)`` hands out
 the next message and makes the caller that input's only sender until ``end_send``.  Any
-thread may serve any input, so an output can give each input a sender thread of its own
-(a slow input then costs only itself) without a change here.
+thread may serve any input.
+
+Slow inputs: a message whose ``delivery`` is set is the writer's own memory, so the
+writer must stay until it is sent.  For an input it need not wait for (:meth:`waits`
+is False: ``drop`` / ``queueDrop`` copy inputs, shared inputs unless
+``no_input_shared="wait"``), the writer can :meth:`detach` its message instead: the
+entry is replaced by the message's one copy and the writer stops waiting for that input.
+A detached send in flight goes on *in the background*, and so do copies handed out with
+``next_send(key, background=True)``.  While an input is sent to in the background it is
+treated as having no credit (its own ``onSlowness``, or ``no_input_shared``, applies to
+new messages and it takes nothing from the shared queue), so a slow input holds at most
+one message in flight besides its bounded queue, and costs nobody else anything.
 
 Options (the input's from its hello, the pool's from the output)
 ----------------------------------------------------------------
 - copy ``drop``: no credit when the message is written -> dropped for that input;
-- copy ``queueDrop``: queued, at most ``max_queue`` data messages; when full the
-  **oldest** is dropped;
+- copy ``queueDrop``: queued, at most ``max_queue`` data messages and ``max_queue_bytes``
+  bytes; when full the **oldest** is dropped (the newest message always stays, so one
+  message larger than the byte cap still gets through);
 - copy ``wait``: the writer waits until the input grants credit (:meth:`expire` when its
   deadline passes: the data message is dropped for that input);
 - shared: one input of the pool gets each message: the first one with credit
@@ -51,8 +62,14 @@ exactly one of ``sent``, ``dropped``, ``queued`` (waiting) or ``sending`` (outbo
 flight).  A shared data message is exactly one of: sent to (or sending to, or queued for)
 one shared input, queued in the shared queue, or dropped (``SHARED`` counter, or the
 targeted input's ``dropped`` when a full queue evicts it).  Each entry carries its size
-in bytes (``nbytes``); ``queued_bytes`` sums the waiting ones, per input and for the pool,
-and ``_trim`` is the one place that evicts: where a bound in bytes would go.
+in bytes (``nbytes``); ``queued_bytes`` sums the waiting ones, per input and for the pool.
+
+Bounds in bytes: ``max_queue_bytes`` caps each queue (an input's own, and the shared
+queue), ``max_total_bytes`` all of them together (counted per queue: a message queued for
+two inputs counts twice).  Beyond the total, the oldest data of the queue holding the most
+bytes is dropped, again keeping each queue's newest message; an end of stream, and a
+message a writer waits for, are never dropped.  So what the queues hold is at most the
+total plus one message per queue.
 """
 
 import collections
@@ -162,7 +179,7 @@ class _Input:
     """The policy's state of one connected input."""
 
     __slots__ = ("key", "id", "shared", "on_slowness", "max_queue", "window", "credits",
-                 "waiting", "outbox", "sending", "sent", "dropped", "queued_bytes")
+                 "waiting", "outbox", "sending", "sent", "dropped", "queued_bytes", "ndata", "background")
 
     def __init__(self, key, input_id, shared, on_slowness, max_queue, window):
         self.key = key
@@ -178,6 +195,8 @@ class _Input:
         self.sent = 0
         self.dropped = 0
         self.queued_bytes = 0
+        self.ndata = 0  # data entries in waiting
+        self.background = False  # sent to in the background: no new messages meanwhile
 
 
 class DeliveryPolicy:
@@ -195,16 +214,22 @@ class DeliveryPolicy:
         Data messages the shared queue holds under ``queueDrop`` (oldest dropped).
     copy : callable, optional
         ``copy(payload) -> payload`` the queues can keep after the writer returned; called
-        at most once per message, only when the message is queued.
+        at most once per message, only when the message is queued or detached.
+    max_queue_bytes : int, optional
+        Bytes each queue may hold (None: no bound in bytes).
+    max_total_bytes : int, optional
+        Bytes all queues together may hold (None: no bound).
     """
 
     def __init__(self, no_input_shared="drop", distribution_mode="load-balanced", selector=None,
-                 shared_queue_length=10, copy=None):
+                 shared_queue_length=10, copy=None, max_queue_bytes=None, max_total_bytes=None):
         self.no_input_shared = no_input_shared
         self.distribution_mode = distribution_mode
         self.selector = selector
         self.shared_queue_length = max(1, int(shared_queue_length))
         self.copy = copy if copy is not None else _same
+        self.max_queue_bytes = max_queue_bytes
+        self.max_total_bytes = max_total_bytes
         self.shared_dropped = 0
         self._inputs = {}  # key -> _Input, in the order they connected
         self._by_id = {}  # input id -> _Input
@@ -213,6 +238,7 @@ class DeliveryPolicy:
         self._shared_queue = collections.deque()  # Entry: data for any shared input; EOS markers
         self._shared_data = 0  # data entries in the shared queue
         self._shared_bytes = 0
+        self._total_bytes = 0  # queued_bytes of every input plus the shared queue's
         self._seq = 0
         self._rr = 0
 
@@ -254,7 +280,8 @@ class DeliveryPolicy:
                 if rec.shared and not e.eos:
                     self.shared_dropped += 1
             queue.clear()
-        rec.queued_bytes = 0
+        self._total_bytes -= rec.queued_bytes
+        rec.queued_bytes = rec.ndata = 0
         if rec.shared:
             self._nshared -= 1
             if rec in self._ready:
@@ -272,6 +299,7 @@ class DeliveryPolicy:
                     if e.delivery is not None:
                         e.delivery.owed.discard(SHARED)
                 self._shared_queue.clear()
+                self._total_bytes -= self._shared_bytes
                 self._shared_data = self._shared_bytes = 0
         return rec.sending is not None
 
@@ -282,9 +310,11 @@ class DeliveryPolicy:
             return []
         if rec.credits < rec.window:
             rec.credits += 1
+        serve = []
+        if rec.background:  # its send in the background ends first (end_send)
+            return serve
         if rec.shared and rec not in self._ready:
             self._ready.append(rec)
-        serve = []
         self._fill(rec, serve)
         return serve
 
@@ -298,7 +328,7 @@ class DeliveryPolicy:
         for rec in self._inputs.values():
             if rec.shared:
                 continue
-            if rec.credits > 0 and not rec.waiting:
+            if rec.credits > 0 and not rec.waiting and not rec.background:
                 self._to_outbox(rec, d.entry, d.serve)
                 outcome[rec.id] = SEND
             elif rec.on_slowness == "wait":
@@ -317,6 +347,7 @@ class DeliveryPolicy:
                 self._offer_shared_eos(d)
             else:
                 self._offer_shared(d)
+        self._trim_total()
         return d
 
     def _offer_shared(self, d):
@@ -340,7 +371,7 @@ class DeliveryPolicy:
         if target is None:
             send = self._ready[0] if self._ready else None
         else:
-            send = target if target.credits > 0 else None
+            send = target if target.credits > 0 and not target.background else None
         if send is not None:
             self._to_outbox(send, d.entry, d.serve)
             d.outcome[SHARED] = d.outcome[send.id] = SEND
@@ -374,6 +405,8 @@ class DeliveryPolicy:
         if wait:
             d.owed.update(marker.pending)
         self._shared_append(marker)
+        if self.no_input_shared == "queueDrop":
+            self._trim(self._shared_queue, self.shared_queue_length, None)
         d.outcome[SHARED] = WAIT if wait else QUEUE
         for rec in shared:
             self._fill(rec, d.serve)
@@ -392,8 +425,7 @@ class DeliveryPolicy:
             queue = rec.waiting
             at = _index(queue, d.entry)
             if rec.shared:
-                del queue[at]
-                rec.queued_bytes -= d.entry.nbytes
+                self._unqueue(rec, at)
                 self.shared_dropped += 1
                 d.outcome[SHARED] = DROP_TIMEOUT
                 d.late.append("a shared input")
@@ -402,8 +434,7 @@ class DeliveryPolicy:
                 d.outcome[rec.id] = QUEUE
                 d.late.append(rec.id)
             else:
-                del queue[at]
-                rec.queued_bytes -= d.entry.nbytes
+                self._unqueue(rec, at)
                 rec.dropped += 1
                 d.outcome[rec.id] = DROP_TIMEOUT
                 d.late.append(rec.id)
@@ -416,39 +447,106 @@ class DeliveryPolicy:
             d.late.append("a shared input")
         marker = d.marker
         if marker is not None and marker.delivery is not None:
+            d.marker = None
             if marker.pending:
                 d.owed.difference_update(marker.pending)
                 d.late.extend(sorted(self._inputs[k].id for k in marker.pending))
-                # the marker stays (an end of stream is never dropped), no longer owed
+                # the marker stays (an end of stream is never dropped), no longer owed; the
+                # inputs that took it already keep it, owed (their sends are handed out)
                 queue = self._shared_queue
                 queue[_index(queue, marker)] = Entry(marker.seq, marker.payload, True, marker.nbytes,
                                                      None, marker.pending)
-            marker.delivery = None
+                marker.pending = None
+        self._trim_total()
 
     # ------------------------------------------------------------ sending
 
-    def next_send(self, key):
-        """The next message to send to ``key``, or None (nothing to send, or another
-        caller is its sender).  The caller is its only sender until :meth:`end_send`."""
+    def head(self, key):
+        """The message :meth:`next_send` would hand out now, or None (it stays queued)."""
         rec = self._inputs.get(key)
         if rec is None or rec.sending is not None or not rec.outbox:
             return None
-        e = rec.sending = rec.outbox.popleft()
+        return rec.outbox[0]
+
+    def next_send(self, key, background=False, owned_only=False):
+        """The next message to send to ``key``, or None (nothing to send, or another
+        caller is its sender).  The caller is its only sender until :meth:`end_send`.
+
+        ``background=True``: only a copy (an entry no writer waits for), and the input
+        counts as sent to in the background until that send ends.  ``owned_only=True``:
+        only an entry a writer waits for (its payload is the writer's memory).
+        """
+        rec = self._inputs.get(key)
+        if rec is None or rec.sending is not None or not rec.outbox:
+            return None
+        e = rec.outbox[0]
+        if (background and e.delivery is not None) or (owned_only and e.delivery is None):
+            return None
+        rec.outbox.popleft()
+        rec.sending = e
+        if background:
+            self._to_background(rec)
         return e
 
     def end_send(self, key, entry, ok=True):
         """The send of ``entry`` (from :meth:`next_send`) finished; True if the input was
         disconnected meanwhile (the caller then releases what it holds for it).  After a
-        failed send (``ok=False``) the caller disconnects the input."""
+        failed send (``ok=False``) the caller disconnects the input; otherwise it serves
+        ``key`` again (a send in the background may have kept messages waiting)."""
         rec = self._inputs.get(key)
         mine = rec is not None and rec.sending is entry
         if mine:
             rec.sending = None
             if ok:
                 rec.sent += 1
+            if rec.background:
+                rec.background = False
+                if rec.shared and rec.credits > 0:
+                    self._ready.append(rec)
+                self._fill(rec, [])
         if entry.delivery is not None:
             entry.delivery.owed.discard(key)
         return not mine
+
+    def waits(self, key):
+        """True when the writer of a message may wait for this input: a copy ``wait``
+        input, or a shared input when ``no_input_shared`` is ``"wait"``."""
+        rec = self._inputs.get(key)
+        if rec is None:
+            return False
+        return self.no_input_shared == "wait" if rec.shared else rec.on_slowness == "wait"
+
+    def detach(self, key, entry, copy=True, queued_only=False):
+        """The writer of ``entry`` stops waiting for ``key``; returns what replaces it.
+
+        ``entry`` is in the input's outbox, or being sent to it by the caller, which goes
+        on in the background with the returned entry (not with ``queued_only``).  The
+        replacement carries the message's one copy (``copy=False``: no payload, for a
+        sender whose buffers own their bytes already); the writer no longer owes this
+        input anything.  None (nothing changed) when the entry is not there, is no
+        writer's, or the input is gone.
+        """
+        rec = self._inputs.get(key)
+        d = entry.delivery
+        if rec is None or d is None:
+            return None
+        in_flight = rec.sending is entry
+        if in_flight:
+            if queued_only:
+                return None
+        elif not any(e is entry for e in rec.outbox):
+            return None
+        if copy:
+            new = Entry(entry.seq, self._copied(d).payload, entry.eos, entry.nbytes)
+        else:
+            new = Entry(entry.seq, None, entry.eos, entry.nbytes)
+        if in_flight:
+            rec.sending = new
+            self._to_background(rec)
+        else:
+            rec.outbox[_index(rec.outbox, entry)] = new
+        d.owed.discard(key)
+        return new
 
     # ------------------------------------------------------------ queries
 
@@ -461,30 +559,42 @@ class DeliveryPolicy:
         return {rec.id: rec.shared for rec in self._inputs.values()}
 
     def counters(self):
-        """Per input id: sent, dropped, queued, sending, queued_bytes, shared, onSlowness;
-        under :data:`SHARED`: the pool's dropped, queued and queued_bytes."""
+        """Per input id: sent, dropped, queued, sending, queued_bytes, shared, onSlowness,
+        maxQueueLength, credit_window, background (sent to in the background now); under
+        :data:`SHARED`: the pool's dropped, queued and queued_bytes."""
         out = {
             rec.id: {"sent": rec.sent, "dropped": rec.dropped, "queued": len(rec.waiting),
                      "sending": len(rec.outbox) + (rec.sending is not None),
                      "queued_bytes": rec.queued_bytes, "shared": rec.shared,
-                     "onSlowness": rec.on_slowness}
+                     "onSlowness": rec.on_slowness, "maxQueueLength": rec.max_queue,
+                     "credit_window": rec.window, "background": rec.background}
             for rec in self._inputs.values()
         }
         out[SHARED] = {"dropped": self.shared_dropped, "queued": self._shared_data,
                        "queued_bytes": self._shared_bytes}
         return out
 
+    @property
+    def total_bytes(self):
+        """Bytes in all queues together (per queue: a message queued twice counts twice)."""
+        return self._total_bytes
+
     def problems(self):
         """Broken invariants, as text (empty when all hold); for tests."""
         out = []
-        ready = [rec for rec in self._inputs.values() if rec.shared and rec.credits > 0]
+        ready = [rec for rec in self._inputs.values() if rec.shared and rec.credits > 0 and not rec.background]
         if sorted(map(id, ready)) != sorted(map(id, self._ready)):
             out.append("ready list differs from the shared inputs with credit")
         for rec in self._inputs.values():
             if not 0 <= rec.credits <= rec.window:
                 out.append(f"{rec.id}: credits {rec.credits} outside [0, {rec.window}]")
-            if rec.credits > 0 and (rec.waiting or (rec.shared and self._first_shared(rec) is not None)):
+            if rec.credits > 0 and not rec.background and (
+                    rec.waiting or (rec.shared and self._first_shared(rec) is not None)):
                 out.append(f"{rec.id}: has credit and waiting messages")
+            if rec.background and rec.sending is None:
+                out.append(f"{rec.id}: in the background without a send")
+            if rec.ndata != sum(1 for e in rec.waiting if not e.eos):
+                out.append(f"{rec.id}: data count {rec.ndata} wrong")
             seqs = [e.seq for e in rec.waiting]
             if seqs != sorted(seqs) or [e.seq for e in rec.outbox] != sorted(e.seq for e in rec.outbox):
                 out.append(f"{rec.id}: queue out of order")
@@ -497,6 +607,8 @@ class DeliveryPolicy:
             out.append("shared data count wrong")
         if self._shared_bytes != sum(e.nbytes for e in self._shared_queue):
             out.append("shared queued_bytes wrong")
+        if self._total_bytes != self._shared_bytes + sum(rec.queued_bytes for rec in self._inputs.values()):
+            out.append("total queued bytes wrong")
         if self._shared_queue and not self._nshared:
             out.append("shared queue without shared inputs")
         if any(e.pending is not None and not e.pending for e in self._shared_queue):
@@ -518,35 +630,91 @@ class DeliveryPolicy:
     def _enqueue(self, rec, e):
         rec.waiting.append(e)
         rec.queued_bytes += e.nbytes
+        self._total_bytes += e.nbytes
+        if not e.eos:
+            rec.ndata += 1
+
+    def _unqueue(self, rec, at):
+        """Remove and return ``rec.waiting[at]``."""
+        e = rec.waiting[at]
+        del rec.waiting[at]
+        rec.queued_bytes -= e.nbytes
+        self._total_bytes -= e.nbytes
+        if not e.eos:
+            rec.ndata -= 1
+        return e
 
     def _shared_append(self, e):
         self._shared_queue.append(e)
         self._shared_bytes += e.nbytes
+        self._total_bytes += e.nbytes
         if not e.eos:
             self._shared_data += 1
 
     def _shared_remove(self, e):
         del self._shared_queue[_index(self._shared_queue, e)]
         self._shared_bytes -= e.nbytes
+        self._total_bytes -= e.nbytes
         if not e.eos:
             self._shared_data -= 1
 
+    def _to_background(self, rec):
+        rec.background = True
+        if rec.shared and rec in self._ready:
+            self._ready.remove(rec)
+
     def _trim(self, queue, limit, rec):
-        """Drop the oldest queued data beyond ``limit`` (an end of stream, or a message a
-        writer waits for, is never dropped); counted on ``rec``, or the pool for None."""
-        excess = sum(1 for e in queue if not e.eos) - limit
-        while excess > 0:
-            victim = next((e for e in queue if not e.eos and e.delivery is None), None)
-            if victim is None:
-                return
+        """Drop the oldest queued data beyond ``limit`` messages or ``max_queue_bytes``
+        (the newest data message, an end of stream, and a message a writer waits for are
+        never dropped); counted on ``rec``, or the pool for None."""
+        cap = self.max_queue_bytes
+        while True:
             if rec is None:
-                self._shared_remove(victim)
-                self.shared_dropped += 1
+                ndata, nbytes = self._shared_data, self._shared_bytes
             else:
-                del queue[_index(queue, victim)]
-                rec.queued_bytes -= victim.nbytes
-                rec.dropped += 1
-            excess -= 1
+                ndata, nbytes = rec.ndata, rec.queued_bytes
+            if ndata <= 1 or (ndata <= limit and (cap is None or nbytes <= cap)):
+                return
+            if not self._evict(queue, rec):
+                return
+
+    def _evict(self, queue, rec):
+        """Drop the oldest data message of ``queue`` that may be dropped; False if none."""
+        for at, victim in enumerate(queue):
+            if not victim.eos and victim.delivery is None:
+                break
+        else:
+            return False
+        if rec is None:
+            self._shared_remove(victim)
+            self.shared_dropped += 1
+        else:
+            self._unqueue(rec, at)
+            rec.dropped += 1
+        return True
+
+    def _trim_total(self):
+        """Beyond ``max_total_bytes``: drop the oldest data of the fullest queues."""
+        cap = self.max_total_bytes
+        if cap is None or self._total_bytes <= cap:
+            return
+        queues = [(rec.queued_bytes, rec.waiting, rec) for rec in self._inputs.values() if rec.ndata > 1]
+        if self._shared_data > 1:
+            queues.append((self._shared_bytes, self._shared_queue, None))
+        while self._total_bytes > cap and queues:
+            queues.sort(key=lambda q: q[0], reverse=True)
+            _, queue, rec = queues[0]
+            if not self._evict(queue, rec):
+                del queues[0]
+                continue
+            if rec is None:
+                ndata, nbytes = self._shared_data, self._shared_bytes
+            else:
+                ndata, nbytes = rec.ndata, rec.queued_bytes
+            if ndata > 1:
+                queues[0] = (nbytes, queue, rec)
+            else:
+                del queues[0]
 
     def _first_shared(self, rec):
         """The first shared-queue entry ``rec`` may take, or None."""
@@ -561,9 +729,7 @@ class DeliveryPolicy:
         own = rec.waiting[0] if rec.waiting else None
         sh = self._first_shared(rec) if rec.shared and self._shared_queue else None
         if own is not None and (sh is None or own.seq < sh.seq):
-            rec.waiting.popleft()
-            rec.queued_bytes -= own.nbytes
-            return own
+            return self._unqueue(rec, 0)
         if sh is None:
             return None
         if sh.pending is not None:  # an end-of-stream marker: every shared input takes it
@@ -579,7 +745,7 @@ class DeliveryPolicy:
     def _to_outbox(self, rec, e, serve):
         rec.outbox.append(e)
         rec.credits -= 1
-        if rec.shared and rec.credits <= 0:
+        if rec.shared and rec.credits <= 0 and rec in self._ready:
             self._ready.remove(rec)
         if e.delivery is not None:
             e.delivery.owed.add(rec.key)
@@ -587,8 +753,9 @@ class DeliveryPolicy:
             serve.append(rec.key)
 
     def _fill(self, rec, serve):
-        """Move what waits for ``rec`` to its outbox while it has credit."""
-        while rec.credits > 0:
+        """Move what waits for ``rec`` to its outbox while it has credit (none while it is
+        sent to in the background)."""
+        while rec.credits > 0 and not rec.background:
             e = self._take_next(rec)
             if e is None:
                 return

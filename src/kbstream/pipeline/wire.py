@@ -17,8 +17,14 @@ A kbstream output then lets that many messages be in flight on the
 connection; Karabo's output ignores unknown hello keys and keeps its one
 message in flight, and one ``update`` per received message is exactly what a
 Karabo input sends too, so both directions stay compatible.
+
+Every hello value is checked by :func:`parse_hello` (type and range; an output cuts
+``maxQueueLength`` to :data:`MAX_QUEUE_LENGTH` and ``kbCreditWindow`` to
+:data:`MAX_CREDIT_WINDOW`), so a peer can neither crash an output with a value of the
+wrong type nor make it reserve what it likes.
 """
 
+import numbers
 import struct
 
 import kbhash
@@ -34,7 +40,9 @@ __all__ = [
     "data_message",
     "eos_message",
     "parse_control",
+    "parse_hello",
     "parse_header",
+    "Hello",
     "MAX_CONTROL_SIZE",
     "MAX_HEADER_SIZE",
 ]
@@ -69,6 +77,17 @@ MAX_CONTROL_SIZE = 64 * 1024
 MAX_HEADER_SIZE = 64 * 1024 * 1024
 #: Largest number of buffers one message may declare.
 MAX_BUFFERS = 1 << 20
+#: Bytes a data header may have beyond what its items need (a Karabo header has < 200).
+HEADER_ROOM = 4096
+#: Bytes a data header may have per item, besides 4 per character of its source and 16
+#: per buffer (a Karabo header has about 180).
+HEADER_ROOM_PER_ITEM = 1024
+#: Largest ``maxQueueLength`` an output honours (a larger request is cut to it).
+MAX_QUEUE_LENGTH = 10_000
+#: Largest ``kbCreditWindow`` an output honours (a larger request is cut to it).
+MAX_CREDIT_WINDOW = 64
+#: Longest ``instanceId`` (characters) a hello may carry; Karabo ids are far shorter.
+MAX_ID_LENGTH = 1024
 
 ON_SLOWNESS = ("drop", "queueDrop", "wait")
 DISTRIBUTION = ("copy", "shared")
@@ -259,6 +278,64 @@ def parse_control(data):
     return reason, h
 
 
+class Hello:
+    """A validated hello (see :func:`parse_hello`).
+
+    Attributes
+    ----------
+    instance_id, data_distribution, on_slowness, memory_location : str
+    max_queue_length : int
+        In ``[1, MAX_QUEUE_LENGTH]``.
+    credit_window : int
+        In ``[1, MAX_CREDIT_WINDOW]``.
+
+    A shared-memory offer (``kbShmFd``) is checked by :func:`kbstream.pipeline.shm.connect_input`.
+    """
+
+    __slots__ = ("instance_id", "data_distribution", "on_slowness", "memory_location", "max_queue_length",
+                 "credit_window")
+
+
+def _hello_choice(h, key, default, allowed):
+    value = h.get(key, default)
+    if not isinstance(value, str) or value not in allowed:
+        raise PipelineProtocolError(f"hello has {key}={value!r}: not one of {allowed}")
+    return value
+
+
+def _hello_count(h, key, default, cap):
+    value = h.get(key, default)
+    # an integer of any width; not a bool, a float (inf, nan, 2.5) or a string
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise PipelineProtocolError(f"hello has a {key} of type {type(value).__name__}, not an integer")
+    value = int(value)
+    if value < 0:
+        raise PipelineProtocolError(f"hello has a negative {key} ({value})")
+    return min(max(1, value), cap)
+
+
+def parse_hello(h):
+    """Check every value of a hello (a decoded control Hash); returns a :class:`Hello`.
+
+    Types and choices must be what Karabo sends (PipelineProtocolError otherwise);
+    ``maxQueueLength`` and ``kbCreditWindow`` are integers >= 0, where 0 counts as 1 and
+    values above :data:`MAX_QUEUE_LENGTH` / :data:`MAX_CREDIT_WINDOW` are cut to them.
+    """
+    out = Hello()
+    iid = h.get("instanceId")
+    if not isinstance(iid, str) or not iid:
+        raise PipelineProtocolError("hello without instanceId")
+    if len(iid) > MAX_ID_LENGTH:
+        raise PipelineProtocolError(f"hello has an instanceId of {len(iid)} characters")
+    out.instance_id = iid
+    out.data_distribution = _hello_choice(h, "dataDistribution", "copy", DISTRIBUTION)
+    out.on_slowness = _hello_choice(h, "onSlowness", "drop", ON_SLOWNESS)
+    out.memory_location = _hello_choice(h, "memoryLocation", "remote", ("remote", "local"))
+    out.max_queue_length = _hello_count(h, "maxQueueLength", 2, MAX_QUEUE_LENGTH)
+    out.credit_window = _hello_count(h, "kbCreditWindow", 1, MAX_CREDIT_WINDOW)
+    return out
+
+
 class MessageHeader:
     """A validated data header.
 
@@ -291,8 +368,8 @@ def parse_header(data, body_size):
     """Validate a data header against the declared body size.
 
     Raises PipelineProtocolError when keys are missing or mistyped, when the
-    per-item sizes disagree with each other or with the body size, or when
-    counts are absurd.
+    per-item sizes disagree with each other or with the body size, when counts
+    are absurd, or when the header is far larger than its items need.
     """
     try:
         h = kbhash.decode(data)
@@ -349,6 +426,14 @@ def parse_header(data, body_size):
     if total != body_size:
         raise PipelineProtocolError(f"item sizes add up to {total} bytes but the body has {body_size}")
     m.metas = [ChannelMetaData.from_hash(x) for x in info]
+    # A header holds its items' metadata and sizes.  One much larger than they need hides
+    # something else (millions of empty Hashes: 4 bytes each on the wire, hundreds in
+    # memory); it is refused, whatever it decoded into.
+    room = HEADER_ROOM + sum(HEADER_ROOM_PER_ITEM + 4 * len(meta.source) + 16 * len(sizes)
+                             for meta, sizes in zip(m.metas, buffers))
+    if len(data) > room:
+        raise PipelineProtocolError(f"data header of {len(data)} bytes for {len(info)} items: "
+                                    f"more than {room} bytes they can need")
     m.buffers = buffers
     m.body_size = body_size
     return m
