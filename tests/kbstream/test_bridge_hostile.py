@@ -241,3 +241,292 @@ def test_a_frame_of_empty_maps_stays_within_the_budget(impl_name):
     res = _run_child(_FLOOD, impl_name, "default")
     assert res["outcome"] == "AmplificationError"
     assert res["growth"] < 256 << 20, res
+
+
+# ---- the client's receive limit --------------------------------------------------------
+
+
+class _RawRepPeer:
+    """A REP server that speaks ZMTP 3.0 by hand over TCP (framing as in
+    docs/wire/karabo-bridge-protocol.md, section 14), so it can announce any frame size.
+
+    The first request it gets is answered with a frame that announces ``declared`` bytes
+    and carries ``sent`` of them (the connection stays open); every later request (on any
+    connection) gets the good train ``good``."""
+
+    GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
+                + b"\x00" + b"\x00" * 31)
+
+    def __init__(self, declared, sent, good):
+        import socket
+        import threading
+
+        self.declared, self.sent, self.good = declared, sent, [bytes(f) for f in good]
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._conns = []
+        self._threads = []
+        self.bad_replies = 0
+        self.good_replies = 0
+        self.connections = 0
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+                self.connections += 1
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _read(conn, n):
+        out = b""
+        while len(out) < n:
+            chunk = conn.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("peer closed")
+            out += chunk
+        return out
+
+    def _frame(self, conn):
+        flags = self._read(conn, 1)[0]
+        size = int.from_bytes(self._read(conn, 8 if flags & 2 else 1), "big")
+        return flags, self._read(conn, size)
+
+    @staticmethod
+    def _pack(body, more, command=False):
+        flags = (1 if more else 0) | (4 if command else 0)
+        if len(body) > 255:
+            return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
+        return bytes([flags, len(body)]) + body
+
+    def _serve(self, conn):
+        try:
+            conn.sendall(self.GREETING)
+            self._read(conn, 64)
+            ready = b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"REP"
+            conn.sendall(self._pack(ready, False, command=True))
+            while True:
+                request = []
+                while True:
+                    flags, body = self._frame(conn)
+                    if flags & 4:
+                        continue              # a command (READY, PING)
+                    request.append(body)
+                    if not flags & 1:
+                        break
+                with self._lock:
+                    bad = self.bad_replies == 0
+                    if bad:
+                        self.bad_replies += 1
+                if bad:
+                    conn.sendall(b"\x01\x00" + b"\x02" + self.declared.to_bytes(8, "big"))
+                    chunk = b"\x00" * (1 << 20)
+                    left = self.sent
+                    while left > 0:
+                        conn.sendall(chunk[:left])
+                        left -= len(chunk)
+                    continue                  # the connection stays open
+                reply = b"\x01\x00" + b"".join(
+                    self._pack(f, i + 1 < len(self.good)) for i, f in enumerate(self.good))
+                conn.sendall(reply)
+                with self._lock:
+                    self.good_replies += 1
+        except OSError:
+            return
+
+    def close(self):
+        self.listener.close()
+        with self._lock:
+            for c in self._conns:
+                c.close()
+        for t in self._threads:
+            t.join(10)
+
+
+_RECEIVER = r"""
+import json, sys
+import kbstream
+from kbstream import errors
+
+def hwm():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+endpoint, limit = sys.argv[1], sys.argv[2]
+kw = {} if limit == "default" else {"max_message_size": None if limit == "none" else int(limit)}
+client = kbstream.Client(endpoint, timeout=3, **kw)
+base = hwm()
+try:
+    client.next()
+    first = "decoded"
+except errors.ChannelTimeout:
+    first = "timeout"
+except errors.ProtocolError:
+    first = "protocol error"
+growth = hwm() - base
+data, meta = client.next()       # the same client, the server now answers well
+client.close()
+print(json.dumps({"first": first, "growth": growth, "data": sorted(data)}))
+"""
+
+GOOD = kbstream.serialize({"GOOD/SRC": {"x": 1}})
+
+
+@pytest.mark.parametrize("limit, declared, sent", [
+    # default limit: a frame that announces 4 GiB and carries 256 MiB of them
+    ("default", 4 << 30, 256 << 20),
+    # a limit given: 1 MiB, the frame carries all of its 64 MiB
+    (1 << 20, 64 << 20, 64 << 20),
+])
+def test_client_refuses_a_frame_over_its_limit_and_recovers(limit, declared, sent):
+    """Before the limit, libzmq allocated what the frame announced and kept what came (the
+    client's peak grew by all of it); now it drops the connection at the frame's header.
+    The client's next() times out, and the following call gets the server's good train."""
+    peer = _RawRepPeer(declared, sent, GOOD)
+    try:
+        res = _run_child(_RECEIVER, peer.endpoint, limit)
+    finally:
+        peer.close()
+    assert res["first"] == "timeout"
+    assert res["growth"] < 32 << 20, res
+    assert res["data"] == ["GOOD/SRC"]
+    assert peer.bad_replies == 1 and peer.good_replies == 1
+
+
+def test_client_without_a_receive_limit_takes_the_whole_frame():
+    """``max_message_size=None`` is the peer's behaviour: what the server sends is kept."""
+    peer = _RawRepPeer(64 << 20, 64 << 20, GOOD)
+    try:
+        res = _run_child(_RECEIVER, peer.endpoint, "none")
+    finally:
+        peer.close()
+    assert res["first"] == "protocol error"       # 64 MiB of zeros is no train
+    assert res["growth"] >= 64 << 20, res
+    assert res["data"] == ["GOOD/SRC"]
+
+
+def test_client_receive_limit_option(ipc_endpoint):
+    import zmq
+
+    from kbstream.bridge.client import MAX_MESSAGE_SIZE
+
+    assert MAX_MESSAGE_SIZE == 2 << 30
+    with kbstream.Client(ipc_endpoint) as c:
+        assert c._socket.getsockopt(zmq.MAXMSGSIZE) == MAX_MESSAGE_SIZE
+    with kbstream.Client(ipc_endpoint, max_message_size=None) as c:
+        assert c._socket.getsockopt(zmq.MAXMSGSIZE) == -1
+    with kbstream.Client(ipc_endpoint, max_message_size=1000) as c:
+        assert c._socket.getsockopt(zmq.MAXMSGSIZE) == 1000
+    with pytest.raises(ValueError, match=r"^max_message_size must be in \[0, 2\*\*63\)"):
+        kbstream.Client(ipc_endpoint, max_message_size=-1)
+    with pytest.raises(TypeError, match=r"^max_message_size must be an int or None"):
+        kbstream.Client(ipc_endpoint, max_message_size=1.5)
+    with pytest.raises(ValueError, match=r"^max_containers must be >= 0"):
+        kbstream.Client(ipc_endpoint, max_containers=-1)
+
+
+@pytest.mark.parametrize("server_sock, client_sock", [("PUSH", "PULL"), ("PUB", "SUB")])
+def test_pull_and_sub_clients_reconnect_after_a_frame_over_their_limit(
+        tcp_endpoint, server_sock, client_sock):
+    """libzmq drops the connection at the oversized frame and never reconnects it (a
+    protocol error); the client sees the drop when next() times out and connects afresh,
+    so the trains sent after that arrive."""
+    import threading
+    import time
+
+    import zmq
+
+    ctx = zmq.Context()
+    server = ctx.socket(getattr(zmq, server_sock))
+    server.linger = 0
+    server.sndtimeo = 100
+    monitor = server.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    server.bind(tcp_endpoint)
+    stop = threading.Event()
+    connected = threading.Event()
+    sent_big = threading.Event()
+
+    def serve():
+        connected.wait(10)
+        time.sleep(0.2)                          # the SUB's subscription has arrived
+        server.send(b"\x00" * (4 << 20))        # over the client's 1 MiB
+        sent_big.set()
+        while not stop.is_set():
+            try:
+                server.send_multipart(GOOD, copy=False)
+            except zmq.Again:
+                pass
+            time.sleep(0.01)
+
+    t = threading.Thread(target=serve)
+    got = []
+    try:
+        with kbstream.Client(tcp_endpoint, sock=client_sock, timeout=1,
+                             max_message_size=1 << 20) as client:
+            connected.set()
+            t.start()
+            assert sent_big.wait(10)
+            for _ in range(10):
+                try:
+                    got.append(client.next()[0])
+                    break
+                except errors.ChannelTimeout:
+                    continue
+        accepted = 0
+        while monitor.poll(0):
+            monitor.recv_multipart()
+            accepted += 1
+    finally:
+        stop.set()
+        t.join(10)
+        server.disable_monitor()
+        monitor.close()
+        server.close()
+        ctx.term()
+    assert got == [{"GOOD/SRC": {"x": 1}}]
+    assert accepted == 2          # the first connection was dropped at the big frame
+
+
+def test_client_container_limit_raises_and_the_client_stays_usable(ipc_endpoint):
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.linger = 0
+    rep.bind(ipc_endpoint)
+    flood = [msgpack.packb({"source": "s", "content": "msgpack", "metadata": {}}),
+             msgpack.packb({"a": [{}] * 100})]
+
+    def serve():
+        rep.recv_multipart()
+        rep.send_multipart(flood)
+        rep.recv_multipart()
+        rep.send_multipart(GOOD, copy=False)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with kbstream.Client(ipc_endpoint, timeout=10, max_containers=50) as client:
+            with pytest.raises(errors.AmplificationError) as info:
+                client.next()
+            assert (info.value.frame_index, info.value.limit) == (1, 50)
+            assert client.next()[0] == {"GOOD/SRC": {"x": 1}}
+    finally:
+        t.join(10)
+        rep.close()
+        ctx.term()
