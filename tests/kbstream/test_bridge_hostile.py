@@ -243,6 +243,42 @@ def test_a_frame_of_empty_maps_stays_within_the_budget(impl_name):
     assert res["growth"] < 256 << 20, res
 
 
+_TEMPLATES = r"""
+import gc, json, sys
+import msgpack
+from kbstream.bridge import _codec
+
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+
+nsrc, nkeys = int(sys.argv[1]), int(sys.argv[2])
+payload = msgpack.packb({f"k{j:06d}": None for j in range(nkeys)})
+headers = [msgpack.packb({"source": f"S{i}", "content": "msgpack", "metadata": {}})
+           for i in range(nsrc)]
+gc.collect()
+base = rss()
+for i in range(nsrc):                  # one new source per message
+    data, meta = _codec.deserialize([headers[i], payload])
+    assert len(data[f"S{i}"]) == nkeys
+    del data, meta
+gc.collect()
+print(json.dumps({"retained": rss() - base}))
+"""
+
+
+@pytest.mark.parametrize("nkeys", [30_000, 40_000])
+def test_compiled_decoder_key_templates_keep_a_bounded_amount(nkeys):
+    """The compiled decoder remembers each source's payload keys after the message is
+    gone.  80 messages of one new source each, with 30 000 or 40 000 short keys: the
+    templates kept ~250 MiB before; now at most their budget (64 MiB estimated; 40 000
+    keys is over the limit of one template, so none is kept)."""
+    res = _run_child(_TEMPLATES, 80, nkeys)
+    assert res["retained"] < 128 << 20, res
+
+
 # ---- the client's receive limit --------------------------------------------------------
 
 

@@ -1014,11 +1014,22 @@ cdef int r_check_end(Reader* r) except -1:
 # is never changed once made; when values changed, the decode that saw them makes a new
 # one and puts it in place of the old (so concurrent decodes of one source never see a
 # half-made template).  ``raw`` is at most RAW_MAX bytes per source.
+#
+# Templates outlive the messages they were made from, so what they keep is bounded: a
+# template costs an estimated TEMPLATE_KEY_COST bytes per key plus the keys' lengths; a
+# map that would cost more than TEMPLATE_MAX gets no template (it is decoded the general
+# way every time), and when all templates together would cost more than TEMPLATE_BUDGET
+# (or there are TEMPLATE_SOURCES of them) they are all forgotten.  Without that, payloads
+# of many short keys, one source per message, kept some 130 bytes per key for good.
 DEF TEMPLATE_SOURCES = 1024
+DEF TEMPLATE_KEY_COST = 128
+DEF TEMPLATE_MAX = 4 << 20
+DEF TEMPLATE_BUDGET = 64 << 20
 DEF SPAN_MAX = 256
 DEF RAW_MAX = 16384
 DEF STACK_KEYS = 64
 cdef dict _key_templates = {}
+cdef Py_ssize_t _template_total = 0     # the cost of the templates in _key_templates
 cdef object _meta_template = None
 
 
@@ -1029,16 +1040,43 @@ cdef class _Tmpl:
     cdef bytes raw            # the remembered values' bytes; None: not made from a payload
                               # with value memory yet; empty: no value to remember
     cdef Py_ssize_t* spans    # per key: (offset in raw, length), length -1: not remembered
+    cdef Py_ssize_t cost      # estimated bytes the template keeps alive (keys)
 
     def __dealloc__(self):
         PyMem_Free(self.spans)
 
 
 cdef _Tmpl _make_template(dict m):
+    """The template of map ``m``, or None if it would cost more than TEMPLATE_MAX."""
+    cdef Py_ssize_t cost = TEMPLATE_KEY_COST * len(m)
+    if cost > TEMPLATE_MAX:
+        return None
+    for k in m:
+        cost += len(k)          # str or bytes
+        if cost > TEMPLATE_MAX:
+            return None
     cdef _Tmpl t = _Tmpl.__new__(_Tmpl)
     t.keys = tuple(m)
     t.proto = dict.fromkeys(t.keys)
+    t.cost = cost
     return t
+
+
+cdef int _put_template(object source, _Tmpl t) except -1:
+    """Make ``t`` (None: none) the template of ``source``, within TEMPLATE_BUDGET."""
+    global _template_total
+    old = _key_templates.pop(source, None)
+    if old is not None:
+        _template_total -= (<_Tmpl>old).cost
+    if t is None:
+        return 0
+    if (len(_key_templates) >= TEMPLATE_SOURCES
+            or _template_total + t.cost > TEMPLATE_BUDGET):
+        _key_templates.clear()
+        _template_total = 0
+    _key_templates[source] = t
+    _template_total += t.cost
+    return 0
 
 
 cdef inline bint _shareable(object v):
@@ -1100,6 +1138,7 @@ cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
     cdef _Tmpl nt = _Tmpl.__new__(_Tmpl)
     cdef char* dst
     nt.keys = t.keys
+    nt.cost = t.cost
     for i in range(n):
         if cur[2 * i + 1] > 0:
             if total + cur[2 * i + 1] > RAW_MAX:
@@ -1122,7 +1161,7 @@ cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
             nt.spans[2 * i] = 0
             nt.spans[2 * i + 1] = -1
             PyDict_SetItem(nt.proto, <object>PyTuple_GET_ITEM(nt.keys, i), None)
-    _key_templates[source] = nt
+    _put_template(source, nt)
     return 0
 
 
@@ -1220,9 +1259,7 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source, Budget
         out = r_payload_map(&r, n, 0, frame, tmpl, &missed, not missed)
         r_check_end(&r)
         if missed and n > 0:
-            if len(_key_templates) >= TEMPLATE_SOURCES:
-                _key_templates.clear()
-            _key_templates[source] = _make_template(<dict>out)
+            _put_template(source, _make_template(<dict>out))
         return out
     finally:
         PyBuffer_Release(&view)
