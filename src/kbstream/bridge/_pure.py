@@ -32,7 +32,9 @@ when encoding (the peer sends pointers or pickles); an odd frame count, an array
 source's msgpack part, a shape that does not match the frame, pickled content and unknown
 ``content`` raise :mod:`kbstream.errors` exceptions instead of being dropped or raising
 ``KeyError`` / ``RuntimeError``; a missing ``metadata[src]`` falls back to the source's own
-``metadata`` entry instead of raising ``KeyError``.
+``metadata`` entry instead of raising ``KeyError``; one message decodes into at most
+``max_containers`` msgpack maps and arrays (:class:`~kbstream.errors.AmplificationError`,
+``docs/safety-bridge.md``), where the peer has no bound.
 """
 
 import struct

@@ -61,8 +61,9 @@ class Client:
         it; a larger frame makes libzmq drop the connection to that server silently, so
         :meth:`next` raises :class:`~kbstream.ChannelTimeout` when ``timeout`` runs out
         (with ``timeout=None`` it keeps waiting).  Then a REQ client connects afresh and
-        asks again on the next call; a SUB or PULL socket reconnects by itself and
-        receives the trains sent after that.
+        asks again on the next call; a SUB or PULL client sees at that timeout that its
+        connection is gone and connects afresh on the next call
+        (``docs/safety-bridge.md``).
     max_containers : int or None
         Most msgpack maps and arrays one message may decode into (all frames, any depth);
         default (None) :data:`kbstream.bridge.MAX_CONTAINERS` (1 << 20).  One more raises
