@@ -16,6 +16,7 @@ Hierarchy (the subpackages' own ``errors`` modules add their leaves; all are lis
     |   +-- UnknownContentError             bridge header 'content' is not 'msgpack' / 'array'
     |   +-- UnsupportedDtypeError           object, structured, zero-size or unknown dtype
     |   +-- ShapeMismatchError              prod(shape) * itemsize != frame length, bad shape
+    |   +-- AmplificationError              a bridge message decodes into too many containers
     |   +-- ServerError                     a bridge server answered 'Error: ...'
     |   +-- pipeline.PipelineProtocolError  a pipeline peer broke Karabo's TCP protocol
     +-- EncodeError (TypeError, ValueError) a value cannot be put on the wire
@@ -60,6 +61,7 @@ __all__ = [
     "UnknownContentError",
     "UnsupportedDtypeError",
     "ShapeMismatchError",
+    "AmplificationError",
     "ServerError",
     "EncodeError",
     "EncodeOverflowError",
@@ -121,6 +123,25 @@ class UnsupportedDtypeError(ProtocolError):
 
 class ShapeMismatchError(ProtocolError):
     """An array's declared shape and dtype do not match the bytes that carry it."""
+
+
+class AmplificationError(ProtocolError):
+    """A bridge message would decode into more msgpack maps and arrays than allowed.
+
+    A map or an array takes one byte on the wire and some 60 to 200 bytes as a Python
+    dict or list, so a message made of them is refused once it holds more than the
+    limit (``max_containers`` of :func:`kbstream.deserialize` and
+    :class:`kbstream.Client`).
+
+    Attributes
+    ----------
+    limit : int or None
+        The number of containers the message was allowed.
+    """
+
+    def __init__(self, message, frame_index=None, offset=None, limit=None):
+        super().__init__(message, frame_index, offset)
+        self.limit = limit
 
 
 class ServerError(ProtocolError):

@@ -224,6 +224,22 @@ def test_fuzz_compiled_matches_pure(frames):
         assert issubclass(compiled[1], errors.ProtocolError), compiled[1]
 
 
+def _outcome_limited(mod, frames, limit):
+    try:
+        return "ok", canon(mod.deserialize(frames, max_containers=limit))
+    except errors.ProtocolError as e:  # the whole error is the result compared
+        return "error", type(e), str(e), e.frame_index, e.offset
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(), st.integers(0, 48))
+def test_fuzz_container_limit_compiled_matches_pure(frames, limit):
+    """Mutated messages under a small container budget: the same result, or the same
+    error with the same message, frame and offset."""
+    _codec.deserialize(VALID[0])      # the compiled decoder remembers a train
+    assert _outcome_limited(_codec, frames, limit) == _outcome_limited(_pure, frames, limit)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64))
 def test_fuzz_random_bytes(blob):

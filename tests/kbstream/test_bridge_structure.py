@@ -31,6 +31,7 @@ def test_both_codecs_provide_exactly_the_declared_names(codec):
         assert hasattr(codec, name), name
     assert codec.ENCODE_VERSIONS == _rules.ENCODE_VERSIONS
     assert codec.MAX_DEPTH == _rules.MAX_DEPTH and codec.MAX_NDIM == _rules.MAX_NDIM
+    assert codec.MAX_CONTAINERS == _rules.MAX_CONTAINERS
 
 
 def test_both_codecs_agree_on_the_declared_functions():

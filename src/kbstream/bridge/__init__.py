@@ -22,7 +22,14 @@ import importlib
 
 from ._memory import keep_large_buffers
 from ._rules import source_metadata, timestamp_fields
-from .codec import ENCODE_VERSIONS, backend, deserialize, flatten_hash, serialize
+from .codec import (
+    ENCODE_VERSIONS,
+    MAX_CONTAINERS,
+    backend,
+    deserialize,
+    flatten_hash,
+    serialize,
+)
 
 #: socket names, loaded on first use: name -> module
 _LAZY = {
@@ -48,6 +55,7 @@ __all__ = [
     "keep_large_buffers",
     "backend",
     "ENCODE_VERSIONS",
+    "MAX_CONTAINERS",
     "SOCKET_TYPES",
 ]
 

@@ -49,9 +49,12 @@ cdef extern from *:
 from ._rules import (
     PUBLIC_API,  # noqa: E402
     ENCODE_VERSIONS,
+    MAX_CONTAINERS,
     MAX_DEPTH,
     MAX_NDIM,
+    amplification_error,
     check_nbytes,
+    container_limit,
     header_field,
     make_dummy_timestamps,
     meta_from_payload,
@@ -97,6 +100,7 @@ DEF C_MAX_DEPTH = 256
 if MAX_DEPTH != C_MAX_DEPTH:   # pragma: no cover - a build out of step with _rules
     raise ImportError("kbstream.bridge._codec was built for another MAX_DEPTH: rebuild it")
 cdef str _ARRAY_KINDS = "biufcSUmM"
+cdef Py_ssize_t _MAX_CONTAINERS = MAX_CONTAINERS
 
 cdef bytes _ERROR_PREFIX = b"Error: "
 cdef Py_ssize_t _COPY_NOGIL = 1 << 16
@@ -580,21 +584,46 @@ cdef class _Bin:
     cdef Py_ssize_t length
 
 
+cdef struct Budget:
+    # the msgpack containers (maps, arrays) one message may still decode into; shared by
+    # the readers of all its frames.  Every dict or list made from the wire takes one,
+    # on every path (generic, templates, header fast path, header memo), in the order
+    # and at the offsets of _pure; a path that gives up and decodes again the general
+    # way gives back what it took first.
+    Py_ssize_t left
+    Py_ssize_t limit
+
+
 cdef struct Reader:
     const uint8_t* buf
     Py_ssize_t pos
     Py_ssize_t end
     Py_ssize_t index
     bint v1
+    Budget* budget
 
 
-cdef inline void r_init(Reader* r, const Py_buffer* view, Py_ssize_t index, bint v1) noexcept:
+cdef inline void r_init(Reader* r, const Py_buffer* view, Py_ssize_t index, bint v1,
+                        Budget* budget) noexcept:
     """A reader at the start of ``view`` (frame ``index`` of the message)."""
     r.buf = <const uint8_t*>view.buf
     r.pos = 0
     r.end = view.len
     r.index = index
     r.v1 = v1
+    r.budget = budget
+
+
+cdef inline int r_count(Reader* r, Py_ssize_t at) except -1:
+    """Take one container (the map or array at ``at``) from the message's budget."""
+    r.budget.left -= 1
+    if r.budget.left < 0:
+        r_over_budget(r, at)
+    return 0
+
+
+cdef int r_over_budget(Reader* r, Py_ssize_t at) except -1:
+    raise amplification_error(r.index, at, r.budget.limit)
 
 
 cdef int r_truncated(Reader* r, Py_ssize_t n, Py_ssize_t at) except -1:
@@ -844,6 +873,7 @@ cdef object r_materialize(Reader* r, _Bin b):
 cdef object r_array(Reader* r, uint64_t n, int depth, Py_ssize_t at, object frame):
     r_depth(r, depth, at)
     r_container_size(r, n, 1, at, "array")
+    r_count(r, at)
     cdef list out = PyList_New(<Py_ssize_t>n)
     cdef Py_ssize_t i
     for i in range(<Py_ssize_t>n):
@@ -877,6 +907,7 @@ cdef inline object r_map_key(Reader* r, int depth, object frame):
 cdef object r_map(Reader* r, uint64_t n, int depth, Py_ssize_t at, object frame):
     r_depth(r, depth, at)
     r_container_size(r, n, 2, at, "map")
+    r_count(r, at)
     cdef dict out = _PyDict_NewPresized(<Py_ssize_t>n)
     cdef Py_ssize_t i
     for i in range(<Py_ssize_t>n):
@@ -983,11 +1014,22 @@ cdef int r_check_end(Reader* r) except -1:
 # is never changed once made; when values changed, the decode that saw them makes a new
 # one and puts it in place of the old (so concurrent decodes of one source never see a
 # half-made template).  ``raw`` is at most RAW_MAX bytes per source.
+#
+# Templates outlive the messages they were made from, so what they keep is bounded: a
+# template costs an estimated TEMPLATE_KEY_COST bytes per key plus the keys' lengths; a
+# map that would cost more than TEMPLATE_MAX gets no template (it is decoded the general
+# way every time), and when all templates together would cost more than TEMPLATE_BUDGET
+# (or there are TEMPLATE_SOURCES of them) they are all forgotten.  Without that, payloads
+# of many short keys, one source per message, kept some 130 bytes per key for good.
 DEF TEMPLATE_SOURCES = 1024
+DEF TEMPLATE_KEY_COST = 128
+DEF TEMPLATE_MAX = 4 << 20
+DEF TEMPLATE_BUDGET = 64 << 20
 DEF SPAN_MAX = 256
 DEF RAW_MAX = 16384
 DEF STACK_KEYS = 64
 cdef dict _key_templates = {}
+cdef Py_ssize_t _template_total = 0     # the cost of the templates in _key_templates
 cdef object _meta_template = None
 
 
@@ -998,16 +1040,43 @@ cdef class _Tmpl:
     cdef bytes raw            # the remembered values' bytes; None: not made from a payload
                               # with value memory yet; empty: no value to remember
     cdef Py_ssize_t* spans    # per key: (offset in raw, length), length -1: not remembered
+    cdef Py_ssize_t cost      # estimated bytes the template keeps alive (keys)
 
     def __dealloc__(self):
         PyMem_Free(self.spans)
 
 
 cdef _Tmpl _make_template(dict m):
+    """The template of map ``m``, or None if it would cost more than TEMPLATE_MAX."""
+    cdef Py_ssize_t cost = TEMPLATE_KEY_COST * len(m)
+    if cost > TEMPLATE_MAX:
+        return None
+    for k in m:
+        cost += len(k)          # str or bytes
+        if cost > TEMPLATE_MAX:
+            return None
     cdef _Tmpl t = _Tmpl.__new__(_Tmpl)
     t.keys = tuple(m)
     t.proto = dict.fromkeys(t.keys)
+    t.cost = cost
     return t
+
+
+cdef int _put_template(object source, _Tmpl t) except -1:
+    """Make ``t`` (None: none) the template of ``source``, within TEMPLATE_BUDGET."""
+    global _template_total
+    old = _key_templates.pop(source, None)
+    if old is not None:
+        _template_total -= (<_Tmpl>old).cost
+    if t is None:
+        return 0
+    if (len(_key_templates) >= TEMPLATE_SOURCES
+            or _template_total + t.cost > TEMPLATE_BUDGET):
+        _key_templates.clear()
+        _template_total = 0
+    _key_templates[source] = t
+    _template_total += t.cost
+    return 0
 
 
 cdef inline bint _shareable(object v):
@@ -1069,6 +1138,7 @@ cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
     cdef _Tmpl nt = _Tmpl.__new__(_Tmpl)
     cdef char* dst
     nt.keys = t.keys
+    nt.cost = t.cost
     for i in range(n):
         if cur[2 * i + 1] > 0:
             if total + cur[2 * i + 1] > RAW_MAX:
@@ -1091,7 +1161,7 @@ cdef int _remember_values(object source, _Tmpl t, dict out, const uint8_t* buf,
             nt.spans[2 * i] = 0
             nt.spans[2 * i + 1] = -1
             PyDict_SetItem(nt.proto, <object>PyTuple_GET_ITEM(nt.keys, i), None)
-    _key_templates[source] = nt
+    _put_template(source, nt)
     return 0
 
 
@@ -1113,9 +1183,11 @@ cdef inline bint _key_matches(Reader* r, Py_ssize_t kat, PyObject* cand, Py_ssiz
 
 cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object tmpl,
                           bint* missed, bint copy_first):
-    r_container_size(r, n, 2, r.pos - 1 if depth else 0, "map")
+    cdef Py_ssize_t at = r.pos - 1 if depth else 0
+    r_container_size(r, n, 2, at, "map")
+    r_count(r, at)
     cdef dict out
-    cdef Py_ssize_t i, kat, klen, nt = 0, start = r.pos
+    cdef Py_ssize_t i, kat, klen, nt = 0, start = r.pos, left = r.budget.left
     cdef PyObject* cand
     cdef tuple keys = None
     if tmpl is not None:
@@ -1133,6 +1205,7 @@ cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object
             else:
                 return out
             r.pos = start      # a key differs: decode this map again, the general way
+            r.budget.left = left
     out = _PyDict_NewPresized(<Py_ssize_t>n)
     for i in range(<Py_ssize_t>n):
         kat = r.pos
@@ -1150,17 +1223,17 @@ cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object
     return out
 
 
-cdef object decode_payload(object frame, Py_ssize_t index, object source):
+cdef object decode_payload(object frame, Py_ssize_t index, object source, Budget* budget):
     """decode_frame for a 2.x payload: a map decoded with the source's key template."""
     cdef Py_buffer view
     cdef Reader r
     cdef uint8_t b
     cdef uint64_t n
     cdef bint missed = False
-    cdef Py_ssize_t start
+    cdef Py_ssize_t start, left
     get_frame_buffer(frame, &view, index)
     try:
-        r_init(&r, &view, index, False)
+        r_init(&r, &view, index, False, budget)
         if r.end < 1:
             return r_top(&r, frame)         # raises TruncatedFrameError
         b = r.buf[0]
@@ -1176,17 +1249,17 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source):
         if (tmpl is not None and n > 0 and PyTuple_GET_SIZE((<_Tmpl>tmpl).keys) == <Py_ssize_t>n
                 and ((<_Tmpl>tmpl).raw is None or PyBytes_GET_SIZE((<_Tmpl>tmpl).raw) > 0)):
             start = r.pos
+            left = budget.left
             out = _decode_reuse(&r, <Py_ssize_t>n, frame, <_Tmpl>tmpl, source)
             if out is not None:
                 return out
             r.pos = start       # a key differs: decode the map again, the general way
+            budget.left = left
             missed = True
         out = r_payload_map(&r, n, 0, frame, tmpl, &missed, not missed)
         r_check_end(&r)
         if missed and n > 0:
-            if len(_key_templates) >= TEMPLATE_SOURCES:
-                _key_templates.clear()
-            _key_templates[source] = _make_template(<dict>out)
+            _put_template(source, _make_template(<dict>out))
         return out
     finally:
         PyBuffer_Release(&view)
@@ -1197,7 +1270,8 @@ cdef object _decode_reuse(Reader* r, Py_ssize_t n, object frame, _Tmpl t, object
     cdef Py_ssize_t stack[2 * STACK_KEYS]
     cdef Py_ssize_t* cur = stack
     cdef bint changed = False
-    r_container_size(r, n, 2, 0, "map")    # the general path's first check (same error)
+    r_container_size(r, n, 2, 0, "map")    # the general path's first checks (same errors)
+    r_count(r, 0)
     if n > STACK_KEYS:
         cur = <Py_ssize_t*>PyMem_Malloc(2 * n * sizeof(Py_ssize_t))
         if cur == NULL:
@@ -1228,22 +1302,27 @@ cdef int get_frame_buffer(object frame, Py_buffer* view, Py_ssize_t index) excep
     return 0
 
 
-cdef object decode_frame(object frame, Py_ssize_t index, bint v1):
+cdef object decode_frame(object frame, Py_ssize_t index, bint v1, Budget* budget):
     """Decode the single msgpack value in one frame."""
     cdef Py_buffer view
     cdef Reader r
     get_frame_buffer(frame, &view, index)
     try:
-        r_init(&r, &view, index, v1)
+        r_init(&r, &view, index, v1, budget)
         return r_top(&r, frame)
     finally:
         PyBuffer_Release(&view)
 
 
-def unpackb(buf):
+def unpackb(buf, *, max_containers=None):
     """Decode one msgpack value that fills *buf* exactly (``raw=False``: str -> str, bin ->
-    bytes).  Ext types are refused; map keys must be str or bytes."""
-    return decode_frame(buf, 0, False)
+    bytes).  Ext types are refused; map keys must be str or bytes; at most
+    ``max_containers`` maps and arrays (default :data:`MAX_CONTAINERS`), else
+    :class:`~kbstream.errors.AmplificationError`."""
+    cdef Budget budget
+    budget.limit = container_limit(max_containers)
+    budget.left = budget.limit
+    return decode_frame(buf, 0, False, &budget)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1511,7 +1590,7 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     return frames
 
 
-cdef tuple _deserialize_v1(frame):
+cdef tuple _deserialize_v1(frame, Budget* budget):
     cdef Py_buffer view
     get_frame_buffer(frame, &view, 0)
     try:
@@ -1520,7 +1599,7 @@ cdef tuple _deserialize_v1(frame):
             raise ServerError(f"server replied {text!r}", 0)
     finally:
         PyBuffer_Release(&view)
-    train = decode_frame(frame, 0, True)
+    train = decode_frame(frame, 0, True, budget)
     if not isinstance(train, dict):
         raise ProtocolError("frame 0: a protocol 1.0 message must be a msgpack map", 0)
     meta = {}
@@ -1557,8 +1636,11 @@ cdef inline bint _key_is(const uint8_t* p, Py_ssize_t n, const char* name, Py_ss
     return n == m and memcmp(p, name, m) == 0
 
 
-cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hdr h) except -1:
-    """Parse the header in ``view`` (borrowed from ``frame`` by the caller)."""
+cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hdr h,
+                      Budget* budget) except -1:
+    """Parse the header in ``view`` (borrowed from ``frame`` by the caller).  Takes the
+    header's containers from ``budget``; when it gives up, the caller gives them back
+    before the generic path decodes the header (and raises any error)."""
     global _meta_template
     cdef Reader r
     cdef const uint8_t* p
@@ -1569,13 +1651,14 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
     cdef Py_ssize_t c
     cdef int ok = 0
     cdef bint missed
-    r_init(&r, view, index, False)
+    r_init(&r, view, index, False, budget)
     if r.end < 1 or (r.buf[0] & 0xF0) != 0x80:
         return 0
     nkeys = r.buf[0] & 0x0F
     r.pos = 1
-    if nkeys * 2 > r.end - r.pos:
+    if nkeys * 2 > r.end - r.pos or budget.left < 1:
         return 0
+    budget.left -= 1          # the header map
     h.metadata = None
     h.path = None
     h.dtype = None
@@ -1636,6 +1719,9 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
             r.pos += 1 + klen
         elif bit == 32:
             nd = b & 0x0F
+            if budget.left < 1:
+                return 0
+            budget.left -= 1      # the shape array
             r.pos += 1
             shape = PyTuple_New(nd)
             c = 1
@@ -1786,7 +1872,7 @@ cdef int _add_array(dict props, object path, object dt, object shape, Py_ssize_t
     return 0
 
 
-def deserialize(frames):
+def deserialize(frames, *, max_containers=None):
     """Decode one message (list of frames) into ``(data, meta)``, both keyed by source.
 
     Accepts protocol 1.0 (one frame) and 2.0 / 2.1 / 2.2 (header / payload pairs).  Frames
@@ -1795,13 +1881,23 @@ def deserialize(frames):
     call returns new dicts and lists; an immutable scalar (int, float, str, bytes) that
     repeats from a source's previous train may be the object returned then.
 
+    ``max_containers`` bounds the msgpack maps and arrays decoded from the whole message
+    (every frame, every depth); None: :data:`MAX_CONTAINERS`.
+
     Raises
     ------
     ProtocolError
-        (a ``ValueError``) and its subclasses for every malformed message.
+        (a ``ValueError``) and its subclasses for every malformed message;
+        :class:`~kbstream.errors.AmplificationError` for one container too many.
     TypeError
         if a frame is not a contiguous buffer.
     """
+    cdef Budget budget
+    if max_containers is None:
+        budget.limit = _MAX_CONTAINERS
+    else:
+        budget.limit = container_limit(max_containers)
+    budget.left = budget.limit
     _find_zmq_frame()
     if type(frames) is not list:
         frames = list(frames)
@@ -1809,11 +1905,11 @@ def deserialize(frames):
     cdef Py_ssize_t n = len(fl), i
     cdef dict data, meta, hdr, payload
     cdef Py_buffer view
-    cdef Py_ssize_t count
+    cdef Py_ssize_t count, left
     if n == 0:
         raise ProtocolError("empty message: no frames")
     if n == 1:
-        return _deserialize_v1(fl[0])
+        return _deserialize_v1(fl[0], &budget)
     if n % 2:
         raise ProtocolError(
             f"odd number of frames ({n}): a 2.x message is made of (header, payload) pairs"
@@ -1828,7 +1924,15 @@ def deserialize(frames):
         get_frame_buffer(fl[i], &view, i)
         try:
             ah = _memo_find(&view, &slot)
-            fast = ah is None and _fast_header(&view, fl[i], i, fh)
+            if ah is not None:
+                if budget.left >= 2:
+                    budget.left -= 2     # the header map and its shape array
+                else:
+                    ah = None            # the paths below raise at the right container
+            left = budget.left
+            fast = ah is None and _fast_header(&view, fl[i], i, fh, &budget)
+            if not fast:
+                budget.left = left
         finally:
             PyBuffer_Release(&view)
         if ah is not None:
@@ -1838,7 +1942,7 @@ def deserialize(frames):
         if fast:
             source = fh.source
             if fh.content == 1:
-                p = decode_payload(fl[i + 1], i + 1, source)
+                p = decode_payload(fl[i + 1], i + 1, source, &budget)
                 if type(p) is not dict:
                     raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
                 m = fh.metadata
@@ -1852,14 +1956,14 @@ def deserialize(frames):
                 _add_array(props, fh.path, dt, fh.shape, fh.count, fl[i + 1], i)
                 _memo_store(fl[i], slot, fh, dt)   # source and path are str (fixstr/str8)
             continue
-        h = decode_frame(fl[i], i, False)
+        h = decode_frame(fl[i], i, False, &budget)
         if type(h) is not dict:
             raise ProtocolError(f"frame {i}: header is not a msgpack map", i)
         hdr = <dict>h
         source = header_field(hdr, "source", i, str)
         content = header_field(hdr, "content", i, (str, bytes))
         if content == "msgpack":
-            p = decode_frame(fl[i + 1], i + 1, False)
+            p = decode_frame(fl[i + 1], i + 1, False, &budget)
             if type(p) is not dict:
                 raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
             payload = <dict>p

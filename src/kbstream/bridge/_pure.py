@@ -32,7 +32,9 @@ when encoding (the peer sends pointers or pickles); an odd frame count, an array
 source's msgpack part, a shape that does not match the frame, pickled content and unknown
 ``content`` raise :mod:`kbstream.errors` exceptions instead of being dropped or raising
 ``KeyError`` / ``RuntimeError``; a missing ``metadata[src]`` falls back to the source's own
-``metadata`` entry instead of raising ``KeyError``.
+``metadata`` entry instead of raising ``KeyError``; one message decodes into at most
+``max_containers`` msgpack maps and arrays (:class:`~kbstream.errors.AmplificationError`,
+``docs/safety-bridge.md``), where the peer has no bound.
 """
 
 import struct
@@ -55,9 +57,12 @@ from ._rules import (
     ARRAY_KINDS,
     ENCODE_VERSIONS,
     ERROR_PREFIX,
+    MAX_CONTAINERS,
     MAX_DEPTH,
     MAX_NDIM,
+    amplification_error,
     check_nbytes,
+    container_limit,
     header_field,
     make_dummy_timestamps,
     meta_from_payload,
@@ -288,15 +293,27 @@ class _Bin:
         self.length = length
 
 
-class _Reader:
-    __slots__ = ("buf", "pos", "end", "index", "v1", "frame")
+class _Budget:
+    """The msgpack containers one message may still decode into (shared by the readers of
+    its frames)."""
 
-    def __init__(self, buf, index, v1=False):
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit):
+        self.left = limit
+        self.limit = limit
+
+
+class _Reader:
+    __slots__ = ("buf", "pos", "end", "index", "v1", "budget")
+
+    def __init__(self, buf, index, budget, v1=False):
         self.buf = buf
         self.pos = 0
         self.end = len(buf)
         self.index = index
         self.v1 = v1
+        self.budget = budget
 
     def need(self, n, at):
         if self.end - self.pos < n:
@@ -314,6 +331,8 @@ class _Reader:
         return int.from_bytes(self.buf[p : p + n], "big")
 
     def container_size(self, n, per_item, at, what):
+        """Check a container's declared size against the bytes left, then take it from
+        the message's container budget."""
         if n * per_item > self.end - self.pos:
             raise TruncatedFrameError(
                 f"frame {self.index}: msgpack {what} at offset {at} declares {n} items, "
@@ -321,6 +340,10 @@ class _Reader:
                 self.index,
                 at,
             )
+        budget = self.budget
+        budget.left -= 1
+        if budget.left < 0:
+            raise amplification_error(self.index, at, budget.limit)
 
     def text(self, n, at):
         self.need(n, at)
@@ -513,10 +536,13 @@ class _Reader:
         return v
 
 
-def unpackb(buf):
+def unpackb(buf, *, max_containers=None):
     """Decode one msgpack value that fills *buf* exactly (``raw=False``: str -> str, bin ->
-    bytes).  Ext types are refused; map keys must be str or bytes."""
-    return _Reader(_frame_view(buf, 0), 0).top()
+    bytes).  Ext types are refused; map keys must be str or bytes; at most
+    ``max_containers`` maps and arrays (default :data:`MAX_CONTAINERS`), else
+    :class:`~kbstream.errors.AmplificationError`."""
+    budget = _Budget(container_limit(max_containers))
+    return _Reader(_frame_view(buf, 0), 0, budget).top()
 
 
 # --------------------------------------------------------------------------------------
@@ -608,20 +634,25 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     return frames
 
 
-def deserialize(frames):
+def deserialize(frames, *, max_containers=None):
     """Decode one message (list of frames) into ``(data, meta)``, both keyed by source.
 
     Accepts protocol 1.0 (one frame) and 2.0 / 2.1 / 2.2 (header / payload pairs).  Frames
     may be ``zmq.Frame``, ``bytes``, ``bytearray``, ``memoryview`` or any C-contiguous
     buffer.  Arrays are views on the frames (no copy); they keep the frames alive.
 
+    ``max_containers`` bounds the msgpack maps and arrays decoded from the whole message
+    (every frame, every depth); None: :data:`MAX_CONTAINERS`.
+
     Raises
     ------
     ProtocolError
-        (a ``ValueError``) and its subclasses for every malformed message.
+        (a ``ValueError``) and its subclasses for every malformed message;
+        :class:`~kbstream.errors.AmplificationError` for one container too many.
     TypeError
         if a frame is not a contiguous buffer.
     """
+    budget = _Budget(container_limit(max_containers))
     frames = list(frames)
     n = len(frames)
     if n == 0:
@@ -631,7 +662,7 @@ def deserialize(frames):
         if bytes(buf[: len(ERROR_PREFIX)]) == ERROR_PREFIX:
             text = str(buf, "utf-8", "replace")
             raise ServerError(f"server replied {text!r}", 0)
-        train = _Reader(buf, 0, v1=True).top()
+        train = _Reader(buf, 0, budget, v1=True).top()
         if not isinstance(train, dict):
             raise ProtocolError("frame 0: a protocol 1.0 message must be a msgpack map", 0)
         meta = {}
@@ -652,13 +683,13 @@ def deserialize(frames):
     data = {}
     meta = {}
     for i in range(0, n, 2):
-        hdr = _Reader(_frame_view(frames[i], i), i).top()
+        hdr = _Reader(_frame_view(frames[i], i), i, budget).top()
         if not isinstance(hdr, dict):
             raise ProtocolError(f"frame {i}: header is not a msgpack map", i)
         source = header_field(hdr, "source", i, str)
         content = header_field(hdr, "content", i, (str, bytes))
         if content == "msgpack":
-            payload = _Reader(_frame_view(frames[i + 1], i + 1), i + 1).top()
+            payload = _Reader(_frame_view(frames[i + 1], i + 1), i + 1, budget).top()
             if not isinstance(payload, dict):
                 raise ProtocolError(f"frame {i + 1}: payload is not a msgpack map", i + 1)
             if "metadata" in hdr:

@@ -10,12 +10,18 @@ the names both codecs provide (a test checks both against it).
 Wire format: ``docs/wire/karabo-bridge-protocol.md``.
 """
 
+import operator
 import re
 import time
 
 import numpy as np
 
-from ..errors import ProtocolError, ShapeMismatchError, UnsupportedDtypeError
+from ..errors import (
+    AmplificationError,
+    ProtocolError,
+    ShapeMismatchError,
+    UnsupportedDtypeError,
+)
 
 #: The names both codec modules provide, with the same signatures and behaviour.
 PUBLIC_API = (
@@ -28,12 +34,20 @@ PUBLIC_API = (
     "ENCODE_VERSIONS",
     "MAX_DEPTH",
     "MAX_NDIM",
+    "MAX_CONTAINERS",
 )
 
 #: protocol versions ``serialize`` produces
 ENCODE_VERSIONS = ("1.0", "2.2")
 #: deepest nesting of msgpack containers accepted by the packer and the unpacker
 MAX_DEPTH = 256
+#: most msgpack containers (maps and arrays, at any depth, in all frames together) that
+#: one message may decode into, unless the caller gives another ``max_containers``.
+#: A container takes one byte on the wire and 60 to 200 bytes as a dict or list, so
+#: without a bound a 16 MiB frame of empty maps became 16.7 M dicts (1.2 GiB); with it
+#: the containers of one message take at most some 200 MiB.  A train of a detector uses
+#: a few per source (header, metadata, payload, shape).
+MAX_CONTAINERS = 1 << 20
 #: most dimensions accepted for a decoded array (numpy's limit)
 MAX_NDIM = 64
 #: longest dtype string accepted on the wire
@@ -102,6 +116,36 @@ def source_metadata(source, tid, sec=None, frac=0):
         meta.update(timestamp_fields(sec, frac))
     meta["timestamp.tid"] = int(tid)
     return meta
+
+
+def container_limit(max_containers):
+    """The container budget of one decode: :data:`MAX_CONTAINERS` for None, else the
+    given non-negative int."""
+    if max_containers is None:
+        return MAX_CONTAINERS
+    if type(max_containers) is not int:
+        try:
+            if isinstance(max_containers, bool):
+                raise TypeError
+            max_containers = operator.index(max_containers)
+        except TypeError:
+            raise TypeError(
+                f"max_containers must be an int or None, got {type_name(max_containers)}"
+            ) from None
+    if max_containers < 0:
+        raise ValueError(f"max_containers must be >= 0, got {max_containers}")
+    return max_containers
+
+
+def amplification_error(index, at, limit):
+    """The error for the container at ``at`` in frame ``index`` that is one too many."""
+    return AmplificationError(
+        f"frame {index}: msgpack map or array at offset {at} is one more than the "
+        f"{limit} containers one message may hold",
+        index,
+        at,
+        limit=limit,
+    )
 
 
 def wire_dtype(name, index):

@@ -9,9 +9,10 @@ the flat dict the bridge carries.  No sockets here.
 
 import kbhash
 
-from ._rules import timestamp_fields
+from ._rules import MAX_CONTAINERS, timestamp_fields
 
-__all__ = ["serialize", "deserialize", "flatten_hash", "backend", "ENCODE_VERSIONS"]
+__all__ = ["serialize", "deserialize", "flatten_hash", "backend", "ENCODE_VERSIONS",
+           "MAX_CONTAINERS"]
 
 _codec, backend = kbhash.select_backend("kbstream.bridge")
 #: protocol versions :func:`serialize` produces
@@ -47,19 +48,32 @@ def serialize(data, metadata=None, protocol_version="2.2", dummy_timestamps=Fals
     return _codec.serialize(data, metadata, protocol_version, dummy_timestamps)
 
 
-def deserialize(frames):
+def deserialize(frames, *, max_containers=None):
     """Decode one message into ``(data, meta)`` (``karabo_bridge.deserialize`` signature).
 
     Accepts 1.0 / 2.0 / 2.1 / 2.2; arrays are views on the frames (writeable for
     ``zmq.Frame``, read-only for ``bytes``).  2.0 / 2.1 metadata is returned in ``meta``
     (the peer returns it empty) and also left in ``data`` as the peer does.
 
+    Parameters
+    ----------
+    frames : list
+        The frames of one message (``zmq.Frame``, ``bytes`` or any contiguous buffer).
+    max_containers : int, optional
+        Most msgpack maps and arrays the whole message may decode into (all frames, any
+        depth).  Default (None): :data:`MAX_CONTAINERS` (1 << 20, some 200 MiB of dicts
+        at most); ``karabo_bridge`` has no such limit.  See ``docs/safety-bridge.md``.
+
     Raises
     ------
     kbstream.ProtocolError
-        (a ``ValueError``) or a subclass for any malformed message.
+        (a ``ValueError``) or a subclass for any malformed message;
+        :class:`kbstream.errors.AmplificationError` when the message holds more than
+        ``max_containers`` maps and arrays.
     """
-    return _codec.deserialize(frames)
+    if max_containers is None:
+        return _codec.deserialize(frames)
+    return _codec.deserialize(frames, max_containers=max_containers)
 
 
 def _flatten_train(data, metadata):

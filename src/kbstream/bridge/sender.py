@@ -12,8 +12,12 @@ path.
 ``REP``
     waits for a request; ``next`` gets the train.  Anything else gets the reply
     ``Error: bad request <request>`` (as ``karabo_bridge`` answers) and the train waits for
-    the next good request (the peer loses it).  Requests over :data:`MAX_REQUEST_SIZE` bytes
-    are refused by libzmq (``ZMQ_MAXMSGSIZE``).
+    the next good request (the peer loses it).  A request part over
+    :data:`MAX_REQUEST_SIZE` bytes makes libzmq drop the connection (``ZMQ_MAXMSGSIZE``);
+    a request is read part by part, and one of more than :data:`MAX_REQUEST_SIZE` bytes
+    or :data:`MAX_REQUEST_PARTS` parts in all is read to its end without being kept and
+    answered ``Error: bad request (...)``.  libzmq itself holds a whole multipart request
+    before the first part can be read (``docs/safety-bridge.md``).
 ``PUB``
     never waits.  The socket is an XPUB, which speaks to SUB peers like PUB and reports
     each topic when its first subscriber arrives and when its last one leaves (however
@@ -58,6 +62,7 @@ __all__ = [
     "EMPTY",
     "POLL_INTERVAL",
     "MAX_REQUEST_SIZE",
+    "MAX_REQUEST_PARTS",
     "TRACK_THRESHOLD",
 ]
 
@@ -67,8 +72,11 @@ log = logging.getLogger("kbstream.bridge")
 SOCKET_TYPES = ("REP", "PUB", "PUSH")
 #: longest single wait of the sender (seconds): the longest a stop request waits for it
 POLL_INTERVAL = 0.05
-#: requests to a REP server larger than this are refused by libzmq (bytes)
+#: largest request to a REP server (bytes, all parts together; libzmq refuses a larger
+#: single part by itself)
 MAX_REQUEST_SIZE = 1 << 16
+#: most parts of one request to a REP server (a good request has one: ``next``)
+MAX_REQUEST_PARTS = 64
 #: frames from this size up are sent zero-copy and tracked; smaller ones are copied
 TRACK_THRESHOLD = 1 << 16
 
@@ -231,7 +239,7 @@ class Sender:
                     idle()
                 continue
             if kind == "REP":
-                request = sock.recv_multipart()
+                request = self._recv_request()
                 if request != [b"next"]:
                     self._bad_request(request)
                     continue
@@ -249,10 +257,33 @@ class Sender:
             self.sent += 1
             return SENT, tracker
 
+    def _recv_request(self):
+        """One whole request to the REP socket: its parts (bytes), or a ``(parts,
+        bytes)`` tuple when it has more than :data:`MAX_REQUEST_PARTS` parts or
+        :data:`MAX_REQUEST_SIZE` bytes (the parts are read to the end, none kept)."""
+        sock = self._socket
+        parts = []
+        count = size = 0
+        while True:
+            frame = sock.recv(copy=False)
+            count += 1
+            size += len(frame)
+            if parts is not None:
+                if size > MAX_REQUEST_SIZE or count > MAX_REQUEST_PARTS:
+                    parts = None
+                else:
+                    parts.append(frame.bytes)
+            if not frame.more:
+                return parts if parts is not None else (count, size)
+
     def _bad_request(self, request):
         # karabo_bridge's reply, but the train is kept for the next good request
         self.bad_requests += 1
-        shown = b" ".join(request)[:200]
+        if isinstance(request, tuple):
+            shown = b"(%d parts, %d bytes: more than %d parts or %d bytes)" % (
+                request + (MAX_REQUEST_PARTS, MAX_REQUEST_SIZE))
+        else:
+            shown = b" ".join(request)[:200]
         log.warning("kbstream server: bad request %r", shown)
         self._socket.send(b"Error: bad request %b" % shown)
 
