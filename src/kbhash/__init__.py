@@ -30,7 +30,10 @@ from ._values import (
     set_object_limit,
 )
 from .errors import DecodeError, EncodeError, KbHashError, LimitError, TruncatedError, UnknownTypeError
-from .hash import Attributes, Hash, HashTemplate, ImageData, Schema, Timestamp
+from .hash import Attributes, Hash
+from .special import ImageData, Schema
+from .template import HashTemplate
+from .timestamp import Timestamp
 
 try:
     from importlib.metadata import PackageNotFoundError, version

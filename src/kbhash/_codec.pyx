@@ -36,7 +36,8 @@ from kbhash import _values as V
 from kbhash._infer import infer_type
 from kbhash._types import HashType, VECTOR_DTYPE, WIRE_TYPES
 from kbhash.errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
-from kbhash.hash import Hash, ImageData, Schema
+from kbhash.hash import Hash
+from kbhash.special import ImageData, Schema
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL

@@ -12,7 +12,8 @@ import numpy as np
 
 from ._types import HashType, type_name
 from .errors import EncodeError
-from .hash import Hash, ImageData
+from .hash import Hash
+from .special import ImageData
 
 T = HashType
 

@@ -38,7 +38,8 @@ from . import _values as V
 from ._infer import infer_type
 from ._types import IMAGEDATA, NDARRAY, VECTOR_DTYPE, WIRE_TYPES, HashType
 from .errors import DecodeError, EncodeError, TruncatedError, UnknownTypeError
-from .hash import Hash, ImageData, Schema
+from .hash import Hash
+from .special import ImageData, Schema
 
 __all__ = ["encode", "encode_bytes", "decode", "decode_prefix", "MAX_DEPTH"]
 

@@ -1,4 +1,4 @@
-"""The Karabo Hash container and the small value classes that travel in it.
+"""The Karabo Hash container (:class:`Hash`, :class:`Attributes`).
 
 A :class:`Hash` is an ordered tree: each node has a key, a value, an optional
 explicit Karabo type and an ordered set of attributes (each with a value and
@@ -15,11 +15,11 @@ karabind's ``__setitem__`` does.
 
 Typed building: :meth:`Hash.set_typed` and :meth:`Hash.from_typed` set
 top-level nodes with their types and attributes in one call, and a
-:class:`HashTemplate` fixes keys and types once for a Hash that is built for
+:class:`kbhash.HashTemplate` (``template.py``) fixes keys and types once for a Hash that is built for
 every message (protocol headers); neither parses paths nor infers types.
 
-Special values
---------------
+Special values (``special.py``, ``timestamp.py``)
+------------------------------------------------
 - numpy arrays are NDArray nodes (any rank); decoded NDArrays are numpy views
   on the decoded buffer (no copy),
 - :class:`ImageData` is an image (an NDArray plus encoding, dims, ...),
@@ -30,16 +30,18 @@ Special values
 """
 
 import math
-import time
+
 from collections.abc import Mapping
 
 import numpy as np
 
 from ._infer import KaraboValue, infer_type
-from ._types import IMAGEDATA, NDARRAY, WIRE_TYPES, Encoding, HashType
+from ._types import IMAGEDATA, NDARRAY, WIRE_TYPES, HashType
 from .errors import EncodeError
 
-__all__ = ["Hash", "Attributes", "HashTemplate", "ImageData", "Schema", "Timestamp"]
+from .timestamp import Timestamp
+
+__all__ = ["Hash", "Attributes"]
 
 _MISSING = object()
 
@@ -723,296 +725,3 @@ def _plain(v):
     if type(v) is list and v and isinstance(v[0], Hash):
         return [x.to_dict() if isinstance(x, Hash) else x for x in v]
     return v
-
-
-class HashTemplate:
-    """The keys, Karabo types and attribute types of a Hash that is built again and again.
-
-    Like :class:`struct.Struct` for structs: the template checks the layout
-    once, and :meth:`build` then only puts the values in, with no path parsing,
-    no conversion and no type inference.  Meant for protocol headers made for
-    every message; for a one-off Hash of typed nodes see :meth:`Hash.from_typed`.
-
-    Parameters
-    ----------
-    nodes : iterable of tuple
-        The top-level nodes in order, each ``(key, type)`` or
-        ``(key, type, attributes)``:
-
-        key : str
-            A top-level key, taken literally.
-        type : HashType, int or None
-            The node's Karabo type; None writes each value as the type it is
-            inferred as (see :func:`kbhash.infer_type`).
-        attributes : sequence of (str, HashType or int or None)
-            The node's attribute names, in order, with their types (None:
-            inferred).
-
-    Raises
-    ------
-    kbhash.EncodeError
-        An unknown type id.
-    TypeError
-        A key or attribute name that is not a str, or a malformed node.
-    KeyError
-        A key longer than 255 bytes of UTF-8, or a key or attribute name given twice.
-
-    Examples
-    --------
-    >>> META = HashTemplate([("source", None),
-    ...                      ("timestamp", None, [("sec", HashType.UINT64), ("frac", HashType.UINT64),
-    ...                                           ("tid", HashType.UINT64)])])
-    >>> h = META.build({"source": "SA1/DET/CAM:output", "timestamp": True},
-    ...                {"timestamp": {"sec": 1700000000, "frac": 0, "tid": 1000}})
-    >>> h.get_timestamp("timestamp").tid, h.get_attribute_type("timestamp", "sec")
-    (1000, <HashType.UINT64: 18>)
-    """
-
-    __slots__ = ("_keys", "_types", "_attributes")
-
-    def __init__(self, nodes):
-        keys = []
-        types = {}
-        attributes = {}
-        for node in nodes:
-            if not isinstance(node, (tuple, list)) or len(node) not in (2, 3):
-                raise TypeError(f"template nodes are (key, type[, attributes]), not {node!r}")
-            key, t = node[0], node[1]
-            if not isinstance(key, str):
-                raise TypeError(f"Hash keys are str, not {type(key).__name__}")
-            Hash._check_key(key)
-            if key in keys:
-                raise KeyError(f"template key {key!r} given twice")
-            keys.append(key)
-            if t is not None:
-                types[key] = _type_id(t, repr(key))
-            if len(node) == 3:
-                names, atypes = [], {}
-                for name, at in node[2]:
-                    if not isinstance(name, str):
-                        raise TypeError(f"attribute names are str, not {type(name).__name__}")
-                    if name in names:
-                        raise KeyError(f"{key!r}: attribute {name!r} given twice")
-                    names.append(name)
-                    if at is not None:
-                        atypes[name] = _type_id(at, f"{key!r}, attribute {name!r}")
-                attributes[key] = (tuple(names), atypes)
-        self._keys = tuple(keys)
-        self._types = types
-        self._attributes = attributes
-
-    @property
-    def keys(self):
-        """The template's keys, in order (a tuple)."""
-        return self._keys
-
-    def build(self, values, attributes=None):
-        """A new Hash with the template's nodes set to ``values``.
-
-        Parameters
-        ----------
-        values : mapping of str to object
-            Exactly the template's keys, in its order, with their values; the
-            values are stored as given (a HASH node's value should be a Hash, a
-            VECTOR_HASH node's a list of Hashes) and checked against their types
-            when the Hash is encoded.
-        attributes : mapping of str to mapping, optional
-            For nodes whose template names attributes: key -> exactly those
-            attribute names, in the template's order, with their values.  Other
-            nodes get no attributes.
-
-        Returns
-        -------
-        Hash
-
-        Raises
-        ------
-        KeyError
-            Keys or attribute names that are not the template's, or not in its order.
-        """
-        if tuple(values) != self._keys:
-            raise KeyError(f"the template's keys are {list(self._keys)}, not {list(values)}")
-        h = _new_hash(Hash)
-        h._v = {**values}
-        h._t = self._types.copy()
-        if attributes:
-            h._a, h._at = self._attribute_dicts(attributes)
-        else:
-            h._a = {}
-            h._at = {}
-        return h
-
-    def _attribute_dicts(self, attributes):
-        avals, atypes = {}, {}
-        specs = self._attributes
-        for key, given in attributes.items():
-            spec = specs.get(key)
-            if spec is None or tuple(given) != spec[0]:
-                raise KeyError(f"{key!r}: the template's attributes are "
-                               f"{list(spec[0]) if spec else []}, not {list(given)}")
-            avals[key] = {**given}
-            atypes[key] = spec[1].copy()
-        return avals, atypes
-
-    def __repr__(self):
-        return f"HashTemplate({list(self._keys)!r})"
-
-
-class Schema(KaraboValue):
-    """A Karabo Schema, carried opaquely: its root name and parameter Hash."""
-
-    __slots__ = ("root_name", "parameters")
-    _karabo_type = int(HashType.SCHEMA)
-
-    def __init__(self, root_name="", parameters=None):
-        self.root_name = root_name
-        self.parameters = Hash() if parameters is None else parameters
-
-    def __eq__(self, other):
-        if not isinstance(other, Schema):
-            return NotImplemented
-        return self.root_name == other.root_name and self.parameters == other.parameters
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"Schema({self.root_name!r}, {list(self.parameters.paths())!r})"
-
-
-_CHANNELS = {
-    Encoding.GRAY: 1,
-    Encoding.RGB: 3,
-    Encoding.BGR: 3,
-    Encoding.RGBA: 4,
-    Encoding.BGRA: 4,
-    Encoding.BAYER_RG: 1,
-    Encoding.BAYER_BG: 1,
-    Encoding.BAYER_GR: 1,
-    Encoding.BAYER_GB: 1,
-}
-
-
-def _guess_encoding(shape):
-    if len(shape) == 2:
-        return Encoding.GRAY
-    if len(shape) == 3:
-        return {1: Encoding.GRAY, 3: Encoding.RGB, 4: Encoding.RGBA}.get(shape[2], Encoding.GRAY)
-    return Encoding.UNDEFINED
-
-
-class ImageData(KaraboValue):
-    """A Karabo ImageData: pixels plus their description.
-
-    Field names are Karabo's (they are also the keys on the wire).  Defaults
-    follow Karabo's C++ ImageData: the encoding is guessed from the shape
-    (2-D GRAY; 3-D with last dimension 1/3/4 GRAY/RGB/RGBA; other 3-D GRAY;
-    otherwise UNDEFINED), ``dims`` is the shape, ``bitsPerPixel`` is
-    8 x itemsize x channels (0 when unknown), ``roiOffsets`` zeros,
-    ``binning`` ones, ``rotation`` 0, no flips.
-    """
-
-    __slots__ = ("pixels", "encoding", "dims", "bitsPerPixel", "roiOffsets", "binning", "rotation", "flipX", "flipY")
-    _karabo_type = IMAGEDATA
-
-    def __init__(
-        self,
-        pixels,
-        encoding=None,
-        dims=None,
-        bitsPerPixel=None,
-        roiOffsets=None,
-        binning=None,
-        rotation=0,
-        flipX=False,
-        flipY=False,
-    ):
-        if not isinstance(pixels, np.ndarray):
-            pixels = np.asarray(pixels)
-        self.pixels = pixels
-        shape = pixels.shape
-        self.encoding = _guess_encoding(shape) if encoding is None else Encoding(encoding)
-        self.dims = [int(x) for x in (shape if dims is None else dims)]
-        if bitsPerPixel is None:
-            ch = _CHANNELS.get(self.encoding)
-            bitsPerPixel = 8 * pixels.dtype.itemsize * ch if ch else 0
-        self.bitsPerPixel = int(bitsPerPixel)
-        n = len(self.dims)
-        self.roiOffsets = [0] * n if roiOffsets is None else [int(x) for x in roiOffsets]
-        self.binning = [1] * n if binning is None else [int(x) for x in binning]
-        self.rotation = int(rotation)
-        self.flipX = bool(flipX)
-        self.flipY = bool(flipY)
-
-    def fields(self):
-        """The non-pixel fields as an ordered dict (wire order)."""
-        return {
-            "encoding": int(self.encoding),
-            "dims": list(self.dims),
-            "bitsPerPixel": self.bitsPerPixel,
-            "roiOffsets": list(self.roiOffsets),
-            "binning": list(self.binning),
-            "rotation": self.rotation,
-            "flipX": self.flipX,
-            "flipY": self.flipY,
-        }
-
-    def __eq__(self, other):
-        if not isinstance(other, ImageData):
-            return NotImplemented
-        return _values_equal(self.pixels, other.pixels) and self.fields() == other.fields()
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"ImageData({self.pixels.dtype} {self.pixels.shape}, encoding={self.encoding.name})"
-
-
-class Timestamp:
-    """A Karabo timestamp: seconds, attoseconds and train id.
-
-    Parameters
-    ----------
-    sec : int
-        Seconds since the Unix epoch.
-    frac : int
-        Fraction of the second in attoseconds (10**-18 s).
-    tid : int
-        Train id.
-    """
-
-    __slots__ = ("sec", "frac", "tid")
-
-    def __init__(self, sec=0, frac=0, tid=0):
-        self.sec = int(sec)
-        self.frac = int(frac)
-        self.tid = int(tid)
-        if not 0 <= self.frac < 10**18:
-            raise ValueError(f"frac is in attoseconds, 0 <= frac < 10**18, got {self.frac}")
-
-    @classmethod
-    def now(cls, tid=0):
-        """The current time (nanosecond resolution) with the given train id."""
-        ns = time.time_ns()
-        return cls(ns // 10**9, (ns % 10**9) * 10**9, tid)
-
-    @classmethod
-    def from_time(cls, seconds, tid=0):
-        """From a float of seconds since the epoch (microsecond resolution)."""
-        us = round(seconds * 1e6)
-        return cls(us // 10**6, (us % 10**6) * 10**12, tid)
-
-    @property
-    def time(self):
-        """Seconds since the epoch as a float."""
-        return self.sec + self.frac * 1e-18
-
-    def __eq__(self, other):
-        if not isinstance(other, Timestamp):
-            return NotImplemented
-        return (self.sec, self.frac, self.tid) == (other.sec, other.frac, other.tid)
-
-    def __hash__(self):
-        return hash((self.sec, self.frac, self.tid))
-
-    def __repr__(self):
-        return f"Timestamp(sec={self.sec}, frac={self.frac}, tid={self.tid})"
