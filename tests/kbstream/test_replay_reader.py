@@ -24,10 +24,13 @@ def assert_same_train(got, ref, tid):
     assert got.file_train_id == tid
     assert sorted(got.data) == sorted(ref)
     for src, values in ref.items():
+        assert set(got.data[src]) == set(values), src
         keys = set(values) - {"metadata"}
-        assert set(got.data[src]) == keys, src
         assert got.metadata[src]["timestamp.tid"] == tid
         assert got.metadata[src]["source"] == src
+        # the 'metadata' entry extra_data leaves in each source is the header's metadata
+        assert got.data[src]["metadata"] is got.metadata[src]
+        assert {k: got.metadata[src][k] for k in values["metadata"]} == values["metadata"]
         for k in keys:
             a, b = got.data[src][k], values[k]
             if isinstance(b, np.ndarray):
@@ -38,13 +41,11 @@ def assert_same_train(got, ref, tid):
                 assert type(a) is type(b) and a == b, (src, k, a, b)
 
 
-@pytest.fixture(params=[(0, True), (0, False), (dataset_mod.SMALL_DATASET_BYTES, True)],
-                ids=["direct-mmap", "direct-pread", "memory"])
+@pytest.fixture(params=[0, dataset_mod.SMALL_DATASET_BYTES], ids=["direct", "memory"])
 def threshold(request, monkeypatch):
-    # 0 forces every numeric dataset through the direct (mmap / pread / tiles) paths.
-    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", request.param[0])
-    monkeypatch.setattr(RunReader, "use_mmap", request.param[1])
-    return request.param[0]
+    # 0 forces every numeric dataset through the direct (pread rows / tiles) paths.
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("chunking", ["train", "small", "contiguous"])
@@ -155,10 +156,8 @@ def test_unreadable_file(tmp_path):
         assert len(r.train_ids) == 2
 
 
-@pytest.mark.parametrize("use_mmap", [False, True])
-def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch, use_mmap):
+def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
-    monkeypatch.setattr(RunReader, "use_mmap", use_mmap)
     d = make_demo_run(tmp_path, 8, frame_shape=SHAPE, modules=2)
     with RunReader(run_files(d)) as r:
         sel = select_sources(r, ["*JNGFR*[data.adc]"])
@@ -170,22 +169,18 @@ def test_prefetcher_keeps_memory_bounded(tmp_path, monkeypatch, use_mmap):
             held.append(item)
             # Never more than depth + 1 trains unreleased: the reader waits for a slot.
             assert len(held) <= 3
-            if use_mmap:
-                # The arrays are the file's pages, mapped per train.
-                assert len(item.slot.maps) == 2 and not item.slot.buffers
-                assert not item.data[SRC1]["data.adc"].flags.writeable
+            # The arrays are the slot's own buffers (copies), never file mappings.
+            adc = item.data[SRC1]["data.adc"]
+            assert any(np.shares_memory(adc, b) for b in item.slot.buffers.values())
             if len(held) == 3:
                 pf.release(held.pop(0))
-        assert all(not i.slot.maps for i in held[:0])
         pf.close()
         assert got == list(range(10100, 10108))
         assert len(pf.pool.slots) == 3
-        if not use_mmap:
-            # Reused buffers: one adc array per module and slot, nothing more.
-            assert all(s.nbytes == 2 * 4 * 16 * 32 * 2 for s in pf.pool.slots)
+        # Reused buffers: one adc array per module and slot, nothing more.
+        assert all(s.nbytes == 2 * 4 * 16 * 32 * 2 for s in pf.pool.slots)
         for item in held:
             pf.release(item)
-        assert all(not s.maps for s in pf.pool.slots)
 
 
 def test_prefetcher_reports_bad_train_and_goes_on(tmp_path, monkeypatch):
@@ -280,9 +275,10 @@ def test_prefetcher_get_timeout_is_a_timeout_error(tmp_path):
             assert pf.get(timeout=30) is None
 
 
-@pytest.mark.parametrize("case", ["regular", "segments", "reversed", "edges"])
+@pytest.mark.parametrize("case", ["regular", "reversed", "edges"])
 def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
-    """Small chunks: the strided one-copy path (chunks back to back) and the per-chunk path."""
+    """Small chunks (the pread path, the only one), stored in grid order, in reverse grid
+    order, and with edge chunks: every row range equals h5py."""
     import h5py
     monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
     shape = (6, 4, 16, 32) if case != "edges" else (6, 5, 17, 30)
@@ -298,48 +294,14 @@ def test_tile_reads_equal_h5py(tmp_path, monkeypatch, case):
         else:
             ds[:4] = data[:4]
             ds[4:] = data[4:]
-    seen = []
-    real = dataset_mod._Dataset._regular_grid
-
-    def spy(self, *a):
-        res = None if case == "segments" else real(self, *a)
-        seen.append(res is not None)
-        return res
-
-    copies = []
-    real_copyto = np.copyto
-    monkeypatch.setattr(dataset_mod.np, "copyto", lambda *a, **k: (copies.append(1), real_copyto(*a, **k)))
-
-    monkeypatch.setattr(dataset_mod._Dataset, "_regular_grid", spy)
-    monkeypatch.setattr(dataset_mod._Dataset, "tile_reads", "mmap")
-
-    class FakeFile:
-        def __init__(self, h5):
-            self.h5, self.path, self._fd = h5, str(path), None
-
-        fd = RunFile.fd
-        map_region = RunFile.map_region
-
     with h5py.File(path, "r") as h5:
-        dsr = dataset_mod._Dataset(FakeFile(h5), h5["d"])
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
         assert dsr.mode == "tiles"
         for first, count in [(0, 1), (3, 2), (5, 1), (0, 6)]:
             out = np.empty((count,) + shape[1:], np.uint16)
             dsr.read(first, count, out)
             np.testing.assert_array_equal(out, data[first:first + count])
         os.close(dsr.rf._fd)
-    assert set(seen) == {case == "regular"}
-    # 6 row blocks are read (10 rows).  Regular: one copy per row; segments:
-    # one per run of the 2 chunks along the last grid axis (4 per block) when
-    # stored back to back; otherwise one per chunk (8 per block, 18 with edges).
-    if case == "regular":
-        assert len(copies) == 10
-    elif case == "segments":
-        assert 24 <= len(copies) < 48
-    elif case == "reversed":
-        assert len(copies) == 48
-    else:
-        assert len(copies) == 108
 
 
 def _tiled_file(path, shape, chunks, data, written=None):
@@ -358,7 +320,6 @@ class _FakeRunFile:
         self.h5, self.path, self._fd = h5, str(path), None
 
     fd = RunFile.fd
-    map_region = RunFile.map_region
 
 
 @pytest.mark.parametrize("shape, chunks", [
@@ -384,7 +345,7 @@ def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, stagi
     monkeypatch.setattr(dataset_mod.os, "preadv", lambda *a: (reads.append(a[2]), real(*a))[1])
     with h5py.File(path, "r") as h5:
         dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
-        assert dsr.mode == "tiles" and dsr.tile_reads == "pread"
+        assert dsr.mode == "tiles"
         for first, count in [(0, 1), (2, 1), (3, 1), (2, 3), (0, shape[0]), (shape[0] - 1, 1)]:
             out = np.full((count,) + shape[1:], -1, np.int32)
             dsr.read(first, count, out)

@@ -84,3 +84,47 @@ def test_exclude(reader):
 def test_serve_files_source_and_key(reader):
     sel = select_sources(reader, source_glob="*JNGFR01*", key_glob="data.mask")
     assert dict(sel) == {"SPB_IRDA_JF4M/DET/JNGFR01:daqOutput": ["data.mask"]}
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    # --split-at-first-bracket: extra_data's rule (docs/replay-differences.md, 1.2)
+    ("SPB_IRDA_JF4M/DET/JNGFR*:daqOutput", ("SPB_IRDA_JF4M/DET/JNGFR*:daqOutput", "*")),
+    ("*/MOTOR/*[*Position]", ("*/MOTOR/*", "*Position")),
+    ("*JNGFR0[1-2]:daqOutput[data.adc]", ("*JNGFR0", "1-2]:daqOutput[data.adc")),
+    ("*XGM*[data.intensity[TS]D]", ("*XGM*", "data.intensity[TS]D")),
+])
+def test_parse_pattern_first_bracket(pattern, expected):
+    assert parse_pattern(pattern, first_bracket=True) == expected
+
+
+def test_first_bracket_errors_as_extra_data():
+    with pytest.raises(PatternError, match=r"^Missing final \] in '\*JNGFR0\[1-2\]:daqOutput'$"):
+        parse_pattern("*JNGFR0[1-2]:daqOutput", first_bracket=True)
+
+
+def test_first_bracket_selection(reader):
+    with pytest.raises(NoMatchError, match="source glob '\\*JNGFR0', key glob '1-2]:daqOutput"):
+        select_sources(reader, ["*JNGFR0[1-2]:daqOutput[data.adc]"], first_bracket=True)
+    sel = select_sources(reader, ["*/MOTOR/X[*Position]"], first_bracket=True)
+    assert dict(sel) == {"SPB_IRDA_JF4M/MOTOR/X": ["actualPosition.value", "encoderPosition.value",
+                                                  "targetPosition.value"]}
+
+
+def test_source_without_keys_is_selected(tmp_path):
+    """A source listed in METADATA with no dataset of its own (e.g. a control source with
+    only RUN values) is selected by a pattern without key part, and sent with its
+    metadata alone, as extra_data does."""
+    import h5py
+    d = make_demo_run(tmp_path / "run", 2, frame_shape=(2, 8, 16), modules=1)
+    src = "SPB_IRDA_JF4M/MOTOR/Y"
+    for path in d.glob("RAW-R0012-DA01-*.h5"):
+        with h5py.File(path, "r+") as f:
+            del f[f"CONTROL/{src}"]
+    with RunReader(run_files(d)) as r:
+        assert r.keys(src) == []
+        sel = select_sources(r, ["*/MOTOR/*"])
+        assert sel[src] == []
+        train = r.read_train(10000, sel)
+        assert set(train.data[src]) == {"metadata"}
+        with pytest.raises(NoMatchError):
+            select_sources(r, ["*/MOTOR/Y[*Position]"])

@@ -72,9 +72,12 @@ def assert_matches_extra_data(got, sel):
         expected = ref[tid]
         assert sorted(data) == sorted(expected)
         for src, values in expected.items():
+            assert set(data[src]) == set(values), src
             keys = set(values) - {"metadata"}
-            assert set(data[src]) == keys, src
             assert meta[src]["source"] == src
+            # extra_data's 'metadata' entry, with the train's time from INDEX/timestamp
+            assert data[src]["metadata"] == meta[src]
+            assert {k: meta[src][k] for k in values["metadata"]} == values["metadata"]
             for k in keys:
                 a, b = data[src][k], values[k]
                 if isinstance(b, np.ndarray):
@@ -191,7 +194,7 @@ def test_truncated_file_skips_train_and_goes_on(tmp_path, monkeypatch):
         str(rundir), ep, "--include", "*JNGFR01*[data.adc]"], 2, endpoint=ep, timeout=10)
     assert rc == 0
     assert [m[SRC]["timestamp.tid"] for _, m in got] == [10000, 10001]
-    assert "skipped 2 unreadable trains" in out
+    assert "Skipped 2 trains (truncated file: 2)" in out
 
 
 def test_list_sources_without_include(root):

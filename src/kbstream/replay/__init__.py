@@ -2,15 +2,16 @@
 
 - :mod:`.runs`: find a run (proposal + run number, directory, single file);
 - :mod:`.runfile`: one run file's layout (trains, sources, index, keys, bytes);
-- :mod:`.dataset`: reading a dataset's rows (in memory, ``pread``/``mmap`` of
-  rows or chunk tiles, or h5py), zero-copy where the layout allows;
+- :mod:`.dataset`: reading a dataset's rows (in memory, ``pread`` of rows or chunk
+  tiles straight into reused buffers, or h5py); files are never mapped;
 - :mod:`.slots`: the reused output buffers of trains, in a bounded pool;
 - :mod:`.reader`: a run's files merged by train id; selecting and reading trains;
 - :mod:`.prefetch`: the thread reading trains ahead of the sender;
 - :mod:`.select`: ``SRC`` / ``SRC[key]`` include and exclude patterns;
 - :mod:`.demo`: write a realistic JUNGFRAU 4M demo run;
 - :mod:`.detectors`: stacking a detector's module sources into one source;
-- :mod:`.progress`: counters, progress bar and summary of a replay;
+- :mod:`.progress`: counters, progress bar and summary of a replay, and
+  :class:`~.progress.Problems`, what was skipped or left out and why;
 - :mod:`.serve`: :func:`~.serve.serve_data`, streaming a selection on a socket;
 - :mod:`.cli`: ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
 

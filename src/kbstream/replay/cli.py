@@ -1,11 +1,14 @@
 """The command lines ``karabo-bridge-serve-run`` and ``karabo-bridge-serve-files``.
 
 Every option of extra_data's commands keeps its meaning (``docs/wire/karabo-bridge-protocol.md``,
-sections 11.1 and 11.2); additions: ``--exclude``, real timestamps
-from ``INDEX/timestamp`` by default, ``--rate``, ``--repeat``/``--loop``
-(train ids keep increasing), ``--trains START:STOP:STEP``,
-``--protocol-version``, ``--prefetch``, a progress bar on stderr and a final
-summary.  The options become a call of :func:`kbstream.replay.serve.serve_data`.
+sections 11.1 and 11.2), and what is sent equals what extra_data's commands send, field
+by field, except for the deliberate differences of ``docs/replay-differences.md``, each
+of which an option turns back: ``--no-file-timestamps``, ``--split-at-first-bracket``,
+``--append-xtdf-only``, or all three at once ``--like-extra-data``.  Additions:
+``--exclude``, ``--rate``, ``--repeat``/``--loop`` (train ids keep increasing),
+``--trains START:STOP:STEP``, ``--protocol-version``, ``--prefetch``, a progress bar on
+stderr, and a final summary that also counts what was skipped or left out, and why.
+The options become a call of :func:`kbstream.replay.serve.serve_data`.
 """
 
 import argparse
@@ -46,10 +49,19 @@ def _common_options(ap):
                     help="remove sources (or keys with [KEYGLOB]); repeatable")
     ap.add_argument("--append-detector-modules", action="store_true",
                     help="combine AGIPD, LPD, DSSC or JUNGFRAU module sources into one source")
+    ap.add_argument("--append-xtdf-only", action="store_true",
+                    help="with --append-detector-modules, combine AGIPD, LPD and DSSC only, "
+                         "as extra_data (JUNGFRAU modules stay separate sources)")
     ap.add_argument("--dummy-timestamps", action="store_true",
                     help="create timestamps when the files have none (INDEX/timestamp)")
     ap.add_argument("--no-file-timestamps", action="store_true",
                     help="do not send INDEX/timestamp from the files (as extra_data)")
+    ap.add_argument("--split-at-first-bracket", action="store_true",
+                    help="split --include/--exclude patterns at their first '[' as extra_data "
+                         "does (no character classes in the source glob)")
+    ap.add_argument("--like-extra-data", action="store_true",
+                    help="send exactly what extra_data's command sends: --no-file-timestamps "
+                         "--split-at-first-bracket --append-xtdf-only")
     ap.add_argument("--use-infiniband", action="store_true",
                     help="bind on the ib0 interface when a TCP port number is given")
     ap.add_argument("-z", "--socket-type", choices=SOCKET_TYPES, default="REP",
@@ -66,7 +78,8 @@ def _common_options(ap):
                     help="trains read ahead of the sender (default 4)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ap.add_argument("--no-mmap", action="store_true",
-                    help="read into reused buffers instead of sending from file mappings")
+                    help="no effect: files are always read into reused buffers, never mapped "
+                         "(kept for old command lines)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -82,7 +95,8 @@ def _run(args, reader, selection, endpoint, require, out, err):
         trains=args.trains, repeat=args.repeat, loop=args.loop, rate=args.rate,
         protocol_version=args.protocol_version, dummy_timestamps=args.dummy_timestamps,
         timestamps=not args.no_file_timestamps,
-        append_detector_modules=args.append_detector_modules, prefetch=args.prefetch,
+        append_detector_modules=args.append_detector_modules,
+        append_xtdf_only=args.append_xtdf_only, prefetch=args.prefetch,
         progress=not args.no_progress, out=out, err=err, use_infiniband=args.use_infiniband)
     print(stats.summary(), file=out)
     return 0
@@ -110,6 +124,8 @@ def _main(prog, argv, out, err):
                         help="only send trains where all selected data is present")
     _common_options(ap)
     args = ap.parse_args(argv)
+    if args.like_extra_data:
+        args.no_file_timestamps = args.split_at_first_bracket = args.append_xtdf_only = True
     if args.verbose:
         logging.getLogger("kbstream").setLevel(logging.DEBUG)
     if args.prefetch < 1:
@@ -122,7 +138,6 @@ def _main(prog, argv, out, err):
             files, override = run_files(args.path), []
             require = "all" if args.require_all else None
         reader = RunReader(files, override=override, skip_bad_files=True)
-        reader.use_mmap = not args.no_mmap
     except (RunNotFoundError, RunFileError) as e:
         print(f"{prog}: error: {e}", file=err)
         return 2
@@ -135,7 +150,8 @@ def _main(prog, argv, out, err):
             return 1
         try:
             selection = select_sources(reader, args.include, args.exclude,
-                                       getattr(args, "source", None), getattr(args, "key", None))
+                                       getattr(args, "source", None), getattr(args, "key", None),
+                                       first_bracket=args.split_at_first_bracket)
             return _run(args, reader, selection, args.port, require, out, err)
         except (PatternError, NoMatchError) as e:
             print(f"{prog}: error: {e}", file=err)

@@ -8,31 +8,28 @@ Reading strategy per dataset (decided once, when first used):
 ``rows``
     Unfiltered contiguous datasets, and unfiltered chunked datasets whose
     chunk holds whole rows (e.g. one chunk per train): the rows of a train are
-    contiguous bytes in the file.  By default
-    (:attr:`kbstream.replay.reader.RunReader.use_mmap`) they are mapped
-    read-only (``mmap`` with ``MAP_POPULATE``, in the reader thread) and the
-    mapping itself goes to ZeroMQ: no copy in user space at all, and the
-    mapping is dropped once libzmq has released the frame.  Otherwise they are
-    read with ``os.preadv`` straight into the output buffer.  This is what
-    ``H5Dread_chunk`` (``read_direct_chunk``) would return, minus the HDF5
-    call: no filter pipeline, no extra copy, and the GIL is released during
-    the read so the sender thread keeps running.
+    contiguous bytes in the file, read with ``os.preadv`` straight into the
+    output buffer (a slot's reused buffer).  This is what ``H5Dread_chunk``
+    (``read_direct_chunk``) would return, minus the HDF5 call: no filter
+    pipeline, no extra copy, and the GIL is released during the read so the
+    sender thread keeps running.
 ``tiles``
     Unfiltered chunked datasets with smaller chunks (h5py's automatic
     chunking): the rows wanted from each chunk are read with ``os.preadv``
     into a small staging buffer and put in place by numpy (GIL released
-    during the copy), without HDF5's chunk cache and selection machinery
-    (:attr:`_Dataset.tile_reads` ``"mmap"``: each row block's chunks are
-    mapped and copied out of the mapping instead).
+    during the copy), without HDF5's chunk cache and selection machinery.
 ``h5py``
     Anything else (compressed, virtual, external, non-numeric, userblock):
     ``Dataset.read_direct`` into the output buffer.
 
 Offsets come from HDF5 itself (``get_offset``, ``chunk_iter``) and every read
-is checked against the file size, so a truncated file raises
+is checked for its length, so a truncated file raises
 :class:`~kbstream.replay.errors.TruncatedFileError` instead of returning
-garbage or crashing.  The file's descriptor and mappings come from the
-:class:`~kbstream.replay.runfile.RunFile` the dataset belongs to.
+garbage or crashing.  Nothing is read through a file mapping: touching a mapping
+of a file that was truncated after it was mapped raises SIGBUS, which ends the
+process, and the reads here may meet files truncated at any moment.  The file's
+descriptor comes from the :class:`~kbstream.replay.runfile.RunFile` the dataset
+belongs to.
 """
 
 import os
@@ -117,10 +114,7 @@ class _Dataset:
         elif self.mode == "rows":
             self._read_rows(first, count, out)
         elif self.mode == "tiles":
-            if self.tile_reads == "pread":
-                self._read_tiles_pread(first, count, out)
-            else:
-                self._read_tiles(first, count, out)
+            self._read_tiles_pread(first, count, out)
         else:
             self.ds.read_direct(out, np.s_[first:first + count])
         return out
@@ -192,10 +186,6 @@ class _Dataset:
             tiles.append((starts, crop, dest))
         self._tile_list = tiles
         return tiles
-
-    #: How small chunks are read: "pread" (only the rows wanted, from each chunk, into a
-    #: small staging buffer) or "mmap" (map each row block, copy out of the mapping).
-    tile_reads = "pread"
 
     def _segments(self):
         """The tiles in runs along the last grid axis: [(first tile index, run length)]."""
@@ -313,129 +303,3 @@ class _Dataset:
                         np.copyto(dst_rows[(slice(None),) + dest],
                                   src[j][(slice(None),) + crop])
             r = stop
-
-    def _read_tiles(self, first, count, out):
-        cmap = self._chunk_map()
-        chunks = self.chunks
-        c0 = chunks[0]
-        cbytes = int(np.prod(chunks, dtype=np.int64)) * self.dtype.itemsize
-        tiles = self._tiles()
-        r = first
-        end = first + count
-        while r < end:
-            k = (r // c0) * c0
-            stop = min(end, k + c0)
-            dst_rows = out[r - first:stop - first]
-            located = []
-            for starts, crop, dest in tiles:
-                loc = cmap.get((k,) + starts)
-                target = dst_rows[(slice(None),) + dest]
-                if loc is None:  # never written: the fill value
-                    fv = self.ds.fillvalue
-                    target[...] = fv if fv is not None else 0
-                else:
-                    located.append((loc[0], crop, target, dest))
-            if located:
-                # Map the chunks of this row block only, and unmap them right
-                # after copying, so that resident memory does not grow with
-                # the file (pages of a whole-file map would all count).
-                addrs = [x[0] for x in located]
-                lo = min(addrs)
-                hi = max(addrs) + cbytes
-                region = self.rf.map_region(lo, hi - lo)
-                rows = (slice(r - k, stop - k),)
-                grid = self._regular_grid(addrs, len(located), lo, cbytes)
-                if grid is not None:
-                    # Chunks stored back to back in grid order (how HDF5
-                    # allocates them when a row block is written at once): one
-                    # strided numpy copy per row instead of one per chunk.
-                    nd = len(chunks) - 1
-                    blocks = region.view(self.dtype).reshape(grid + tuple(chunks))
-                    # src axes: grid (nd), then chunk dims (nd); interleave them
-                    order = [a for d in range(nd) for a in (d, nd + d)]
-                    split = tuple(x for d in range(nd) for x in (grid[d], chunks[1 + d]))
-                    for i in range(stop - r):
-                        src = blocks[(Ellipsis, r - k + i) + (slice(None),) * nd]
-                        np.copyto(dst_rows[i].reshape(split), src.transpose(order))
-                    del blocks, src
-                else:
-                    self._copy_segments(located, region, lo, cbytes, rows, dst_rows)
-                del region
-            r = stop
-
-    def _copy_segments(self, located, region, lo, cbytes, rows, dst_rows):
-        """Copy tiles, one numpy call per run of chunks along the last grid axis.
-
-        ``located`` follows the C order of the chunk grid.  HDF5 usually
-        stores a row block's chunks in that order with an index node here and
-        there, so the ``G`` chunks along the last axis are mostly back to
-        back: each such run is one strided copy; the others go chunk by chunk.
-        """
-        chunks = self.chunks
-        nd = len(chunks) - 1
-        last_e, last_c = self.entry_shape[-1], chunks[-1]
-        glast = -(-last_e // last_c)
-        whole = (len(located) == len(self._tiles()) and last_e % last_c == 0)
-        # src axes (G, rows, C1 .. C_{nd-1}, C_nd) -> (rows, C1 .. C_{nd-1}, G, C_nd)
-        order = (1,) + tuple(range(2, nd + 1)) + (0, nd + 1)
-        i = 0
-        n = len(located)
-        while i < n:
-            seg = located[i:i + glast] if whole else ()
-            if (len(seg) == glast and glast > 1
-                    and all(seg[j + 1][0] - seg[j][0] == cbytes for j in range(glast - 1))):
-                a0 = seg[0][0] - lo
-                src = region[a0:a0 + glast * cbytes].view(self.dtype)
-                src = src.reshape((glast,) + tuple(chunks))[(slice(None),) + rows]
-                dst = dst_rows[(slice(None),) + seg[0][3][:-1] + (slice(None),)]
-                dst = dst.reshape(dst.shape[:-1] + (glast, last_c))
-                np.copyto(dst, src.transpose(order))
-                i += glast
-                continue
-            addr, crop, target, _ = located[i]
-            chunk = region[addr - lo:addr - lo + cbytes].view(self.dtype).reshape(chunks)
-            np.copyto(target, chunk[rows + crop])
-            i += 1
-
-    def _regular_grid(self, addrs, n, lo, cbytes):
-        """Chunk grid shape if this row block's chunks are back to back in grid order."""
-        if any(e % c for e, c in zip(self.entry_shape, self.chunks[1:])):
-            return None  # edge chunks: crops needed
-        grid = tuple(e // c for e, c in zip(self.entry_shape, self.chunks[1:]))
-        if n != int(np.prod(grid)):
-            return None
-        a = np.fromiter(addrs, np.int64, n)
-        if a[0] != lo or np.any(np.diff(a) != cbytes):
-            return None
-        return grid
-
-    def map_rows(self, first, count):
-        """Rows ``first:first+count`` as a read-only array mapped from the file, or None.
-
-        Only for mode ``rows`` when the rows are contiguous in the file (one
-        chunk, or contiguous storage): then the array *is* the page cache,
-        and ZeroMQ sends it with no copy in user space at all.
-        """
-        if self.mode != "rows" or count == 0:
-            return None
-        if first + count > self.shape[0]:
-            raise TruncatedFileError(
-                f"{self.rf.path}: {self.name} has {self.shape[0]} rows, index refers to "
-                f"{first}:{first + count}", self.rf.path)
-        rb = self.row_bytes
-        if self.chunks is None:
-            addr = self.offset + first * rb
-        else:
-            c0 = self.chunks[0]
-            k = (first // c0) * c0
-            if (first + count - 1) // c0 != first // c0:
-                return None
-            loc = self._chunk_map().get((k,) + (0,) * len(self.entry_shape))
-            if loc is None:
-                return None
-            addr = loc[0] + (first - k) * rb
-        try:
-            region = self.rf.map_region(addr, count * rb, populate=True)
-        except TruncatedFileError as e:
-            raise TruncatedFileError(f"{self.rf.path}: {self.name}: {e}", self.rf.path) from None
-        return region.view(self.dtype).reshape((count,) + self.entry_shape)

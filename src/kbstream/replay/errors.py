@@ -37,11 +37,23 @@ class RunNotFoundError(ReplayError, FileNotFoundError):
 
 
 class RunFileError(ReplayError, OSError):
-    """A run file cannot be opened or does not have the EuXFEL layout."""
+    """A run file cannot be opened, does not have the EuXFEL layout, or a train's data in
+    it cannot be read.
 
-    def __init__(self, message, path=None):
+    Attributes
+    ----------
+    path : str or None
+        The file.
+    source, key, train_id
+        Which data of which train could not be read (None when the whole file failed).
+    """
+
+    def __init__(self, message, path=None, source=None, key=None, train_id=None):
         super().__init__(message)
         self.path = path
+        self.source = source
+        self.key = key
+        self.train_id = train_id
 
     def __str__(self):
         return self.args[0]
@@ -49,12 +61,6 @@ class RunFileError(ReplayError, OSError):
 
 class TruncatedFileError(RunFileError):
     """Data of a train lies beyond the end of its file (truncated copy)."""
-
-    def __init__(self, message, path=None, source=None, key=None, train_id=None):
-        super().__init__(message, path)
-        self.source = source
-        self.key = key
-        self.train_id = train_id
 
 
 class PatternError(ReplayError, ValueError):

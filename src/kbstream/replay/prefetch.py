@@ -82,9 +82,10 @@ class Prefetcher(Lifecycle):
                                                   timestamps=self.timestamps)
                     if self.transform is not None:
                         item = self.transform(item)
-                except (OSError, KeyError, ValueError) as e:
-                    # One bad train (truncated file, corrupt dataset) is reported
-                    # and skipped; the stream goes on.
+                except Exception as e:  # noqa: BLE001 - the consumer reports it
+                    # One bad train (truncated file, corrupt dataset, modules that do
+                    # not stack) is handed on as an error, reported and skipped; the
+                    # stream goes on.
                     item = TrainData(int(send_tid), int(tid), slot=slot, error=e)
                 if not self._put(item):
                     return
@@ -137,7 +138,7 @@ class Prefetcher(Lifecycle):
 
     def release(self, item):
         """Give ``item``'s slot back to the pool (also after :meth:`close`)."""
-        # Drop the arrays first: file mappings are unmapped with their last reference.
+        # Drop the arrays first: the slot's buffers are refilled by the next train.
         item.data = item.metadata = None
         if item.slot is not None:
             self.pool.release(item.slot)

@@ -1,10 +1,113 @@
-"""Progress of one replay: counters, the progress bar on stderr, and the final summary."""
+"""Progress of one replay: counters, the progress bar on stderr, what was left out, and the
+final summary."""
 
 import collections
+import logging
 import sys
+import threading
 import time
 
-__all__ = ["ReplayStats"]
+__all__ = ["ReplayStats", "Problems"]
+
+log = logging.getLogger("kbstream.replay")
+
+
+class Problems:
+    """What a replay left out, and why: said once, counted always.
+
+    Three kinds of entries, each under a *subject* (a source, ``"source key"``, or a file)
+    and a *cause* (a short phrase such as ``"truncated file"``):
+
+    ``train``
+        a whole train was not sent (:meth:`skipped_train`).  Every skipped train is
+        logged, naming its file, source and train, up to :attr:`train_messages` per
+        subject and cause; further ones are only counted.
+    ``key``
+        a key (or a whole source) was left out of a train that was sent
+        (:meth:`left_out`); logged once per subject and cause, counted per train.
+    ``index``
+        something in a file's index that changes what is sent (overlapping rows,
+        duplicate train ids; :meth:`index_problem`); logged once per subject and cause
+        with the number of trains it concerns.
+    ``file``
+        a file of the run that cannot be opened and is left out (:meth:`bad_file`).
+
+    :meth:`summary` makes the one line the replay ends with.  Thread-safe: the reader
+    thread and the sending thread both report.
+    """
+
+    #: per subject and cause, how many skipped trains are logged one by one
+    train_messages = 10
+
+    def __init__(self, logger=None):
+        self.log = logger if logger is not None else log
+        self._lock = threading.Lock()
+        self._counts = {}  # (kind, subject, cause) -> count, in the order first seen
+
+    def _count(self, kind, subject, cause, n):
+        key = (kind, subject, cause)
+        with self._lock:
+            before = self._counts.get(key, 0)
+            self._counts[key] = before + n
+        return before
+
+    def skipped_train(self, subject, cause, message):
+        """A train was not sent; ``message`` names the file, source and train."""
+        before = self._count("train", subject, cause, 1)
+        if before < self.train_messages:
+            self.log.warning("%s", message)
+        elif before == self.train_messages:
+            self.log.warning("%s (further trains skipped for this reason, %s, are only "
+                             "counted in the summary)", message, subject)
+
+    def left_out(self, subject, cause, message, n=1):
+        """``subject`` (``"source key"`` or a source) was left out of ``n`` sent trains."""
+        if self._count("key", subject, cause, n) == 0:
+            self.log.warning("%s", message)
+
+    def index_problem(self, subject, cause, message, n):
+        """An index anomaly of ``subject`` concerning ``n`` trains."""
+        if self._count("index", subject, cause, n) == 0:
+            self.log.warning("%s", message)
+
+    def bad_file(self, path, message):
+        """A file of the run cannot be opened; the run is read without it."""
+        if self._count("file", path, "unreadable file", 1) == 0:
+            self.log.warning("%s", message)
+
+    def counts(self, kind=None):
+        """``{(kind, subject, cause): count}`` (only ``kind`` when given)."""
+        with self._lock:
+            return {k: v for k, v in self._counts.items() if kind is None or k[0] == kind}
+
+    def summary(self):
+        """One line: trains skipped by cause, what was left out of how many trains, and the
+        index problems met; empty when there were none."""
+        counts = self.counts()
+        parts = []
+        by_cause = collections.Counter()
+        for (kind, _, cause), n in counts.items():
+            if kind == "train":
+                by_cause[cause] += n
+        if by_cause:
+            total = sum(by_cause.values())
+            parts.append(f"skipped {total} train{'s' * (total != 1)} ("
+                         + ", ".join(f"{c}: {n}" for c, n in by_cause.items()) + ")")
+        left = [f"{subject} from {n} train{'s' * (n != 1)} ({cause})"
+                for (kind, subject, cause), n in counts.items() if kind == "key"]
+        if left:
+            parts.append("left out " + ", ".join(left))
+        index = [f"{subject}: {cause} in {n} train{'s' * (n != 1)}"
+                 for (kind, subject, cause), n in counts.items() if kind == "index"]
+        if index:
+            parts.append("index problems: " + ", ".join(index))
+        files = [subject for (kind, subject, _), n in counts.items() if kind == "file"]
+        if files:
+            parts.append("unreadable files left out: " + ", ".join(files))
+        if not parts:
+            return ""
+        text = "; ".join(parts)
+        return text[0].upper() + text[1:]
 
 
 class ReplayStats:
@@ -13,9 +116,12 @@ class ReplayStats:
     ``sent``: trains handed to a peer; ``dropped``: PUB trains published while
     nobody subscribed; ``skipped``: trains that could not be read or
     serialized.  ``total`` (None when endless) counts sent and dropped trains.
+    ``problems`` (:class:`Problems`) says what was skipped or left out and why; its
+    line follows the summary.
     """
 
-    def __init__(self, total, stream=None, progress=True, interval=0.25):
+    def __init__(self, total, stream=None, progress=True, interval=0.25, problems=None):
+        self.problems = problems if problems is not None else Problems()
         self.total = total  # None when endless
         self.stream = stream if stream is not None else sys.stderr
         self.progress = progress
@@ -98,6 +204,9 @@ class ReplayStats:
                 f"{tps:.1f} trains/s, {gbs:.2f} GB/s")
         if self.dropped:
             text += f"; dropped {self.dropped} trains nobody subscribed to"
-        if self.skipped:
-            text += f"; skipped {self.skipped} unreadable trains"
+        more = self.problems.summary()
+        if self.skipped and not more:
+            more = f"Skipped {self.skipped} trains"
+        if more:
+            text += "\n" + more
         return text

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..bridge import source_metadata
 from ._h5 import h5py as _h5py
-from .errors import RunFileError, TruncatedFileError
+from .errors import RunFileError
+from .progress import Problems
 from .runfile import RunFile
 from .slots import Slot
 
@@ -53,9 +54,13 @@ class RunReader:
     skip_bad_files : bool
         Log and skip files that cannot be opened instead of raising
         :class:`RunFileError`.
+    problems : Problems, optional
+        Where trains and keys left out are reported (:attr:`problems`; a new
+        :class:`~kbstream.replay.progress.Problems` by default).
     """
 
-    def __init__(self, paths, skip_bad_files=False, override=()):
+    def __init__(self, paths, skip_bad_files=False, override=(), problems=None):
+        self.problems = problems if problems is not None else Problems()
         self.files = []
         self.bad_files = []
         override = sorted(os.fspath(p) for p in override)
@@ -65,12 +70,12 @@ class RunReader:
                 n_base = len(self.files)
                 continue
             try:
-                self.files.append(RunFile(p))
+                self.files.append(RunFile(p, self.problems))
             except RunFileError as e:
                 if not skip_bad_files:
                     self.close()
                     raise
-                log.warning("skipping unreadable file: %s", e)
+                self.problems.bad_file(p, f"skipping unreadable file: {e}")
                 self.bad_files.append((p, e))
         if not self.files:
             raise RunFileError("no readable run files", None)
@@ -119,23 +124,31 @@ class RunReader:
         return source in self.control_sources
 
     def _where(self, source, tid):
-        """``(RunFile, position)`` holding ``source`` for train ``tid``, or (None, None)."""
+        """``(RunFile, position)`` holding ``source`` for train ``tid``, or (None, None).
+
+        A train id listed more than once (in one ``INDEX/trainId`` or in several files of
+        the source) is read from its first place, as extra_data does; the others are
+        reported once per source.
+        """
         table = self._lookup.get(source)
         if table is None:
             table = {}
+            repeats = []
             for rf in self._source_files.get(source, ()):
-                for i, t in enumerate(rf.train_ids):
-                    table.setdefault(int(t), (rf, i))
+                for i, t in enumerate(rf.train_ids.tolist()):
+                    where = table.setdefault(t, (rf, i))
+                    if where != (rf, i):
+                        repeats.append((t, where, (rf, i)))
+            if repeats:
+                t, (rf0, i0), (rf1, i1) = repeats[0]
+                self.problems.index_problem(
+                    source, "repeated train id",
+                    f"{source}: {len(repeats)} train id(s) appear more than once in "
+                    f"INDEX/trainId (e.g. train {t}: {rf0.path} row {i0} and {rf1.path} row "
+                    f"{i1}); each is sent once, with the data of its first place; the rows of "
+                    f"the other places are not sent", len(repeats))
             self._lookup[source] = table
         return table.get(int(tid), (None, None))
-
-    @staticmethod
-    def _map(dsr, first, count, source, key, tid):
-        try:
-            return dsr.map_rows(first, count)
-        except TruncatedFileError as e:
-            e.source, e.key, e.train_id = source, key, int(tid)
-            raise
 
     @staticmethod
     def key_group(key):
@@ -192,20 +205,32 @@ class RunReader:
                 return res
         return {}
 
-    #: Send unfiltered contiguous rows straight from a file mapping (no copy).
-    use_mmap = True
+    #: Kept for old callers: files are never mapped any more (``docs/run-files.md``,
+    #: section 8); every read copies into the slot's buffers with ``pread``.
+    use_mmap = False
 
     def read_train(self, tid, selection, slot=None, send_tid=None, timestamps=True):
         """Read train ``tid`` for ``selection`` ({source: [keys]}).
 
         Large arrays go into ``slot``'s buffers (fresh arrays without a slot);
         small data come from each dataset's in-memory copy.  Every selected
-        source appears, with only metadata when it has no data in this train
-        (as extra_data's ``trains()``).
+        source appears, with its ``'metadata'`` entry only when it has no data in
+        this train (as extra_data's ``trains()``).
+
+        Keys that cannot go on the wire are left out of the train and reported to
+        :attr:`problems` (once per key and cause, counted per train): arrays of
+        variable-length strings (as extra_data's commands drop them, with the
+        ``.timestamp`` of a control ``.value``) and compound or opaque dtypes.
 
         Returns
         -------
         TrainData
+
+        Raises
+        ------
+        RunFileError
+            A key of this train cannot be read (:class:`TruncatedFileError` for data
+            past the end of its file); ``source``, ``key`` and ``train_id`` say which.
         """
         send_tid = tid if send_tid is None else send_tid
         res = TrainData(int(send_tid), int(tid), slot=slot)
@@ -217,59 +242,88 @@ class RunReader:
                 ns = rf.timestamps[pos]
             if ns:  # integer nanoseconds -> seconds + attoseconds: no float rounding
                 sec, rest = divmod(int(ns), 1_000_000_000)
-                res.metadata[source] = source_metadata(source, send_tid, sec,
-                                                       rest * 1_000_000_000)
+                meta = source_metadata(source, send_tid, sec, rest * 1_000_000_000)
             else:
-                res.metadata[source] = source_metadata(source, send_tid)
-            d = res.data[source] = {}
+                meta = source_metadata(source, send_tid)
+            res.metadata[source] = meta
+            d = res.data[source] = {"metadata": meta}
             if rf is None:
                 continue
             control = self.is_control(source)
-            dropped = set()
+            dropped = None
             for key in keys:
-                group = "" if control else self.key_group(key)
-                if not control and group not in rf.instrument_sources.get(source, ()):
-                    continue
-                first, count = rf.index(source, group)
-                first, count = int(first[pos]), int(count[pos])
-                if count == 0:
-                    continue
                 try:
-                    dsr = rf.dataset(source, key)
-                except KeyError:
-                    continue  # key only in another sequence file
-                if control:
-                    count = 1  # one value per train, the first row (as extra_data)
-                if dsr.mode == "memory":
-                    cache = dsr.get(first, count)
-                    value = cache[first] if (control or count == 1) else cache[first:first + count]
-                elif self.use_mmap and dsr.mode == "rows" and (
-                        mapped := self._map(dsr, first, count, source, key, tid)) is not None:
-                    if slot is not None:
-                        slot.maps.append(mapped)
-                    value = mapped[0] if (control or count == 1) else mapped
-                else:
-                    shape = (count,) + dsr.entry_shape
-                    if slot is not None:
-                        buf = slot.buffer((source, key), shape, dsr.dtype)
-                    else:
-                        buf = np.empty(shape, dsr.dtype)
-                    try:
-                        dsr.read(first, count, buf)
-                    except TruncatedFileError as e:
+                    got = self._read_key(rf, pos, source, key, control, slot, tid)
+                except RunFileError as e:
+                    if e.source is None:
                         e.source, e.key, e.train_id = source, key, int(tid)
-                        raise
-                    value = buf[0] if (control or count == 1) else buf
+                    raise
+                except (OSError, ValueError, RuntimeError, TypeError) as e:
+                    # h5py / HDF5: a corrupt chunk, a failing filter, a damaged B-tree
+                    raise RunFileError(
+                        f"{rf.path}: cannot read {source} {key}: {type(e).__name__}: {e}",
+                        rf.path, source=source, key=key, train_id=int(tid)) from e
+                if got is None:
+                    continue
+                value, dsr = got
                 if isinstance(value, np.ndarray):
                     if value.dtype.hasobject:
-                        dropped.add(key)  # arrays of strings: not serializable
+                        # arrays of strings: not serializable (extra_data drops them too)
+                        if dropped is None:
+                            dropped = []
+                        dropped.append(key)
+                        self._leave_out(source, key, "variable-length strings", dsr, rf, tid)
                         continue
                     nbytes += value.nbytes
-                elif isinstance(value, np.bool_):
-                    value = bool(value)  # np.bool_ breaks msgpack serialization
+                # numpy scalars stay numpy scalars (np.bool_ too): kbstream's codec sends
+                # them as extra_data's serializer does (2.2: the Python value, 1.0:
+                # msgpack_numpy's form)
                 d[key] = value
-            for key in dropped:
+            for key in dropped or ():
                 if key.endswith(".value"):
                     d.pop(key[:-6] + ".timestamp", None)
         res.nbytes = nbytes
         return res
+
+    def _read_key(self, rf, pos, source, key, control, slot, tid):
+        """``(value, dataset)`` of ``key`` in this train, or None when there is none (no
+        rows, the key only in another sequence file, or a dtype that cannot be sent)."""
+        group = "" if control else self.key_group(key)
+        if not control and group not in rf.instrument_sources.get(source, ()):
+            return None
+        first, count = rf.index(source, group)
+        first, count = int(first[pos]), int(count[pos])
+        if count == 0:
+            return None
+        try:
+            dsr = rf.dataset(source, key)
+        except KeyError:
+            return None  # key only in another sequence file
+        if dsr.dtype.kind == "V":
+            self._leave_out(source, key, "compound dtype" if dsr.dtype.names else
+                            "opaque dtype", dsr, rf, tid)
+            return None
+        if control:
+            count = 1  # one value per train, the first row (as extra_data)
+        if dsr.mode == "memory":
+            cache = dsr.get(first, count)
+            value = cache[first] if (control or count == 1) else cache[first:first + count]
+            return value, dsr
+        shape = (count,) + dsr.entry_shape
+        if slot is not None:
+            buf = slot.buffer((source, key), shape, dsr.dtype)
+        else:
+            buf = np.empty(shape, dsr.dtype)
+        dsr.read(first, count, buf)
+        return (buf[0] if (control or count == 1) else buf), dsr
+
+    def _leave_out(self, source, key, cause, dsr, rf, tid):
+        what = {"compound dtype": "a compound dtype cannot be put on the wire",
+                "opaque dtype": "an opaque dtype cannot be put on the wire",
+                "variable-length strings": "arrays of variable-length strings cannot be put "
+                                           "on the wire (extra_data's commands drop them too)"}
+        self.problems.left_out(
+            f"{source} {key}", cause,
+            f"{source} {key}: {cause} {dsr.dtype} ({rf.path}, first in train {int(tid)}): "
+            f"{what[cause]}; this key is left out of every train that has it, the rest is "
+            f"sent")

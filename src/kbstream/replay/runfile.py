@@ -9,13 +9,17 @@ split into sequence files; :class:`~kbstream.replay.reader.RunReader` merges
 them by train id.
 
 :class:`RunFile` also owns the file's raw access for the fast readers of
-:mod:`kbstream.replay.dataset`: one read-only descriptor (``pread``) and
-read-only mappings of byte ranges (``mmap``), each checked against the file's
-current size so that a truncated file raises
-:class:`~kbstream.replay.errors.TruncatedFileError` instead of a SIGBUS.
+:mod:`kbstream.replay.dataset`: one read-only descriptor for ``pread``.  Files are never
+mapped: a mapping of a file that is truncated meanwhile kills the process with SIGBUS
+when touched, and a copy being sent may be touched long after it was checked.  A read
+past the end of a file is short instead, and raises
+:class:`~kbstream.replay.errors.TruncatedFileError` for that train.
+
+Index checks: an index whose rows of different trains overlap is reported once per source
+(:meth:`RunFile.index`); each train is still sent with the rows its entry gives, as
+extra_data reads it (``docs/run-files.md``, section 8).
 """
 
-import mmap
 import os
 import re
 
@@ -23,7 +27,8 @@ import numpy as np
 
 from ._h5 import h5py as _h5py
 from .dataset import _Dataset
-from .errors import RunFileError, TruncatedFileError
+from .errors import RunFileError
+from .progress import Problems
 
 __all__ = ["RunFile"]
 
@@ -41,6 +46,8 @@ class RunFile:
     ----------
     path : str or path
         The ``.h5`` file.
+    problems : Problems, optional
+        Where index anomalies are reported (a new :class:`Problems` by default).
 
     Raises
     ------
@@ -48,9 +55,10 @@ class RunFile:
         The file cannot be opened or lacks ``INDEX/trainId`` / ``METADATA``.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, problems=None):
         h5py = _h5py()
         self.path = os.fspath(path)
+        self.problems = problems if problems is not None else Problems()
         try:
             self.h5 = h5py.File(self.path, "r")
         except OSError as e:
@@ -64,6 +72,7 @@ class RunFile:
         self._fd = None
         self._index = {}
         self._keys = {}
+        self._key_paths = {}  # (source, key) -> HDF5 path
         self._datasets = {}
 
     def _load(self):
@@ -101,7 +110,9 @@ class RunFile:
             if raw.shape[0] >= len(tids):
                 ts = raw[:].astype(np.uint64)[self._rows]
         self.timestamps = ts
-        self._pos = {int(t): i for i, t in enumerate(self.train_ids)}
+        self._pos = {}
+        for i, t in enumerate(self.train_ids.tolist()):
+            self._pos.setdefault(t, i)  # a repeated id: its first row (as extra_data)
 
     # -- index ------------------------------------------------------------
     @property
@@ -137,8 +148,31 @@ class RunFile:
         if len(first) < (self._rows[-1] + 1 if n else 0) or len(count) != len(first):
             raise RunFileError(f"{self.path}: index {path} is shorter than INDEX/trainId", self.path)
         res = (first[self._rows], count[self._rows])
+        self._check_overlaps(source, group, path, *res)
         self._index[k] = res
         return res
+
+    def _check_overlaps(self, source, group, path, first, count):
+        """Report trains whose rows overlap another train's (once per source and group)."""
+        have = np.nonzero(count)[0]
+        if len(have) < 2:
+            return
+        order = have[np.argsort(first[have], kind="stable")]
+        starts = first[order]
+        ends = np.maximum.accumulate(starts + count[order])
+        clash = np.nonzero(starts[1:] < ends[:-1])[0]
+        if not len(clash):
+            return
+        involved = set(order[clash].tolist()) | set(order[clash + 1].tolist())
+        a, b = order[clash[0]], order[clash[0] + 1]
+        ta, tb = int(self.train_ids[a]), int(self.train_ids[b])
+        self.problems.index_problem(
+            f"{source} {group}" if group else source, "overlapping index rows",
+            f"{source}: in {self.path}, {path}/first,count give {len(involved)} trains rows "
+            f"that another train has too (e.g. train {ta}: rows {int(first[a])}+"
+            f"{int(count[a])}, train {tb}: rows {int(first[b])}+{int(count[b])}); each "
+            f"train is sent with the rows its own entry gives, so these rows are sent in "
+            f"more than one train", len(involved))
 
     def keys(self, source):
         """Sorted keys of ``source`` (``a.b.value`` style for control data).
@@ -156,7 +190,11 @@ class RunFile:
         def collect(prefix, group):
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset):
-                    keys.append(prefix + name.replace("/", "."))
+                    key = prefix + name.replace("/", ".")
+                    keys.append(key)
+                    # HDF5 names may hold dots themselves ('dataStorage.enable/value'):
+                    # keep the real path, the key alone does not give it back
+                    self._key_paths.setdefault((source, key), obj.name)
             group.visititems(visit)
 
         try:
@@ -180,7 +218,7 @@ class RunFile:
         """The :class:`_Dataset` reader of ``source``/``key``.
 
         Raises KeyError when this file has no such key (it may be in another
-        sequence file of the run).
+        sequence file of the run), :class:`RunFileError` when its metadata is damaged.
         """
         k = (section, source, key)
         try:
@@ -189,11 +227,21 @@ class RunFile:
             pass
         if section is None:
             section = "CONTROL" if source in self.control_sources else "INSTRUMENT"
-        path = f"{section}/{source}/{key.replace('.', '/')}"
+            if source in self.sources and source not in self._keys:
+                self.keys(source)
+            path = self._key_paths.get((source, key))
+        else:
+            path = None
+        if path is None:
+            path = f"{section}/{source}/{key.replace('.', '/')}"
         try:
             ds = self.h5[path]
-        except KeyError:
-            raise KeyError(f"{source}: no key {key!r} in {self.path}") from None
+        except KeyError as e:
+            text = str(e)
+            if "doesn't exist" in text or "not found" in text:
+                raise KeyError(f"{source}: no key {key!r} in {self.path}") from None
+            # h5py reports damaged object headers as a KeyError too
+            raise RunFileError(f"{self.path}: cannot open {path}: {text}", self.path) from e
         self._datasets[k] = res = _Dataset(self, ds)
         return res
 
@@ -202,35 +250,6 @@ class RunFile:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
-
-    def map_region(self, addr, nbytes, populate=False):
-        """A read-only uint8 array over file bytes ``addr:addr+nbytes`` (mmap).
-
-        The mapping is undone when the array and every view of it are gone.
-        ``populate`` faults the pages in now (``MAP_POPULATE``), in the
-        calling thread with the GIL released, instead of in whoever touches
-        them first (the ZeroMQ I/O thread).
-
-        Raises
-        ------
-        TruncatedFileError
-            The region lies beyond the current end of the file (checked with
-            ``fstat`` at each call: touching a mapping past the end of a file
-            would kill the process with SIGBUS).
-        """
-        fd = self.fd()
-        size = os.fstat(fd).st_size
-        if addr + nbytes > size:
-            raise TruncatedFileError(
-                f"{self.path}: data at byte {addr}+{nbytes} lies beyond the end of the file "
-                f"({size} bytes); the file is truncated", self.path)
-        start = addr - addr % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED
-        if populate and hasattr(mmap, "MAP_POPULATE"):
-            flags |= mmap.MAP_POPULATE
-        m = mmap.mmap(fd, addr - start + nbytes, flags=flags, prot=mmap.PROT_READ,
-                      offset=start)
-        return np.frombuffer(m, np.uint8, nbytes, addr - start)
 
     def close(self):
         self._datasets.clear()

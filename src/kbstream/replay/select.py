@@ -14,7 +14,9 @@ Unlike extra_data (which splits at the *first* ``[``), the key part is the
 character classes work in the source part: ``JNGFR0[1-2]:daqOutput[data.adc]``
 is source glob ``JNGFR0[1-2]:daqOutput`` and key glob ``data.adc``.  A
 pattern ending in ``]`` always has a key part; to end a source glob with a
-character class, add ``[*]``: ``JNGFR0[12][*]``.
+character class, add ``[*]``: ``JNGFR0[12][*]``.  ``first_bracket=True``
+(``--split-at-first-bracket``) splits as extra_data does
+(``docs/replay-differences.md``).
 """
 
 import fnmatch
@@ -25,8 +27,11 @@ from .errors import NoMatchError, PatternError
 __all__ = ["parse_pattern", "select_sources", "Selection"]
 
 
-def parse_pattern(pattern):
+def parse_pattern(pattern, first_bracket=False):
     """Split ``pattern`` into ``(source_glob, key_glob)``; key_glob is ``'*'`` when absent.
+
+    ``first_bracket``: extra_data's rule instead: a pattern with a ``[`` must end in
+    ``]``, and the key part starts after its first ``[``.
 
     Raises
     ------
@@ -35,6 +40,15 @@ def parse_pattern(pattern):
     """
     if not isinstance(pattern, str) or not pattern:
         raise PatternError(f"empty selection pattern {pattern!r}", pattern)
+    if first_bracket:
+        if "[" not in pattern:
+            return pattern, "*"
+        if not pattern.endswith("]"):
+            raise PatternError(f"Missing final ] in {pattern!r}", pattern)
+        src, key = pattern[:-1].split("[", 1)
+        if not src or not key:
+            raise PatternError(f"Empty source or key glob in {pattern!r}", pattern)
+        return src, key
     if not pattern.endswith("]"):
         if pattern.count("[") > pattern.count("]"):
             raise PatternError(f"Missing final ] in {pattern!r}", pattern)
@@ -71,7 +85,8 @@ class Selection(dict):
         return sum(len(v) for v in self.values())
 
 
-def select_sources(reader, include=None, exclude=(), source_glob=None, key_glob=None):
+def select_sources(reader, include=None, exclude=(), source_glob=None, key_glob=None,
+                   first_bracket=False):
     """Resolve patterns against ``reader`` (a :class:`RunReader`).
 
     Parameters
@@ -82,6 +97,8 @@ def select_sources(reader, include=None, exclude=(), source_glob=None, key_glob=
         Patterns removed afterwards (whole sources without a key part).
     source_glob, key_glob : str, optional
         serve-files' ``--source`` / ``--key``: one more include pair.
+    first_bracket : bool
+        Split patterns at their first ``[`` (extra_data's rule, :func:`parse_pattern`).
 
     Returns
     -------
@@ -94,7 +111,7 @@ def select_sources(reader, include=None, exclude=(), source_glob=None, key_glob=
     PatternError
         A malformed pattern.
     """
-    pairs = [parse_pattern(p) for p in (include or ())]
+    pairs = [parse_pattern(p, first_bracket) for p in (include or ())]
     if source_glob is not None or key_glob is not None:
         pairs.append((source_glob or "*", key_glob or "*"))
     if not pairs:
@@ -109,10 +126,14 @@ def select_sources(reader, include=None, exclude=(), source_glob=None, key_glob=
                 continue
             keys = reader.keys(src)
             if kg == "*":
+                # every key, also none: a source without keys is sent with its metadata
+                # alone, as extra_data does
                 hit = keys
-            else:
-                kre = _key_regex(kg, reader.is_control(src))
-                hit = [k for k in keys if kre.match(k)]
+                matched = True
+                chosen.setdefault(src, set()).update(hit)
+                continue
+            kre = _key_regex(kg, reader.is_control(src))
+            hit = [k for k in keys if kre.match(k)]
             if hit:
                 matched = True
                 chosen.setdefault(src, set()).update(hit)
@@ -120,7 +141,7 @@ def select_sources(reader, include=None, exclude=(), source_glob=None, key_glob=
             raise NoMatchError(f"No source or key matches {text!r} (source glob {sg!r}, "
                                f"key glob {kg!r})", text)
     for p in exclude or ():
-        sg, kg = parse_pattern(p)
+        sg, kg = parse_pattern(p, first_bracket)
         sre = re.compile(fnmatch.translate(sg))
         for src in list(chosen):
             if not sre.match(src):

@@ -8,21 +8,27 @@ PUB / PUSH behaviour, pacing to a rate), which serializes each train with
 ``kbstream.serialize`` and sends the frames with ``copy=False``: array frames
 point into the reader's buffers.  A train's buffers go back to the pool only
 once libzmq has released every tracked frame (``zmq.MessageTracker``), so
-memory stays bounded by ``prefetch + 1`` trains and nothing is copied in user
-space.
+memory stays bounded by ``prefetch + 1`` trains; the only copy is the reader's
+``pread`` from the page cache into those buffers.
+
+Skip and say: a train that cannot be read is skipped with a warning naming its file,
+source, key and train; a key (or source) that cannot be encoded is left out of its train
+and the rest is sent; both are counted by cause in the reader's
+:class:`~kbstream.replay.progress.Problems`, whose line ends the summary.
 
 The command lines that call it are in :mod:`kbstream.replay.cli`.
 """
 
 import collections
 import logging
+import os
 import sys
 import threading
 
 from ..bridge import codec as _codec, sender as _sender
 from ..errors import ChannelTimeout
 from .detectors import DetectorAppender
-from .errors import NoMatchError
+from .errors import NoMatchError, RunFileError, TruncatedFileError
 from .prefetch import Prefetcher
 from .progress import ReplayStats
 
@@ -43,7 +49,7 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
                dummy_timestamps=False, timestamps=True, append_detector_modules=False,
                prefetch=4, serialize=None, context=None, progress=True, out=None,
                err=None, max_trains=None, ready=None, stop_event=None,
-               use_infiniband=False, flush_timeout=10.0):
+               use_infiniband=False, flush_timeout=10.0, append_xtdf_only=False):
     """Stream the ``selection`` of ``reader`` on a new bridge server socket.
 
     Parameters
@@ -72,10 +78,17 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
     protocol_version : {'2.2', '1.0'}
     prefetch : int
         Trains read ahead; memory is bounded by ``prefetch + 1`` trains.
+    append_detector_modules : bool
+        Stack the module sources of a multi-module detector into one source
+        (:class:`~kbstream.replay.detectors.DetectorAppender`).
+    append_xtdf_only : bool
+        Only AGIPD, LPD and DSSC modules, as extra_data's commands (JUNGFRAU modules
+        stay separate sources).
     serialize : callable, optional
         ``serialize(data, metadata, protocol_version, dummy_timestamps)``;
-        default ``kbstream.serialize``.  A train it cannot serialize is
-        skipped and counted, like an unreadable train.
+        default ``kbstream.serialize``.  When it fails on a train, the keys (or
+        sources) it fails on alone are left out and the rest is sent; a train
+        that fails without such a key is skipped.  Both are counted and said.
     context : zmq.Context, optional
         Not destroyed; the socket is always closed.
     max_trains : int, optional
@@ -125,13 +138,18 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
                 yield int(t), int(t) + p * span
             p += 1
 
+    problems = reader.problems
     transform = None
     if append_detector_modules:
-        transform = DetectorAppender(selection, reader.all_sources)
+        transform = DetectorAppender(selection, reader.all_sources,
+                                     jungfrau=not append_xtdf_only, problems=problems)
+        if not transform.modules:
+            transform = None
     total = None if npass is None else len(tids) * npass
     if max_trains is not None:
         total = max_trains if total is None else min(total, max_trains)
-    stats = ReplayStats(total, stream=err, progress=progress)
+    stats = ReplayStats(total, stream=err, progress=progress, problems=problems)
+    encode = _leaving_out_unencodable(serialize or _codec.serialize, problems)
     stop = stop_event if stop_event is not None else threading.Event()
 
     sender = _sender.Sender(endpoint, sock, context=context, hwm=max(2, prefetch),
@@ -162,7 +180,7 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
                 return None
             if item.error is not None:
                 stats.skipped += 1
-                log.warning("skipping train %d: %s", item.file_train_id, item.error)
+                _report_skip(problems, item)
                 pf.release(item)
                 return _sender.EMPTY
             return item.data, item.metadata, item
@@ -178,13 +196,17 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
 
         def on_error(item, exc):
             stats.skipped += 1
+            problems.skipped_train(
+                "train", "cannot be encoded",
+                f"skipped train {item.file_train_id}: it cannot be encoded "
+                f"({type(exc).__name__}: {exc})")
             pf.release(item)
 
         try:
             pf.start()
             finished = _sender.run(
                 sender, next_train, stop, protocol_version=protocol_version,
-                dummy_timestamps=dummy_timestamps, serialize=serialize, rate=rate,
+                dummy_timestamps=dummy_timestamps, serialize=encode, rate=rate,
                 idle=release_done, track=True, on_sent=on_sent, on_error=on_error)
             # libzmq may hold the last message until the socket closes; its
             # buffers stay alive through pyzmq's references, and nothing will
@@ -197,3 +219,71 @@ def serve_data(reader, selection, endpoint, *, sock="REP", require=None, trains=
         stats.finish()
         sender.close(linger=linger)  # waits up to the linger for queued trains to go out
     return stats
+
+
+def _report_skip(problems, item):
+    """Say why ``item``'s train is skipped: its file, source, key and train id."""
+    e = item.error
+    source, key, path = (getattr(e, a, None) for a in ("source", "key", "path"))
+    if isinstance(e, TruncatedFileError):
+        cause = "truncated file"
+    elif isinstance(e, RunFileError):
+        cause = "unreadable data"
+    else:
+        cause = type(e).__name__
+    subject = " ".join(x for x in (source, os.path.basename(path) if path else None) if x)
+    where = " ".join(x for x in (source, key) if x)
+    problems.skipped_train(subject or "train", cause,
+                           f"skipped train {item.file_train_id}: "
+                           f"{where + ': ' if where else ''}{e}")
+
+
+def _leaving_out_unencodable(serialize, problems):
+    """``serialize`` that, when a train fails, leaves out the keys (or sources) that fail
+    on their own and encodes the rest; the train is lost only when no such part is found.
+    Costs nothing while trains encode."""
+
+    def encode(data, metadata, protocol_version, dummy_timestamps):
+        try:
+            return serialize(data, metadata, protocol_version, dummy_timestamps)
+        except Exception:  # noqa: BLE001 - which part is at fault is found below
+            bad = _unencodable(serialize, data, metadata, protocol_version)
+            if not bad:
+                raise
+        for source, key, e in bad:
+            if key is None:
+                data.pop(source, None)
+                if metadata is not None:
+                    metadata.pop(source, None)
+                subject = source
+            else:
+                data[source].pop(key, None)
+                subject = f"{source} {key}"
+            problems.left_out(
+                subject, "cannot be encoded",
+                f"{subject}: cannot be encoded ({type(e).__name__}: {e}); left out of each "
+                f"train where it fails, the rest of the train is sent")
+        return serialize(data, metadata, protocol_version, dummy_timestamps)
+
+    return encode
+
+
+def _unencodable(serialize, data, metadata, protocol_version):
+    """[(source, key or None, error)] of the parts of a train that fail to encode alone."""
+    bad = []
+    for source, props in data.items():
+        meta = None if metadata is None else {source: metadata.get(source, {})}
+        try:
+            serialize({source: props}, meta, protocol_version, False)
+            continue
+        except Exception as e:  # noqa: BLE001 - recorded
+            whole = e
+        keys = []
+        if isinstance(props, dict):
+            for key, value in props.items():
+                try:
+                    serialize({source: {key: value}}, meta, protocol_version, False)
+                except Exception as e:  # noqa: BLE001 - recorded
+                    keys.append((source, key, e))
+        bad.extend(keys or [(source, None, whole)])
+    return bad

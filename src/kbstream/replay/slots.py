@@ -15,12 +15,11 @@ __all__ = ["Slot", "SlotPool"]
 class Slot:
     """The output buffers of one train, reused from train to train."""
 
-    __slots__ = ("index", "buffers", "maps")
+    __slots__ = ("index", "buffers")
 
     def __init__(self, index):
         self.index = index
         self.buffers = {}
-        self.maps = []  # file-mapped arrays of the current train, dropped on release
 
     def buffer(self, name, shape, dtype):
         buf = self.buffers.get(name)
@@ -60,7 +59,6 @@ class SlotPool:
                     return None
 
     def release(self, slot):
-        slot.maps.clear()  # unmaps once nothing else (zmq) holds the arrays
         self._free.put(slot)
 
     @property
