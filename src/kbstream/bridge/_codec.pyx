@@ -585,11 +585,12 @@ cdef class _Bin:
 
 
 cdef struct Budget:
-    # the msgpack containers (maps, arrays) one message may still decode into; shared by
-    # the readers of all its frames.  Every dict or list made from the wire takes one,
-    # on every path (generic, templates, header fast path, header memo), in the order
-    # and at the offsets of _pure; a path that gives up and decodes again the general
-    # way gives back what it took first.
+    # the msgpack containers (maps, arrays) one message may still decode into.  Every
+    # dict or list made from the wire takes one, on every path (generic, templates,
+    # header fast path, header memo), in the order and at the offsets of _pure; a path
+    # that gives up and decodes again the general way gives back what it took first.
+    # A frame's reader counts in its own ``left`` and hands it back when the frame is
+    # done (r_done).
     Py_ssize_t left
     Py_ssize_t limit
 
@@ -600,6 +601,8 @@ cdef struct Reader:
     Py_ssize_t end
     Py_ssize_t index
     bint v1
+    Py_ssize_t left           # containers the message may still decode into
+    Py_ssize_t mark           # r_payload_map: ``left`` to go back to if it starts again
     Budget* budget
 
 
@@ -611,13 +614,19 @@ cdef inline void r_init(Reader* r, const Py_buffer* view, Py_ssize_t index, bint
     r.end = view.len
     r.index = index
     r.v1 = v1
+    r.left = budget.left
     r.budget = budget
+
+
+cdef inline void r_done(Reader* r) noexcept:
+    """Hand the reader's count back to the message's budget."""
+    r.budget.left = r.left
 
 
 cdef inline int r_count(Reader* r, Py_ssize_t at) except -1:
     """Take one container (the map or array at ``at``) from the message's budget."""
-    r.budget.left -= 1
-    if r.budget.left < 0:
+    r.left -= 1
+    if r.left < 0:
         r_over_budget(r, at)
     return 0
 
@@ -1187,7 +1196,8 @@ cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object
     r_container_size(r, n, 2, at, "map")
     r_count(r, at)
     cdef dict out
-    cdef Py_ssize_t i, kat, klen, nt = 0, start = r.pos, left = r.budget.left
+    cdef Py_ssize_t i, kat, klen, nt = 0, start = r.pos
+    r.mark = r.left     # in the reader, not a local: one more live value slows the loop
     cdef PyObject* cand
     cdef tuple keys = None
     if tmpl is not None:
@@ -1205,7 +1215,7 @@ cdef object r_payload_map(Reader* r, uint64_t n, int depth, object frame, object
             else:
                 return out
             r.pos = start      # a key differs: decode this map again, the general way
-            r.budget.left = left
+            r.left = r.mark
     out = _PyDict_NewPresized(<Py_ssize_t>n)
     for i in range(<Py_ssize_t>n):
         kat = r.pos
@@ -1249,12 +1259,12 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source, Budget
         if (tmpl is not None and n > 0 and PyTuple_GET_SIZE((<_Tmpl>tmpl).keys) == <Py_ssize_t>n
                 and ((<_Tmpl>tmpl).raw is None or PyBytes_GET_SIZE((<_Tmpl>tmpl).raw) > 0)):
             start = r.pos
-            left = budget.left
+            left = r.left
             out = _decode_reuse(&r, <Py_ssize_t>n, frame, <_Tmpl>tmpl, source)
             if out is not None:
                 return out
             r.pos = start       # a key differs: decode the map again, the general way
-            budget.left = left
+            r.left = left
             missed = True
         out = r_payload_map(&r, n, 0, frame, tmpl, &missed, not missed)
         r_check_end(&r)
@@ -1262,6 +1272,7 @@ cdef object decode_payload(object frame, Py_ssize_t index, object source, Budget
             _put_template(source, _make_template(<dict>out))
         return out
     finally:
+        r_done(&r)
         PyBuffer_Release(&view)
 
 
@@ -1311,6 +1322,7 @@ cdef object decode_frame(object frame, Py_ssize_t index, bint v1, Budget* budget
         r_init(&r, &view, index, v1, budget)
         return r_top(&r, frame)
     finally:
+        r_done(&r)
         PyBuffer_Release(&view)
 
 
@@ -1639,8 +1651,8 @@ cdef inline bint _key_is(const uint8_t* p, Py_ssize_t n, const char* name, Py_ss
 cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hdr h,
                       Budget* budget) except -1:
     """Parse the header in ``view`` (borrowed from ``frame`` by the caller).  Takes the
-    header's containers from ``budget``; when it gives up, the caller gives them back
-    before the generic path decodes the header (and raises any error)."""
+    header's containers from ``budget`` only when it succeeds; when it gives up, the
+    generic path decodes the header (and raises any error)."""
     global _meta_template
     cdef Reader r
     cdef const uint8_t* p
@@ -1656,9 +1668,9 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
         return 0
     nkeys = r.buf[0] & 0x0F
     r.pos = 1
-    if nkeys * 2 > r.end - r.pos or budget.left < 1:
+    if nkeys * 2 > r.end - r.pos or r.left < 1:
         return 0
-    budget.left -= 1          # the header map
+    r.left -= 1               # the header map
     h.metadata = None
     h.path = None
     h.dtype = None
@@ -1719,9 +1731,9 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
             r.pos += 1 + klen
         elif bit == 32:
             nd = b & 0x0F
-            if budget.left < 1:
+            if r.left < 1:
                 return 0
-            budget.left -= 1      # the shape array
+            r.left -= 1           # the shape array
             r.pos += 1
             shape = PyTuple_New(nd)
             c = 1
@@ -1780,6 +1792,8 @@ cdef int _fast_header(const Py_buffer* view, object frame, Py_ssize_t index, _Hd
         ok = (seen & ~7) == 0
     else:
         ok = seen == (1 | 2 | 8 | 16 | 32)
+    if ok:
+        r_done(&r)
     return ok
 
 
@@ -1905,7 +1919,7 @@ def deserialize(frames, *, max_containers=None):
     cdef Py_ssize_t n = len(fl), i
     cdef dict data, meta, hdr, payload
     cdef Py_buffer view
-    cdef Py_ssize_t count, left
+    cdef Py_ssize_t count
     if n == 0:
         raise ProtocolError("empty message: no frames")
     if n == 1:
@@ -1924,15 +1938,12 @@ def deserialize(frames, *, max_containers=None):
         get_frame_buffer(fl[i], &view, i)
         try:
             ah = _memo_find(&view, &slot)
-            if ah is not None:
-                if budget.left >= 2:
-                    budget.left -= 2     # the header map and its shape array
-                else:
-                    ah = None            # the paths below raise at the right container
-            left = budget.left
-            fast = ah is None and _fast_header(&view, fl[i], i, fh, &budget)
-            if not fast:
-                budget.left = left
+            if ah is not None and budget.left >= 2:
+                budget.left -= 2         # the header map and its shape array
+                fast = False
+            else:
+                ah = None                # (too few left: the paths below raise)
+                fast = _fast_header(&view, fl[i], i, fh, &budget)
         finally:
             PyBuffer_Release(&view)
         if ah is not None:
