@@ -641,8 +641,11 @@ def deserialize(frames, *, max_containers=None):
     may be ``zmq.Frame``, ``bytes``, ``bytearray``, ``memoryview`` or any C-contiguous
     buffer.  Arrays are views on the frames (no copy); they keep the frames alive.
 
-    ``max_containers`` bounds the msgpack maps and arrays decoded from the whole message
-    (every frame, every depth); None: :data:`MAX_CONTAINERS`.
+    ``karabo_bridge.deserialize``'s signature, plus one keyword: ``max_containers``
+    bounds the msgpack maps and arrays decoded from the whole message (every frame,
+    every depth); None: :data:`MAX_CONTAINERS` (1 << 20, some 200 MiB of dicts at most;
+    ``karabo_bridge`` has no such bound; ``docs/safety-bridge.md``).  2.0 / 2.1 metadata
+    is returned in ``meta`` (the peer returns it empty) and also left in ``data``.
 
     Raises
     ------
