@@ -38,6 +38,8 @@ from .errors import (
     UnsupportedDtypeError,
 )
 
+from ._lazy import lazy
+
 try:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -86,16 +88,4 @@ __all__ = [
     "BindError",
 ]
 
-
-def __getattr__(name):
-    if name in _BRIDGE_NAMES:
-        from . import bridge
-
-        value = getattr(bridge, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kbstream' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy(__name__, {name: "bridge" for name in _BRIDGE_NAMES}, __all__)

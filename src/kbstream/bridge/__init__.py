@@ -18,7 +18,7 @@ on first use, so code that only encodes or decodes never loads zmq.
 Wire format: ``docs/wire/karabo-bridge-protocol.md``.
 """
 
-import importlib
+from .._lazy import lazy
 
 from ._memory import keep_large_buffers
 from ._rules import source_metadata, timestamp_fields
@@ -59,15 +59,4 @@ __all__ = [
     "SOCKET_TYPES",
 ]
 
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kbstream.bridge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy(__name__, _LAZY, __all__)

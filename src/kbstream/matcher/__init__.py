@@ -17,7 +17,7 @@ Rooms (arrows point down)::
 Options and counters: ``docs/matcher.md``.
 """
 
-import importlib
+from .._lazy import lazy
 
 from .core import DROPPED_REASONS, INCOMPLETE_REASONS, MODES, MatchCore, Train
 from .errors import (
@@ -48,15 +48,4 @@ __all__ = [
     "MatcherStateError",
 ]
 
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kbstream.matcher' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy(__name__, _LAZY, __all__)
