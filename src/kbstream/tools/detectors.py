@@ -46,11 +46,13 @@ class Detector:
         shape = (self.frames, ss, fs)
         if self.gen == "zeros":
             return np.zeros(shape, np.float32)
-        # place modules around a beam centre (a 2 x N/2 grid), rings in the global frame
+        # place modules around a beam centre (a 2 x N/2 grid), rings in the global frame:
+        # the grid of extra-geom's example JUNGFRAU geometry (module 2k + 1 left of module
+        # 2k, first pixels on the inner edge), so an assembled image shows whole rings
         col, row = module % 2, module // 2
         y = np.arange(ss, dtype=np.float32)[:, None] + row * ss
-        x = np.arange(fs, dtype=np.float32)[None, :] + col * fs
-        cy, cx = (self.modules // 2) * ss / 2, fs
+        x = np.arange(fs, dtype=np.float32)[None, :] - col * fs
+        cy, cx = (self.modules // 2) * ss / 2, 0.0
         r = np.hypot(y - cy, x - cx)
         rings = 40 * (1 + np.cos(r / 18.0)) * np.exp(-r / (3 * max(ss, fs)))
         img = (rings + 2.0 * (module + 1) + x * 0.002).astype(np.float32)
