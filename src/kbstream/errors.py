@@ -40,6 +40,10 @@ Hierarchy (the subpackages' own ``errors`` modules add their leaves; all are lis
     |   +-- RunNotFoundError (FileNotFoundError), RunFileError (OSError)
     |   |   +-- TruncatedFileError          a train's data lies past the end of its file
     |   +-- PatternError, NoMatchError (ValueError)
+    +-- tools.ToolError                     the stream tools (glimpse and its picture)
+    |   +-- PlotDependencyError (ImportError)  extra-geom / matplotlib missing: kbstream[plot]
+    |   +-- PictureError (ValueError)       nothing to draw, bad frame, bad geometry file
+    |   +-- TrainNotFoundError (LookupError)  a train id the run does not have
     +-- matcher.MatcherError                train matcher: sources, options, bookkeeping
         +-- SourceSpecError (ValueError)    a source is not [ALIAS@]DEVICE:CHANNEL[=HOST:PORT]
         |   +-- UnresolvedSourceError       a source has no endpoint and there is no resolver

@@ -162,7 +162,8 @@ def load_geometry(kind, path, nmodules=16):
         raise PictureError(f"{path}: the {kind} geometry is read from {what}")
     try:
         return load(os.fspath(path))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            RuntimeError) as e:
         raise PictureError(f"{path}: extra-geom cannot read it as a {kind} geometry: "
                            f"{type(e).__name__}: {e}") from e
 
