@@ -4,6 +4,7 @@
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,10 +108,65 @@ def test_kbstream_glimpse_prints_one_train():
     finally:
         _stop(proc)
     text = buf.getvalue()
-    assert "Data from 1 sources" in text
-    assert "Source 0: 'MID_EXP_EPIX-1/DET/RECEIVER:daqOutput'" in text
-    assert "data.image.pixels: int16, shape (704, 768)" in text
-    assert "timestamp.tid" in text
+    assert "Data from 1 sources, REQ-REP took" in text
+    assert "Source 1: 'MID_EXP_EPIX-1/DET/RECEIVER:daqOutput' @ " in text
+    assert " - [ndarray] data.image.pixels, int16, (704, 768)" in text
+    assert " - [int] timestamp.tid, " in text
+
+
+def _shape_of_text(text):
+    """glimpse output with every number replaced by N (train ids, times, values differ)."""
+    lines = [re.sub(r"\d+", "N", line) for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+@pytest.mark.parametrize("detector", ["ePix100", "JUNGFRAU"])
+def test_kbstream_glimpse_prints_what_karabo_bridge_glimpse_prints(detector):
+    """Both glimpses read the same kbstream simulator: line for line the same text, up to
+    the numbers (each gets its own train; the peer prints seconds labelled ms)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "karabo-bridge-glimpse")
+    proc, ep = _simulate("-d", detector, "-r", "-n", "2", "--rate", "0")
+    try:
+        peer = subprocess.run([exe, ep], capture_output=True, text=True, timeout=120)
+        ours = subprocess.run([sys.executable, "-m", "kbstream", "glimpse", ep],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        _stop(proc)
+    assert peer.returncode == 0, peer.stderr
+    assert ours.returncode == 0, ours.stderr
+    assert _shape_of_text(ours.stdout) == _shape_of_text(peer.stdout)
+    assert len(ours.stdout.splitlines()) > 10
+
+
+def test_kbstream_monitor_reads_the_kbstream_simulator():
+    proc, ep = _simulate("-d", "AGIPD", "-r", "-n", "3", "-z", "PUB", "--rate", "20")
+    try:
+        out = subprocess.run([sys.executable, "-m", "kbstream", "monitor", ep, "-z", "PUB",
+                              "--ntrains", "6", "--interval", "0.2"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        _stop(proc)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Received 6 trains" in text, text
+    assert "0 backwards, 0 malformed messages" in text
+    for m in range(3):
+        assert f"SPB_DET_AGIPD1M-1/DET/{m}CH0:xtdf: 6 trains, missing from 0" in text
+
+
+def test_karabo_bridge_monitor_reads_the_kbstream_simulator():
+    exe = os.path.join(os.path.dirname(sys.executable), "karabo-bridge-monitor")
+    proc, ep = _simulate("-d", "JUNGFRAU", "-n", "2", "--rate", "0")
+    try:
+        out = subprocess.run([exe, ep, "--ntrains", "3"], capture_output=True, text=True,
+                             timeout=120)
+    finally:
+        _stop(proc)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("Train ID:") == 3
+    assert "'SPB_IRDA_JF4M/CORR/JNGFR02:output'" in out.stdout
 
 
 def test_kbstream_monitor_counts_trains_and_sources_of_the_peer_simulator():
