@@ -302,3 +302,28 @@ def test_missing_plot_packages_give_a_clear_typed_error(monkeypatch, tmp_path, c
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotDependencyError, match="matplotlib"):
         picture.require_plotting(geometry=False)
+
+
+def test_binned_pictures_are_smaller_and_keep_gaps_empty(tmp_path):
+    img = np.array([[1, 2, np.nan, np.nan, 5],
+                    [3, 4, np.nan, np.nan, 7],
+                    [np.nan, 6, np.nan, np.nan, np.nan]], np.float32)
+    out = picture.binned(img, 2)
+    assert out.shape == (2, 3)
+    np.testing.assert_array_equal(out[0], [2.5, np.nan, 6.0])
+    np.testing.assert_array_equal(out[1], [6.0, np.nan, np.nan])
+    assert picture.binned(img, 1) is img
+
+    data, _ = make_detector("JUNGFRAU").train(1)
+    info = picture.write_picture(data, tmp_path / "small.png", bin=4)
+    (p,) = info["panels"]
+    where = _expected(_jf4m(), 8)
+    assert (p["height"], p["width"]) == tuple(-(-n // 4) for n in where.shape)
+    assert p["bin"] == 4
+    pixels, _ = _read_png(tmp_path / "small.png")
+    box = pixels[p["y"]:p["y"] + p["height"], p["x"]:p["x"] + p["width"]]
+    empty = np.all(box == picture.EMPTY_RGB, axis=-1)
+    covered = picture.binned(np.where(where >= 0, 1.0, np.nan).astype(np.float32), 4)
+    np.testing.assert_array_equal(empty, np.isnan(covered))
+    with pytest.raises(PictureError):
+        picture.write_picture(data, tmp_path / "x.png", bin=0)

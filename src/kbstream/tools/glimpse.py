@@ -10,7 +10,8 @@ as in the peer's command.
 ``--png FILE`` also draws the train (:mod:`kbstream.tools.picture`): detector modules
 assembled with extra-geom (``--geometry [DETECTOR=]FILE`` to give a geometry file instead
 of extra-geom's example geometry), other 2-D/3-D arrays as plain images; ``--frame N``
-chooses the frame of arrays with several.  It needs ``pip install 'kbstream[plot]'``.
+chooses the frame of arrays with several, ``--bin N`` draws N x N pixels as one.  It
+needs ``pip install 'kbstream[plot]'``.
 
 With a run directory (or one ``.h5`` file) instead of an endpoint, the train ``--train N``
 (a train id; default: the run's first) is read from the files by kbstream's replay reader
@@ -157,6 +158,8 @@ def _parser():
     ap.add_argument("--frame", type=int, default=0,
                     help="the frame (pulse / memory cell) drawn of arrays with several "
                          "(default 0)")
+    ap.add_argument("--bin", type=int, default=1, metavar="N",
+                    help="draw each N x N block of pixels as one (a smaller PNG; default 1)")
     return ap
 
 
@@ -166,6 +169,8 @@ def main(argv=None, out=None):
     ap = _parser()
     args = ap.parse_args(argv)
     from_run = os.path.exists(args.endpoint)
+    if args.bin < 1:
+        ap.error("--bin must be 1 or more")
     if args.train is not None and not from_run:
         ap.error(f"--train needs a run directory or file; {args.endpoint!r} does not exist")
     try:
@@ -193,7 +198,7 @@ def main(argv=None, out=None):
 
             info = write_picture(data, args.png, frame=args.frame,
                                  geometries=_geometries(args.geometry),
-                                 title=f"train {train_id(meta)}")
+                                 title=f"train {train_id(meta)}", bin=args.bin)
             what = ", ".join(f"{p['title']} {p['width']}x{p['height']}" for p in info["panels"])
             print(f"Picture: {args.png} ({info['width']}x{info['height']} px; {what})", file=out)
     except ChannelTimeout as e:

@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import PictureError, PlotDependencyError
 
-__all__ = ["write_picture", "train_panels", "render", "require_plotting", "load_geometry",
+__all__ = ["write_picture", "train_panels", "render", "binned", "require_plotting", "load_geometry",
            "default_geometry", "DETECTORS", "EMPTY_RGB", "PANELS_KEY"]
 
 #: colour of pixels no module covers (the grey of extra-geom's own plots)
@@ -55,7 +55,7 @@ PANELS_KEY = "kbstream.panels"
 #: a plain image larger than this on a side is drawn with every k-th pixel
 MAX_SIDE = 4096
 
-_HEADER = 44   # pixels above each panel for its two title lines
+_HEADER = 60   # pixels above each panel for its three title lines
 _MARGIN = 12
 _DPI = 100
 
@@ -99,6 +99,7 @@ class Panel:
     geometry: str = None
     modules: list = field(default_factory=list)
     note: str = ""
+    bin: int = 1
 
 
 # -- optional dependencies ------------------------------------------------------------------
@@ -333,8 +334,7 @@ def train_panels(data, frame=0, geometries=None):
         panels.append(Panel(
             title=pattern, image=image, sources=g["sources"], key=g["key"], kind=kname,
             frame=frame, geometry=described, modules=sorted(g["modules"]),
-            note=f"{kname}, {n} module{'s' if n != 1 else ''} with data, frame {frame}, "
-                 f"{described}"))
+            note=f"{kname}, {n} module{'s' if n != 1 else ''} with data, frame {frame}"))
     for source, key, arr in plain:
         a = arr
         f = None
@@ -352,6 +352,25 @@ def train_panels(data, frame=0, geometries=None):
     if not panels:
         raise PictureError("no source of this train has a 2-D or 3-D array to draw")
     return panels
+
+
+def binned(image, n):
+    """``image`` with each ``n`` x ``n`` block of pixels drawn as one: the mean of the block's
+    finite pixels, NaN (empty) where it has none; the last row and column of blocks may be
+    partial."""
+    if n <= 1:
+        return image
+    h, w = image.shape
+    H, W = -(-h // n), -(-w // n)
+    padded = np.full((H * n, W * n), np.nan, np.float32)
+    padded[:h, :w] = image
+    blocks = padded.reshape(H, n, W, n)
+    finite = np.isfinite(blocks)
+    counts = finite.sum(axis=(1, 3))
+    sums = np.where(finite, blocks, 0.0).sum(axis=(1, 3), dtype=np.float64)
+    out = np.full((H, W), np.nan, np.float32)
+    np.divide(sums, counts, out=out, where=counts > 0, casting="unsafe")
+    return out
 
 
 # -- drawing --------------------------------------------------------------------------------
@@ -415,20 +434,21 @@ def render(panels, path, title=None):
         span = "no finite values" if lo is None else f"colours {lo:.4g} .. {hi:.4g}"
         chars = max(20, w // 7)
         line1 = f"{p.title} [{p.key}]"
-        line2 = f"{p.note}; {span}"
-        texts.append((x, y, line1[:chars], line2[:chars]))
+        line3 = (f"geometry: {p.geometry}; " if p.geometry else "") + span
+        texts.append((x, y, line1[:chars], p.note[:chars], line3[:chars]))
         described.append({"x": x, "y": top, "width": w, "height": h, "title": p.title,
                           "sources": list(p.sources), "key": p.key, "kind": p.kind,
                           "frame": p.frame, "geometry": p.geometry, "modules": p.modules,
-                          "range": [lo, hi]})
+                          "bin": p.bin, "range": [lo, hi]})
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
     fig.figimage(canvas, 0, 0, origin="upper", resize=False)
-    for x, y, line1, line2 in texts:
+    for x, y, line1, line2, line3 in texts:
         fig.text(x / width, 1 - (y + 4) / height, line1, va="top", ha="left", fontsize=9,
                  fontweight="bold", family="monospace")
-        fig.text(x / width, 1 - (y + 22) / height, line2, va="top", ha="left", fontsize=8,
-                 family="monospace")
+        for i, line in enumerate((line2, line3)):
+            fig.text(x / width, 1 - (y + 22 + 16 * i) / height, line, va="top", ha="left",
+                     fontsize=8, family="monospace")
     info = {"width": width, "height": height, "panels": described}
     meta = {PANELS_KEY: json.dumps(described), "Software": "kbstream glimpse"}
     if title:
@@ -437,8 +457,17 @@ def render(panels, path, title=None):
     return info
 
 
-def write_picture(data, path, frame=0, geometries=None, title=None):
+def write_picture(data, path, frame=0, geometries=None, title=None, bin=1):
     """Draw one train's ``data`` into the PNG ``path`` (:func:`train_panels`,
-    :func:`render`); returns the picture's description."""
+    :func:`render`); returns the picture's description.  ``bin``: draw each ``bin`` x
+    ``bin`` block of pixels as one (:func:`binned`; a smaller file)."""
     require_plotting(geometry=False)
-    return render(train_panels(data, frame=frame, geometries=geometries), path, title=title)
+    if int(bin) < 1:
+        raise PictureError(f"bin must be 1 or more, not {bin}")
+    panels = train_panels(data, frame=frame, geometries=geometries)
+    for p in panels:
+        p.image = binned(p.image, int(bin))
+        p.bin = int(bin)
+        if bin > 1:
+            p.note += f", {bin}x{bin} binned"
+    return render(panels, path, title=title)
