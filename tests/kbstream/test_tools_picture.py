@@ -12,16 +12,16 @@ import socket
 import subprocess
 import sys
 
+# extra-geom and matplotlib (with its PIL) are in the test extra: no skip when missing
+import extra_geom
 import numpy as np
 import pytest
+from PIL import Image
 
 from kbstream.errors import KbStreamError
 from kbstream.tools import glimpse, picture
 from kbstream.tools.detectors import make_detector
 from kbstream.tools.errors import PictureError, PlotDependencyError, TrainNotFoundError
-
-extra_geom = pytest.importorskip("extra_geom")
-Image = pytest.importorskip("PIL.Image")
 
 
 def _port():
