@@ -327,3 +327,27 @@ def test_binned_pictures_are_smaller_and_keep_gaps_empty(tmp_path):
     np.testing.assert_array_equal(empty, np.isnan(covered))
     with pytest.raises(PictureError):
         picture.write_picture(data, tmp_path / "x.png", bin=0)
+
+
+def test_dssc_modules_and_an_lpd_geometry_file(tmp_path):
+    rng = np.random.default_rng(1)
+    dssc = {f"SCS_DET_DSSC1M-1/DET/{m}CH0:xtdf":
+            {"image.data": rng.integers(1, 500, (4, 1, 128, 512), dtype=np.uint16)}
+            for m in range(16)}
+    info = picture.write_picture(dssc, tmp_path / "dssc.png", frame=3)
+    pixels, (p,) = _read_png(tmp_path / "dssc.png")
+    assert p["kind"] == "DSSC" and p["title"] == "SCS_DET_DSSC1M-1/DET/*CH0:xtdf"
+    _check_assembled(pixels, p, extra_geom.DSSC_1MGeometry.example(), 16)
+
+    # an XFEL HDF5 geometry file (quadrant positions in it) written by extra-geom
+    geom_file = tmp_path / "lpd.h5"
+    extra_geom.LPD_1MGeometry.from_quad_positions(
+        [(15, 300), (-15, 0), (260, -20), (290, 280)]).to_h5_file_and_quad_positions(str(geom_file))
+    lpd = {f"FXE_DET_LPD1M-1/CORR/{m}CH0:output":
+           {"image.data": rng.random((3, 256, 256), dtype=np.float32) + 1}
+           for m in range(0, 16, 2)}
+    info = picture.write_picture(lpd, tmp_path / "lpd.png", geometries={"LPD": geom_file})
+    pixels, (p,) = _read_png(tmp_path / "lpd.png")
+    assert p == info["panels"][0] and p["geometry"] == "lpd.h5"
+    _check_assembled(pixels, p, extra_geom.LPD_1MGeometry.from_h5_file(str(geom_file)), 16,
+                     with_data=set(range(0, 16, 2)))
