@@ -139,7 +139,8 @@ COMMANDS = {
                  lambda argv: _tool("simulate", argv)),
     "monitor": ("a live view of a bridge stream (karabo-bridge-monitor)",
                 lambda argv: _tool("monitor", argv)),
-    "glimpse": ("one train's structure (karabo-bridge-glimpse)", lambda argv: _tool("glimpse", argv)),
+    "glimpse": ("one train's structure, --png a picture (karabo-bridge-glimpse)",
+                lambda argv: _tool("glimpse", argv)),
     "bridge": ("kbstream-bridge: match pipeline outputs by train id, serve the trains", _bridge),
 }
 

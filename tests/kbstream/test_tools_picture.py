@@ -351,3 +351,10 @@ def test_dssc_modules_and_an_lpd_geometry_file(tmp_path):
     assert p == info["panels"][0] and p["geometry"] == "lpd.h5"
     _check_assembled(pixels, p, extra_geom.LPD_1MGeometry.from_h5_file(str(geom_file)), 16,
                      with_data=set(range(0, 16, 2)))
+
+
+def test_geometry_options_name_a_detector_or_all():
+    assert glimpse._geometries(None) == {}
+    assert glimpse._geometries(["jungfrau=a.geom", "b.h5"]) == {"JUNGFRAU": "a.geom", None: "b.h5"}
+    # a path with '=' in it that names no detector is a path
+    assert glimpse._geometries(["dir=x/c.geom"]) == {None: "dir=x/c.geom"}

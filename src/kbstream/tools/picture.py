@@ -250,7 +250,7 @@ def _module_count(kind, sources, seen):
     names = " ".join(sources).upper()
     if kind.name == "JUNGFRAU":
         m = re.search(r"JF(\d+)M", names)
-        n = int(m.group(1)) * 2 if m else (1 if "JF500K" in names else 1)
+        n = int(m.group(1)) * 2 if m else 1    # JF500K: one module
     elif kind.name == "AGIPD" and "AGIPD500K" in names:
         n = 8
     else:
