@@ -32,6 +32,10 @@ INIT, READ, RECONFIGURABLE = 1, 2, 4
 
 _S, _I32, _U32 = HashType.STRING, HashType.INT32, HashType.UINT32
 
+#: Karabo's overwrite-restriction flags of a read-only table (28 flags; set: the ones a
+#: read-only table may not overwrite, as karabind 3.1.2 writes them).
+_TABLE_RESTRICTIONS = np.array([i in (11, 12, 13, 14, 19, 20) for i in range(28)], bool)
+
 
 def _leaf(h, key, vtype, default, shown, desc, access, level, *, options=None,
           display=None, extra=()):
@@ -114,7 +118,8 @@ def output_parameters(schema=None):
           lvl_expert, extra=(("maxInc", 65535, _U32),))
     _leaf(h, "connections", HashType.VECTOR_HASH, [], "Connections",
           "the inputs connected now", READ, lvl_expert, display="Table",
-          extra=(("rowSchema", _row_schema(), HashType.SCHEMA),))
+          extra=(("rowSchema", _row_schema(), HashType.SCHEMA),
+                 ("overwriteRestrictions", _TABLE_RESTRICTIONS, HashType.VECTOR_BOOL)))
     _leaf(h, "updatePeriod", _I32, 10, "Update period",
           "seconds between updates of the connection statistics", INIT, lvl_expert,
           extra=(("unitEnum", 4, _I32), ("unitName", "second", _S), ("unitSymbol", "s", _S)))
