@@ -310,3 +310,26 @@ def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
             view._slot_reconfigure(bad)
     assert inp.calls == []  # a refused request changes nothing
     assert list(inst.configuration()["input.connectedOutputChannels"]) == ["b:out", "c:out"]
+
+
+def test_output_validates_writes_strictly_always_or_once():
+    """kbstream's OutputChannel with the declared data schema: Karabo's validateSchema
+    (always: every write; once: the first write of each stream) with a typed error."""
+    from kbstream.pipeline import OutputChannel, SchemaError
+
+    bad = _good()
+    bad.set("node.extra", 1)
+    with OutputChannel("kbSchema:output", hostname="127.0.0.1", schema=DATA) as out:
+        out.write(_good())
+        with pytest.raises(SchemaError, match="unexpected keys"):
+            out.write(bad)
+    # the schema may also be given in Karabo's layout (a Hash)
+    with OutputChannel("kbSchema:output", hostname="127.0.0.1", validateSchema="once",
+                       schema=DATA.to_parameters()) as out:
+        with pytest.raises(SchemaError, match="is missing"):
+            out.write(Hash("node.int32", 1))
+        out.write(_good())      # the first valid write of the stream
+        out.write(bad)          # not checked again ...
+        out.signal_end_of_stream()
+        with pytest.raises(SchemaError):
+            out.write(bad)      # ... until the next stream
