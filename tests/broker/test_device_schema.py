@@ -339,3 +339,65 @@ def test_output_validates_writes_strictly_always_or_once():
         out.signal_end_of_stream()
         with pytest.raises(SchemaError):
             out.write(bad)      # ... until the next stream
+
+
+def test_server_instance_announces_like_a_karabo_server_and_lists_its_devices():
+    from kbstream.broker.errors import BrokerConfigError
+    from kbstream.broker.server import ServerInstance
+
+    broker = MemoryBroker()
+    transports = [MemoryTransport(broker) for _ in range(3)]
+    srv = ServerInstance("kbSrv", transport=transports[0], topic="t", self_check=False)
+    watcher = BrokerInstance("kbWatch", transport=transports[1], topic="t", self_check=False,
+                             instance_type="client")
+    updated = []
+    watcher.register_slot("slotInstanceUpdated", lambda iid, info: updated.append(
+        (iid, list(info["deviceClasses"]))))
+    dev = BrokerInstance("kbDevOfSrv", transport=transports[2], topic="t", self_check=False,
+                         server=srv, info_extra={"classId": "KbStreamProbe"})
+    try:
+        srv.start()
+        watcher.start()
+        info = srv.instance_info
+        assert info["type"] == "server" and info["serverId"] == "kbSrv"
+        assert info["lang"] == "python" and info["deviceClasses"] == ["KbStreamProbe"]
+        for key, t in (("serverFlags", HashType.INT32), ("heartbeatInterval", HashType.INT32),
+                       ("deviceClasses", HashType.VECTOR_STRING), ("user", HashType.STRING),
+                       ("version", HashType.STRING), ("log", HashType.STRING)):
+            assert info.get_type(key) == t, key
+        assert srv.heartbeat_args()[1]["type"] == "server"
+        assert dev.instance_info["serverId"] == "kbSrv"
+        assert dev.configuration()["serverId"] == "kbSrv"
+        srv.add_device_class("Other")
+        srv.add_device_class("Other")  # once only
+        from broker_stack import wait_until
+
+        wait_until(lambda: updated, 10, what="slotInstanceUpdated of the server")
+        assert updated == [("kbSrv", ["KbStreamProbe", "Other"])]
+        # a server id (not an instance) needs a real broker
+        with pytest.raises(BrokerConfigError, match="ServerInstance"):
+            BrokerInstance("kbNoSrv", transport=transports[2], topic="t", server="kbSrv2")
+    finally:
+        for inst in (dev, watcher, srv):
+            inst.close()
+        for t in transports:
+            t.close()
+
+
+def test_devices_naming_one_server_id_share_one_server_instance():
+    from kbstream.broker import server as srvmod
+    from kbstream.broker.config import BrokerConfig
+
+    config = BrokerConfig.resolve("amqp://guest:guest@127.0.0.1:1", "kbShare")
+    a = srvmod.use("kbShared", config)
+    b = srvmod.use("kbShared", config)
+    other_topic = srvmod.use("kbShared", BrokerConfig.resolve(config, "kbShare2"))
+    assert a is b and other_topic is not a
+    assert sorted(a.device_classes) == []
+    srvmod.release(a, 1)
+    assert a.state == "new"           # still used by the second device
+    srvmod.release(b, 1)
+    assert a.state == "stopped"       # the last user closed it
+    srvmod.release(other_topic, 1)
+    assert srvmod.use("kbShared", config) is not a   # a fresh one after the last release
+    srvmod.release(srvmod._shared[("kbShare", "kbShared")][0], 1)

@@ -103,9 +103,10 @@ class BrokerInstance(_lifecycle.Lifecycle):
     server : str or ServerInstance, optional
         The Karabo server instance a ``device`` belongs to (its ``serverId``; GUIs list
         devices under their server): a :class:`~kbstream.broker.server.ServerInstance`
-        (started by the caller, shared by several devices), or a server id for which the
-        instance starts its own server before itself and stops it after itself. Without
-        it the ``serverId`` is ``__none__``.
+        (started and closed by the caller), or a server id: the devices of the process
+        naming it share one server instance, started before the first of them and closed
+        after the last (:mod:`kbstream.broker.server`). Without it the ``serverId`` is
+        ``__none__``.
     """
 
     _state_error = NotStartedError
@@ -176,12 +177,12 @@ class BrokerInstance(_lifecycle.Lifecycle):
         if transport is not None:
             raise BrokerConfigError("a server id needs a broker to connect to; with a "
                                     "transport pass a started ServerInstance instead")
-        from .server import ServerInstance
+        from .server import use
 
-        return ServerInstance(server, broker=self.config, heartbeat_interval=max(
-            10, self.heartbeat_interval), connect_timeout=self.connect_timeout,
-            reconnect_interval=self.reconnect_interval, self_check=self.self_check,
-            exit_on_sigterm=self.exit_on_sigterm, close_timeout=self.close_timeout), True
+        return use(server, self.config, heartbeat_interval=max(10, self.heartbeat_interval),
+                   connect_timeout=self.connect_timeout,
+                   reconnect_interval=self.reconnect_interval, self_check=self.self_check,
+                   exit_on_sigterm=self.exit_on_sigterm, close_timeout=self.close_timeout), True
 
     @property
     def server(self):
@@ -261,7 +262,9 @@ class BrokerInstance(_lifecycle.Lifecycle):
                 raise NotStartedError(f"{self!r} was closed while starting")
             self._state = "starting"
         if self._own_server:
-            self._server.start()  # first, so that the device's server is known
+            from .server import start_used
+
+            start_used(self._server)  # first, so that the device's server is known
         with self._lock:
             if self._state != "starting":
                 raise NotStartedError(f"{self!r} was closed while starting")
@@ -323,7 +326,9 @@ class BrokerInstance(_lifecycle.Lifecycle):
         if t is not None and t is not threading.current_thread():
             t.join(max(0.0, deadline - time.monotonic()))
         if self._own_server:
-            self._server.close(max(0.5, deadline - time.monotonic()))
+            from .server import release
+
+            release(self._server, max(0.5, deadline - time.monotonic()))
 
     def _check_unique(self):
         rand = random.randint(2, 2**31 - 1)

@@ -7,9 +7,10 @@ with ``serverId``, ``version``, ``host``, ``user``, ``lang``, ``log``, ``serverF
 GUIs and ``DeviceClient``\\ s list the process's device instances under it: each device
 names the server in its ``serverId``, and the server lists the devices' classes.
 
-Usage: ``BrokerInstance("myDevice", server="myServer")`` starts a server instance with that
-id before the device and stops it after the device; ``server=ServerInstance(...)`` shares
-one started server between several devices of the process.
+Usage: ``BrokerInstance("myDevice", server="myServer")``: the devices of a process that
+name one server id (on one topic) share one server instance, started before the first of
+them and stopped after the last (:func:`use`, :func:`start_used`, :func:`release`);
+``server=ServerInstance(...)`` uses a server the caller starts and stops.
 
 Threads: those of a :class:`~kbstream.broker.instance.BrokerInstance`.
 """
@@ -17,13 +18,17 @@ Threads: those of a :class:`~kbstream.broker.instance.BrokerInstance`.
 from __future__ import annotations
 
 import getpass
+import threading
 
 from kbhash import Hash, HashType
 
 from .instance import BrokerInstance
 from .protocol import KARABO_VERSION
 
-__all__ = ["ServerInstance"]
+__all__ = ["ServerInstance", "use", "start_used", "release"]
+
+_lock = threading.Lock()
+_shared = {}  # (topic, server id) -> [ServerInstance, number of devices using it]
 
 
 def _user():
@@ -53,6 +58,7 @@ class ServerInstance(BrokerInstance):
         self._log_level = str(log_level)
         kw.pop("instance_type", None)
         kw.pop("server", None)
+        self._start_lock = threading.Lock()
         super().__init__(server_id, instance_type="server", **kw)
 
     def _make_info(self, instance_type, info_extra):
@@ -88,3 +94,36 @@ class ServerInstance(BrokerInstance):
         from .codec import Typed
 
         self.update_info(deviceClasses=Typed(list(self._classes), HashType.VECTOR_STRING))
+
+
+def use(server_id, config, **kw) -> ServerInstance:
+    """The process's server instance ``server_id`` on ``config``'s topic, made (not
+    started) on first use; every call must be matched by a :func:`release`."""
+    key = (config.topic, server_id)
+    with _lock:
+        entry = _shared.get(key)
+        if entry is None or entry[0].state == "stopped":
+            entry = _shared[key] = [ServerInstance(server_id, broker=config, **kw), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def start_used(server):
+    """Start ``server`` unless a device using it did already (one start, also when
+    several devices start at once)."""
+    with server._start_lock:
+        if server.state == "new":
+            server.start()
+
+
+def release(server, timeout=None):
+    """One device stopped using ``server``; the last one closes it."""
+    with _lock:
+        for key, entry in list(_shared.items()):
+            if entry[0] is server:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del _shared[key]
+                break
+    server.close(timeout)
