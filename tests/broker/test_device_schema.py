@@ -401,3 +401,30 @@ def test_devices_naming_one_server_id_share_one_server_instance():
     srvmod.release(other_topic, 1)
     assert srvmod.use("kbShared", config) is not a   # a fresh one after the last release
     srvmod.release(srvmod._shared[("kbShare", "kbShared")][0], 1)
+
+
+def test_middle_layer_builds_its_proxy_from_the_information_reply(published, karabo_python):
+    """What a middle-layer InputChannel(raw=False) does with the reply: build a proxy
+    class from info["schema"].hash[<channel>]["schema"] (karabo.middlelayer 3.1.2)."""
+    from conftest import require
+
+    probe = subprocess.run([karabo_python, "-c", "import karabo.middlelayer"],
+                           capture_output=True, text=True, timeout=120)
+    require(probe.returncode == 0, "karabo.middlelayer (karabo-karathon) is not installed "
+            "in the Karabo side interpreter: run scripts/karabo-env.sh")
+    inst, _ = published
+    reply = inst._channels.slot_output_information(Hash("channelId", "output"))
+    script = (
+        "import sys\n"
+        "from karabo.native import decodeBinary, Schema\n"
+        "from karabo.middlelayer.proxy import ProxyFactory\n"
+        "info = decodeBinary(bytes.fromhex(sys.stdin.read()))['info']\n"
+        "s = info['schema']\n"
+        "cls = ProxyFactory.createProxy(Schema(name='output', hash=s.hash['output']['schema']))\n"
+        "p = cls()\n"
+        "print(' '.join(sorted(k for k in dir(p.node) if not k.startswith('_'))))\n")
+    got = subprocess.run([karabo_python, "-c", script],
+                         input=kbhash.encode_bytes(reply).hex(), capture_output=True,
+                         text=True, timeout=120)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.split() == sorted(k.split(".")[1] for k in DATA.spec)
