@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from kbhash import Hash, HashType
+from kbhash import Hash, HashType, ImageData
 
 from kbstream.broker import (BrokerInstance, InvalidInstanceId, InvalidOutputId,
                              NotStartedError, RemoteError, RequestTimeout)
@@ -312,5 +312,8 @@ def test_describe_lists_keys_shapes_and_types():
     h = item(3)
     h.set("node.string", "x", type=HashType.STRING)
     h.set("node.vec", [1, 2, 3], type=HashType.VECTOR_INT64)
+    h.set("node.names", ["a", "b"], type=HashType.VECTOR_STRING)
+    h["node.image"] = ImageData(np.zeros((3, 2), np.uint16))
     assert describe(h) == ["node.int32 INT32", "node.ndarray float32 (4, 5)",
-                           "node.string STRING", "node.vec VECTOR_INT64 (3,)"]
+                           "node.string STRING", "node.vec VECTOR_INT64 (3,)",
+                           "node.names VECTOR_STRING (2,)", "node.image ImageData uint16 (3, 2)"]

@@ -92,22 +92,28 @@ def route(argv):
     return "endpoint", argv
 
 
-def describe(data, prefix=""):
-    """``["key dtype shape", ...]`` for every leaf of an item (a kbhash Hash)."""
+def describe(data):
+    """``["key dtype shape" | "key TYPE", ...]`` for every leaf of an item (a kbhash Hash):
+    arrays (NDArray, vectors) show dtype and shape, ImageData ``ImageData dtype shape``,
+    other values their Karabo type."""
     parts = []
     for path in data.paths():
         value = data[path]
         if isinstance(value, np.ndarray):
-            parts.append(f"{prefix}{path} {value.dtype} {tuple(value.shape)}")
+            parts.append(f"{path} {value.dtype} {tuple(value.shape)}")
+            continue
+        pixels = getattr(value, "pixels", None)
+        if isinstance(pixels, np.ndarray):
+            parts.append(f"{path} {type(value).__name__} {pixels.dtype} {tuple(pixels.shape)}")
+            continue
+        try:
+            kind = data.get_type(path).name
+        except Exception:  # a value the Hash cannot type: show the Python type
+            kind = type(value).__name__
+        if isinstance(value, (list, tuple)):
+            parts.append(f"{path} {kind} ({len(value)},)")
         else:
-            try:
-                kind = data.get_type(path).name
-            except Exception:  # a value the Hash cannot type: show the Python type
-                kind = type(value).__name__
-            if isinstance(value, (list, tuple, bytes, bytearray, str)) and kind.startswith("VECTOR"):
-                parts.append(f"{prefix}{path} {kind} ({len(value)},)")
-            else:
-                parts.append(f"{prefix}{path} {kind}")
+            parts.append(f"{path} {kind}")
     return parts
 
 
