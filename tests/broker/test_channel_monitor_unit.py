@@ -317,3 +317,18 @@ def test_describe_lists_keys_shapes_and_types():
     assert describe(h) == ["node.int32 INT32", "node.ndarray float32 (4, 5)",
                            "node.string STRING", "node.vec VECTOR_INT64 (3,)",
                            "node.names VECTOR_STRING (2,)", "node.image ImageData uint16 (3, 2)"]
+
+
+def test_kbstream_monitor_command_runs_the_tool_its_argument_names(capsys):
+    from broker_stack import free_port
+
+    from kbstream.cli import main
+
+    port = free_port()
+    # DEVICE:CHANNEL: the channel monitor, which needs the broker (none here: status 2)
+    assert main(["monitor", "kbDev:output", "--broker",
+                 f"amqp://guest:guest@127.0.0.1:{port}", "--topic", "x"]) == 2
+    assert "cannot connect" in capsys.readouterr().err
+    # HOST:PORT: the bridge monitor on tcp://HOST:PORT (--ntrains 0: summary at once)
+    assert main(["monitor", f"127.0.0.1:{port}", "--ntrains", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Received 0 trains")

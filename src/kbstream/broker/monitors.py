@@ -13,7 +13,7 @@ Karabo's semantics kept: the defaults ``dataDistribution="copy"``, ``onSlowness=
 ``maxQueueLength=2``, ``delayOnInput=0`` (``config`` overrides them; its
 ``connectedOutputChannels`` is replaced by the monitored output); ``:`` or ``@`` separates
 device and channel; a second registration of a monitored channel returns False, and so does
-unregistering one that is not monitored. Differences (docs/broker.md, "Channel monitors"):
+unregistering one that is not monitored. Differences (docs/channel-monitors.md):
 ``DEVICE@CHANNEL`` and ``DEVICE:CHANNEL`` are the same monitor; a malformed id or
 configuration raises a typed error at once; every failed attempt to find the output is kept
 as a typed error in :attr:`ChannelMonitor.last_error`.

@@ -12,7 +12,7 @@ summary; ``--connect-timeout S`` gives up (exit status 1) when the output is not
 within S seconds.
 
 One command, two tools: ``kbstream monitor`` takes a bridge endpoint (:mod:`.monitor`) or a
-pipeline output; :func:`route` tells them apart (docs/tools.md, "kbstream monitor").
+pipeline output; :func:`route` tells them apart (docs/channel-monitors.md).
 """
 
 from __future__ import annotations
@@ -183,10 +183,21 @@ def main(argv=None, out=None):
     """Run ``kbstream monitor DEVICE:CHANNEL``; returns the exit status (0 = ended by
     Ctrl-C / SIGTERM / ``--ntrains``, 1 = not connected in time, 2 = bad arguments or no
     broker)."""
-    out = sys.stdout if out is None else out
     args = _parser().parse_args(argv)
-    logging.getLogger("kbstream").setLevel(logging.INFO if args.verbose else logging.ERROR)
-    logging.getLogger("pika").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    # what goes wrong is printed by the tool itself: the loggers speak only with -v
+    loggers = [logging.getLogger(n) for n in ("kbstream", "pika")]
+    levels = [lg.level for lg in loggers]
+    loggers[0].setLevel(logging.INFO if args.verbose else logging.ERROR)
+    loggers[1].setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    try:
+        return _run(args, out)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _run(args, out):
+    out = sys.stdout if out is None else out
     from ..broker import BrokerInstance
     from ..errors import KbStreamError
 
