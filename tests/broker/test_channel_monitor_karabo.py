@@ -309,3 +309,50 @@ def test_kbstream_monitor_cli_gives_up_on_an_output_nobody_answers_for(rabbitmq,
     assert proc.returncode == 1, stderr
     assert "kbNobody:output not connected within 4.0 s (RequestTimeout:" in stderr
     assert stdout.splitlines() == ["kbNobody:output: 0 items, train ids None..None"]
+
+
+# ---- dead and hostile outputs over the real broker ------------------------------------------
+
+def _monitor_threads():
+    return [t.name for t in threading.enumerate() if "kbMonDead:" in t.name]
+
+
+@pytest.mark.parametrize("kind", ["silent", "not a hash", "port text", "error reply"])
+def test_dead_or_hostile_output_gives_typed_error_no_hang_no_thread_left(instance, kind):
+    from kbstream.broker import RequestTimeout
+    from kbstream.broker.errors import MessageError
+
+    expected = {"silent": RequestTimeout, "not a hash": MessageError, "port text": MessageError,
+                "error reply": RemoteError}[kind]
+    asked = []
+    if kind != "silent":
+        bad = BrokerInstance("kbHostile", heartbeat_interval=10)
+
+        def slot(arg=None, *_):
+            asked.append(arg)
+            if kind == "error reply":
+                raise RuntimeError("broken output")
+            if kind == "not a hash":
+                return "127.0.0.1:4000"
+            info = Hash("connectionType", "tcp", "hostname", "127.0.0.1", "port", "4000")
+            return Hash("success", True, "info", info)
+
+        bad.register_slot("slotGetOutputChannelInformation", slot)
+        bad.start()
+    try:
+        client = instance("kbMonDead", instance_type="client")
+        statuses = []
+        assert client.register_channel_monitor(
+            "kbHostile:output", status_tracker=statuses.append,
+            config={"request_timeout": 0.5, "reconnect_interval": 0.2})
+        mon = client.channel_monitor("kbHostile:output")
+        wait_until(lambda: mon.attempts >= 2 and isinstance(mon.last_error, expected), 30,
+                   what=f"{expected.__name__} twice")
+        assert bool(asked) is (kind != "silent")
+        assert statuses == [] and mon.status == ConnectionStatus.DISCONNECTED
+        assert client.unregister_channel_monitor("kbHostile:output")
+        assert not _monitor_threads() and mon.input.closed
+        wait_until(lambda: not client._requests.pending, 10, what="no request left pending")
+    finally:
+        if kind != "silent":
+            bad.stop()
