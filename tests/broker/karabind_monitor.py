@@ -88,7 +88,7 @@ def main():
                 out({"event": "unregistered", "ok": bool(client.unregisterChannelMonitor(channel))})
     finally:
         client.unregisterChannelMonitor(channel)
-        del client
+        client = None  # the C++ client goes while the event loop still runs
         kb.EventLoop.stop()
         loop.join(10)
 

@@ -204,6 +204,8 @@ class ChannelMonitor:
             return self._details(self._ask())
         except _Stopped:
             return None
+        except NotStartedError:  # the instance is closing: it closes this monitor next
+            return None
         except BrokerError as e:
             return self._failed(e)
 
