@@ -152,8 +152,11 @@ def test_same_items_as_karabind_monitor_also_after_server_restart_and_unregister
     def on_data(data, meta):
         ours.append((meta.tid, meta.source, leaves(data)))
 
+    # a retry timer far beyond the test's waits: only the device's announcement
+    # (slotInstanceNew) can bring the connection back after the restart
     assert peer.register_channel_monitor("kbDev:output", data_handler=on_data,
-                                         status_tracker=statuses.append) is True
+                                         status_tracker=statuses.append,
+                                         config={"reconnect_interval": 600}) is True
     # a second registration is refused by both, with either separator
     assert peer.register_channel_monitor("kbDev@output") is False
     since = len(cpp.events)
@@ -317,19 +320,24 @@ def _monitor_threads():
     return [t.name for t in threading.enumerate() if "kbMonDead:" in t.name]
 
 
-@pytest.mark.parametrize("kind", ["silent", "not a hash", "port text", "error reply"])
+@pytest.mark.parametrize("kind", ["silent", "swallows", "not a hash", "port text",
+                                  "error reply"])
 def test_dead_or_hostile_output_gives_typed_error_no_hang_no_thread_left(instance, kind):
     from kbstream.broker import RequestTimeout
     from kbstream.broker.errors import MessageError
 
-    expected = {"silent": RequestTimeout, "not a hash": MessageError, "port text": MessageError,
-                "error reply": RemoteError}[kind]
+    from kbstream.broker.dispatch import NO_REPLY
+
+    expected = {"silent": RequestTimeout, "swallows": RequestTimeout, "not a hash": MessageError,
+                "port text": MessageError, "error reply": RemoteError}[kind]
     asked = []
     if kind != "silent":
         bad = BrokerInstance("kbHostile", heartbeat_interval=10)
 
         def slot(arg=None, *_):
             asked.append(arg)
+            if kind == "swallows":  # online, asked, never answers
+                return NO_REPLY
             if kind == "error reply":
                 raise RuntimeError("broken output")
             if kind == "not a hash":
