@@ -153,9 +153,11 @@ def _tool(name, argv):
 
 
 def _monitor(argv):
-    from .tools.channel_monitor import route
+    from .tools.channel_monitor import HELP_NOTE, route
 
     kind, argv = route(argv)
+    if kind == "endpoint" and {"-h", "--help"} & set(argv):
+        print(HELP_NOTE)
     return _tool("channel_monitor" if kind == "channel" else "monitor", argv)
 
 

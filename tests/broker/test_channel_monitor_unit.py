@@ -332,3 +332,8 @@ def test_kbstream_monitor_command_runs_the_tool_its_argument_names(capsys):
     # HOST:PORT: the bridge monitor on tcp://HOST:PORT (--ntrains 0: summary at once)
     assert main(["monitor", f"127.0.0.1:{port}", "--ntrains", "0"]) == 0
     assert capsys.readouterr().out.startswith("Received 0 trains")
+    # the bridge monitor's help names the other form too
+    with pytest.raises(SystemExit) as e:
+        main(["monitor", "--help"])
+    assert e.value.code == 0
+    assert "kbstream monitor DEVICE:CHANNEL" in capsys.readouterr().out

@@ -29,7 +29,12 @@ import time
 
 import numpy as np
 
-__all__ = ["main", "route", "is_channel_id", "describe"]
+__all__ = ["main", "route", "is_channel_id", "describe", "HELP_NOTE"]
+
+#: Printed before the bridge monitor's help: the command's other form.
+HELP_NOTE = ("kbstream monitor ENDPOINT watches a Karabo bridge stream (options below); "
+             "kbstream monitor DEVICE:CHANNEL\nprints the items of a Karabo pipeline output "
+             "found through the broker (kbstream monitor DEVICE:CHANNEL --help).\n")
 
 #: A Karabo channel name: property keys, letters first (``output``, ``node.output``).
 _CHANNEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
