@@ -337,3 +337,27 @@ def test_kbstream_monitor_command_runs_the_tool_its_argument_names(capsys):
         main(["monitor", "--help"])
     assert e.value.code == 0
     assert "kbstream monitor DEVICE:CHANNEL" in capsys.readouterr().out
+
+
+def test_unregister_from_inside_a_handler(mem, output):
+    out = output()
+    peer = mem("kbPeer")
+    peer.add_output_channel("output", out)
+    client = mem("kbMon")
+    results = []
+
+    def on_data(data, meta):
+        results.append(client.unregister_channel_monitor("kbPeer:output"))
+
+    client.register_channel_monitor("kbPeer:output", data_handler=on_data,
+                                    config={"onSlowness": "wait"})
+    out.wait_for_inputs(copy=["kbMon:kbPeer:output"], timeout=20)
+    out.write(item(1))
+    out.update(timeout=10)
+    wait_until(lambda: results, 10, what="the handler ran")
+    assert results == [True]
+    wait_until(lambda: not threads_of("kbMon:kbPeer:output"), 10, what="threads ended")
+    for i in (2, 3):
+        out.write(item(i))
+        out.update(timeout=5)
+    assert results == [True]
