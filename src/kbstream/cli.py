@@ -11,6 +11,8 @@ Subcommands:
 - ``hash-demo``: only the kbhash round trip;
 - ``simulate PORT``, ``monitor ENDPOINT``, ``glimpse ENDPOINT``: the stream tools
   (:mod:`kbstream.tools`), drop-ins for karabo-bridge's server-sim, monitor and glimpse.
+  ``monitor DEVICE:CHANNEL`` prints the items of a Karabo pipeline output instead
+  (:mod:`kbstream.tools.channel_monitor`, which also holds the rule telling the two apart).
 - ``bridge``: the same as ``kbstream-bridge`` (the train matcher, ``docs/matcher.md``).
 """
 
@@ -137,8 +139,8 @@ COMMANDS = {
     "serve-files": ("karabo-bridge-serve-files", lambda argv: _serve("serve-files", argv)),
     "simulate": ("a bridge server of simulated detector data (karabo-bridge-server-sim)",
                  lambda argv: _tool("simulate", argv)),
-    "monitor": ("a live view of a bridge stream (karabo-bridge-monitor)",
-                lambda argv: _tool("monitor", argv)),
+    "monitor": ("a live view of a bridge stream (karabo-bridge-monitor), or of a pipeline "
+                "output: monitor DEVICE:CHANNEL", lambda argv: _monitor(argv)),
     "glimpse": ("one train's structure, --png a picture (karabo-bridge-glimpse)",
                 lambda argv: _tool("glimpse", argv)),
     "bridge": ("kbstream-bridge: match pipeline outputs by train id, serve the trains", _bridge),
@@ -149,6 +151,15 @@ def _tool(name, argv):
     import importlib
 
     return importlib.import_module(f"kbstream.tools.{name}").main(argv)
+
+
+def _monitor(argv):
+    from .tools.channel_monitor import HELP_NOTE, route
+
+    kind, argv = route(argv)
+    if kind == "endpoint" and {"-h", "--help"} & set(argv):
+        print(HELP_NOTE)
+    return _tool("channel_monitor" if kind == "channel" else "monitor", argv)
 
 
 def main(argv=None):

@@ -18,6 +18,8 @@ import point one way, down this list:
   announcement, heartbeats, goodbye, reconnects) and the composition of the rooms below.
 * :mod:`~kbstream.broker.device_view` - the read-only configuration and schema a device
   shows (``slotGetConfiguration`` / ``slotGetSchema``), built from extendable sections.
+* :mod:`~kbstream.broker.monitors` - channel monitors: an output watched by name
+  (``register_channel_monitor``), reconnected on announcements and on a timer.
 * :mod:`~kbstream.broker.channels` - output channels served
   (``slotGetOutputChannelInformation``), input channels reconnected on announcements.
 * :mod:`~kbstream.broker.resolver` - :class:`OutputResolver`: output id -> connection info.

@@ -13,6 +13,7 @@ announces itself again after a broker restart, and on :meth:`close` says goodbye
 * :mod:`.tracking` - what the instance knows about the others, and its callbacks,
 * :mod:`.channels` - output channels served and input channels reconnected, the resolver,
 * :mod:`.device_view` - the read-only configuration and schema of a device,
+* :mod:`.monitors` - channel monitors (``register_channel_monitor``),
 * :mod:`.shutdown` - goodbye at program exit and on SIGTERM.
 
 Threads: the transport's thread (AMQP I/O; replies are matched there), the worker thread
@@ -39,6 +40,7 @@ from .channels import Channels
 from .config import BrokerConfig
 from .device_view import DeviceView
 from .dispatch import NO_REPLY, Dispatcher
+from .monitors import ChannelMonitors
 from .errors import BrokerConfigError, InstanceIdInUse, NotStartedError, RequestTimeout
 from .protocol import BROADCAST_SLOTS, KARABO_VERSION, validate_instance_id
 from .requests import ReplyFuture, Requests
@@ -165,6 +167,7 @@ class BrokerInstance(_lifecycle.Lifecycle):
         self._tracker = tracking.Tracker(self.instance_id, self._dispatcher.post,
                                          self._ask_info, self._channels.instance_announced)
         self._view = DeviceView(self, self._channels)
+        self._monitors = ChannelMonitors(self)
         for room in (self._dispatcher, self._tracker, self._channels):
             self._register_slots(room.slots())
         self._register_slots({"slotPing": self._slot_ping, "slotDiscover": self._slot_discover})
@@ -306,6 +309,7 @@ class BrokerInstance(_lifecycle.Lifecycle):
             was_up = self._state == "up"
             self._state = "stopped"
         shutdown.unregister(self)
+        self._monitors.close()
         if was_up:
             try:
                 self.broadcast("slotInstanceGone", self.instance_id, self.instance_info,
@@ -554,6 +558,45 @@ class BrokerInstance(_lifecycle.Lifecycle):
         """``resolver(output_id) -> Hash | None`` for input channels (see
         :class:`~kbstream.broker.resolver.OutputResolver`)."""
         return self._channels.resolver
+
+    # ---- channel monitors -----------------------------------------------------------
+
+    def register_channel_monitor(self, channel_id, *, data_handler=None, input_handler=None,
+                                 eos_handler=None, status_tracker=None, config=None) -> bool:
+        """Watch the output ``DEVICE:CHANNEL`` (or ``DEVICE@CHANNEL``), as Karabo's
+        ``DeviceClient.registerChannelMonitor``; False if it is monitored already.
+
+        An input channel ``<instance_id>:DEVICE:CHANNEL`` is made with Karabo's defaults
+        (copy, ``onSlowness="drop"``, ``maxQueueLength=2``, ``delayOnInput=0``; ``config``
+        overrides them) and kept connected: at once when DEVICE announces itself, else
+        every ``config["reconnect_interval"]`` seconds (6). ``data_handler(data, meta)``,
+        ``input_handler(batch)``, ``eos_handler(input_channel)`` run in the input's handler
+        thread, ``status_tracker(ConnectionStatus)`` on every change of the connection.
+        :meth:`channel_monitor` gives the monitor's status and last error
+        (:mod:`kbstream.broker.monitors`).
+
+        Raises
+        ------
+        InvalidOutputId, InvalidInstanceId
+            ``channel_id`` is not ``DEVICE:CHANNEL``.
+        kbstream.pipeline.PipelineConfigError
+            ``config`` has an unknown key or value.
+        NotStartedError
+            The instance is not started (or closed).
+        """
+        return self._monitors.register(
+            channel_id, data_handler=data_handler, input_handler=input_handler,
+            eos_handler=eos_handler, status_tracker=status_tracker, config=config)
+
+    def unregister_channel_monitor(self, channel_id) -> bool:
+        """End the monitor of ``channel_id`` (handlers never called again, input closed,
+        its threads joined); False if it was not monitored."""
+        return self._monitors.unregister(channel_id)
+
+    def channel_monitor(self, channel_id):
+        """The :class:`~kbstream.broker.monitors.ChannelMonitor` of ``channel_id`` (with
+        ``status``, ``last_error``, ``input``), or None."""
+        return self._monitors.get(channel_id)
 
     # ---- topology -------------------------------------------------------------------
 
