@@ -118,6 +118,14 @@ def _create(group, name, shape, dtype, chunking):
     return group.create_dataset(name, shape, dtype, chunks=chunks, maxshape=maxshape)
 
 
+def _put(dataset, row, frame, chunking):
+    """Write ``frame`` (C-contiguous, the dataset's dtype) as row ``row``."""
+    if chunking == "train":
+        dataset.id.write_direct_chunk((row,) + (0,) * frame.ndim, frame)
+    else:
+        dataset.write_direct(frame, dest_sel=np.s_[row])
+
+
 def _module_file(path, source, module, tids, present, frame_shape, chunking, fmt,
                  proposal, run, seq, gain_mask, base):
     import h5py
@@ -138,15 +146,25 @@ def _module_file(path, source, module, tids, present, frame_shape, chunking, fmt
         cell = np.zeros((nrows, cells), np.uint8)
         stamp = np.zeros((nrows, cells), np.float64)
         trains = np.zeros(nrows, np.uint64)
+        # One buffer per dataset, refilled in place per train and written as it is (same
+        # dtype: no conversion in HDF5; one chunk per train: written as the chunk itself).
+        adc_buf = np.empty(frame_shape, np.uint16)
+        if gain_mask:
+            gain_base = (base >> 12).astype(np.uint8)
+            gain_buf = np.empty(frame_shape, np.uint8)
+            mask_frame = ((base & 0xFF) > 250).astype(np.uint8)
         row = 0
         for tid, p in zip(tids, present):
             if not p:
                 continue
             k = int(tid) - 10000
-            adc[row] = base + np.uint16((k * 17 + module) & 0xFFF)
+            np.add(base, np.uint16((k * 17 + module) & 0xFFF), out=adc_buf)
+            _put(adc, row, adc_buf, chunking)
             if gain_mask:
-                gain[row] = ((base >> 12) + k) & 3
-                mask[row] = (base & 0xFF) > 250
+                np.add(gain_base, np.uint8(k & 3), out=gain_buf)
+                np.bitwise_and(gain_buf, np.uint8(3), out=gain_buf)
+                _put(gain, row, gain_buf, chunking)
+                _put(mask, row, mask_frame, chunking)
             fnum[row] = np.arange(k * cells, (k + 1) * cells)
             cell[row] = np.arange(cells - 1, -1, -1)
             stamp[row] = (_T0_NS / 1e9 + k * 0.1) + np.arange(cells) * 1e-6
