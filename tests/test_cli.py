@@ -1,5 +1,6 @@
 """The ``kbstream`` command: in process through main(argv), and once as a subprocess."""
 
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,13 @@ def test_demo_replays_a_small_generated_run(capfd):
     sent = [i for i, line in enumerate(lines) if line.startswith("Sent 3 trains")]
     got = [i for i, line in enumerate(lines) if line.startswith("client: received 3 trains")]
     assert len(sent) == 1 and len(got) == 1 and sent[0] < got[0]
+    # one truth: both sides measure the same, labelled interval
+    assert "; from the first train sent to the last: " in lines[sent[0]]
+    assert "; from the first train received to the last: " in lines[got[0]]
+    for i in sent + got:
+        assert re.search(r"to the last: \d+\.\d\d s, \d+\.\d trains/s, \d+\.\d\d GB/s", lines[i])
+    # the demo writes only what it replays (data.adc)
+    assert "demo run: 3 trains x 2 JUNGFRAU modules (2, 64, 128) uint16" in out
 
 
 def test_make_demo_run(tmp_path, capsys):

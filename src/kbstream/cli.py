@@ -65,18 +65,23 @@ def hash_demo(out=None):
 _CLIENT = r"""
 import sys, time
 from kbstream import Client
-n = int(sys.argv[2]); got = 0; nbytes = 0; t0 = None; tids = []
+n = int(sys.argv[2]); got = 0; nbytes = 0; first = 0; t0 = t1 = None; tids = []
 with Client(sys.argv[1], timeout=60) as c:
     for _ in range(n):
         data, meta = c.next()
+        t1 = time.perf_counter()
+        size = sum(a.nbytes for src in data.values() for a in src.values() if hasattr(a, "nbytes"))
         if t0 is None:
-            t0 = time.perf_counter()
+            t0, first = t1, size
         got += 1
+        nbytes += size
         tids.append(next(iter(meta.values()))["timestamp.tid"])
-        nbytes += sum(a.nbytes for src in data.values() for a in src.values() if hasattr(a, "nbytes"))
-dt = time.perf_counter() - t0 if got > 1 else float("nan")
-print(f"client: received {got} trains ({nbytes / 1e9:.2f} GB), train ids {tids[0]}..{tids[-1]}, "
-      f"{(got - 1) / dt:.1f} trains/s, {nbytes * (got - 1) / got / dt / 1e9:.2f} GB/s")
+text = f"client: received {got} trains ({nbytes / 1e9:.3f} GB), train ids {tids[0]}..{tids[-1]}"
+if got > 1 and t1 > t0:  # the server's summary measures the same interval
+    dt = t1 - t0
+    text += (f"; from the first train received to the last: {dt:.2f} s, "
+             f"{(got - 1) / dt:.1f} trains/s, {(nbytes - first) / dt / 1e9:.2f} GB/s")
+print(text)
 """
 
 
@@ -98,9 +103,16 @@ def demo(argv=None):
         rundir = args.dir or os.path.join(tmp, "r0001")
         shape = tuple(int(x) for x in args.frame_shape.split(","))
         t0 = time.perf_counter()
-        demo_mod.make_demo_run(rundir, args.trains, frame_shape=shape, modules=args.modules)
+        progress = demo_mod.progress_display()
+        try:  # data.adc only: what the demo replays (make-demo-run writes gain and mask too)
+            demo_mod.make_demo_run(rundir, args.trains, frame_shape=shape, modules=args.modules,
+                                   gain_mask=False, progress=progress)
+        finally:
+            progress.close()
         print(f"demo run: {args.trains} trains x {args.modules} JUNGFRAU modules {shape} uint16 "
               f"written to {rundir} in {time.perf_counter() - t0:.1f} s")
+        print("rates below: the server's from the first train sent to the last, the "
+              "client's from the first train received to the last")
         endpoint = f"ipc://{tmp}/bridge"
         # the client's report is collected and printed after the server's summary, so the
         # two processes' lines never interleave

@@ -74,3 +74,29 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path), "--trains", "1", "--frame-shape", "1,2,2", "--modules", "1",
                  "--facility-layout"]) == 0
     assert (tmp_path / "SPB" / "202501" / "p700000" / "raw" / "r0012").is_dir()
+
+
+def test_progress_callback_counts_every_file(tmp_path):
+    calls = []
+    make_demo_run(tmp_path, 4, frame_shape=(2, 8, 16), modules=2, trains_per_file=2,
+                  progress=lambda done, total: calls.append((done, total)))
+    nfiles = len(list(tmp_path.glob("*.h5")))
+    assert nfiles == 2 * 2 + 2
+    assert calls == [(i, nfiles) for i in range(1, nfiles + 1)]
+
+
+@pytest.mark.parametrize("chunking", ["train", "small", "contiguous"])
+def test_frames_are_the_documented_pattern(tmp_path, chunking):
+    """adc = base + ((k * 17 + module) & 0xFFF), gain = ((base >> 12) + k) & 3 and
+    mask = (base & 0xFF) > 250, per train k and module, whatever the chunking."""
+    shape = (3, 8, 16)
+    d = make_demo_run(tmp_path, 3, frame_shape=shape, modules=2, chunking=chunking)
+    base = np.random.default_rng(0).integers(0, 2 ** 14, shape, dtype=np.uint16)
+    run = extra_data.RunDirectory(str(d))
+    for m in (1, 2):
+        src = f"SPB_IRDA_JF4M/DET/JNGFR{m:02d}:daqOutput"
+        adc, gain, mask = (run[src, f"data.{k}"].ndarray() for k in ("adc", "gain", "mask"))
+        for k in range(3):
+            np.testing.assert_array_equal(adc[k], base + np.uint16((k * 17 + m) & 0xFFF))
+            np.testing.assert_array_equal(gain[k], (((base >> 12) + k) & 3).astype(np.uint8))
+            np.testing.assert_array_equal(mask[k], ((base & 0xFF) > 250).astype(np.uint8))

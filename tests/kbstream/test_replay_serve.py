@@ -327,7 +327,7 @@ def test_progress_in_a_log_has_each_state_once(interval, states):
         stats.sent_train(tid, 100)
     stats.finish()
     lines = out.getvalue().splitlines()
-    assert [line.split("]")[1].split()[0] for line in lines] == states
+    assert [line.split()[1] for line in lines] == states   # "replay: 1/3 trains ..."
     assert lines[-1].endswith("train 12")
 
 

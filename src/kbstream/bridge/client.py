@@ -70,6 +70,8 @@ class Client:
         :class:`~kbstream.errors.AmplificationError` (a :class:`~kbstream.ProtocolError`)
         and the client stays usable.
 
+    Notes
+    -----
     ``next()`` returns ``(data, meta)``; the client is an iterator and a context manager
     (``close()`` on exit).  A REQ client recovers from a timeout: the next call reconnects
     and sends a new request; a late reply to the old one is never returned.  A malformed message raises

@@ -53,6 +53,8 @@ class ServerInThread(Lifecycle):
     context : zmq.Context, optional
         Context to create the socket in (not terminated by :meth:`close`).
 
+    Notes
+    -----
     Counters: :attr:`trains_sent`, :attr:`trains_dropped`, :attr:`bad_requests`,
     :attr:`errors` (trains that failed to serialize), :attr:`queue_depth`, :attr:`rate`.
     """

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_demo_run", "JF4M_SOURCES", "main"]
+__all__ = ["make_demo_run", "progress_display", "JF4M_SOURCES", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +138,25 @@ def _module_file(path, source, module, tids, present, frame_shape, chunking, fmt
         cell = np.zeros((nrows, cells), np.uint8)
         stamp = np.zeros((nrows, cells), np.float64)
         trains = np.zeros(nrows, np.uint64)
+        # One buffer per dataset, refilled in place per train and written as it is (the
+        # dataset's dtype: no conversion in HDF5).
+        adc_buf = np.empty(frame_shape, np.uint16)
+        if gain_mask:
+            gain_base = (base >> 12).astype(np.uint8)
+            gain_buf = np.empty(frame_shape, np.uint8)
+            mask_frame = ((base & 0xFF) > 250).astype(np.uint8)
         row = 0
         for tid, p in zip(tids, present):
             if not p:
                 continue
             k = int(tid) - 10000
-            adc[row] = base + np.uint16((k * 17 + module) & 0xFFF)
+            np.add(base, np.uint16((k * 17 + module) & 0xFFF), out=adc_buf)
+            adc.write_direct(adc_buf, dest_sel=np.s_[row])
             if gain_mask:
-                gain[row] = ((base >> 12) + k) & 3
-                mask[row] = (base & 0xFF) > 250
+                np.add(gain_base, np.uint8(k & 3), out=gain_buf)
+                np.bitwise_and(gain_buf, np.uint8(3), out=gain_buf)
+                gain.write_direct(gain_buf, dest_sel=np.s_[row])
+                mask.write_direct(mask_frame, dest_sel=np.s_[row])
             fnum[row] = np.arange(k * cells, (k + 1) * cells)
             cell[row] = np.arange(cells - 1, -1, -1)
             stamp[row] = (_T0_NS / 1e9 + k * 0.1) + np.arange(cells) * 1e-6
@@ -216,7 +226,7 @@ def _slow_file(path, tids, present_xgm, fmt, proposal, run, seq):
 def make_demo_run(directory, ntrains=10, *, frame_shape=(16, 512, 1024), modules=8,
                   chunking="train", trains_per_file=None, first_train=10000,
                   proposal=700000, run=12, format_version="1.0", gain_mask=True,
-                  missing=False, layout="run", cycle="202501", seed=0):
+                  missing=False, layout="run", cycle="202501", seed=0, progress=None):
     """Write a demo JF4M run and return its run directory.
 
     Parameters
@@ -247,6 +257,8 @@ def make_demo_run(directory, ntrains=10, *, frame_shape=(16, 512, 1024), modules
         Also write ``data.gain`` and ``data.mask`` (uint8 frames).
     missing : bool
         Leave out module 8's second train and the XGM output's third train.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each file written.
 
     Returns
     -------
@@ -274,22 +286,50 @@ def make_demo_run(directory, ntrains=10, *, frame_shape=(16, 512, 1024), modules
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 2 ** 14, frame_shape, dtype=np.uint16)
     t0 = time.perf_counter()
+    module_seqs = list(enumerate(range(0, ntrains, per_file)))
+    slow_seqs = list(enumerate(range(0, ntrains, slow_per_file)))
+    nfiles, done = modules * len(module_seqs) + len(slow_seqs), 0
     for m in range(1, modules + 1):
         source = f"{DETECTOR}/DET/JNGFR{m:02d}:daqOutput"
-        for seq, start in enumerate(range(0, ntrains, per_file)):
+        for seq, start in module_seqs:
             part = tids[start:start + per_file]
             present = [not (missing and m == 8 and t == first_train + 1) for t in part]
             path = rundir / f"RAW-R{int(run):04d}-JNGFR{m:02d}-S{seq:05d}.h5"
             _module_file(path, source, m, part, present, frame_shape, chunking,
                          format_version, proposal, run, seq, gain_mask, base)
-    for seq, start in enumerate(range(0, ntrains, slow_per_file)):
+            done += 1
+            if progress is not None:
+                progress(done, nfiles)
+    for seq, start in slow_seqs:
         part = tids[start:start + slow_per_file]
         present = [not (missing and t == first_train + 2) for t in part]
         path = rundir / f"RAW-R{int(run):04d}-DA01-S{seq:05d}.h5"
         _slow_file(path, part, present, format_version, proposal, run, seq)
+        done += 1
+        if progress is not None:
+            progress(done, nfiles)
     log.info("wrote demo run %s (%d trains) in %.1f s", rundir, ntrains,
              time.perf_counter() - t0)
     return rundir
+
+
+def progress_display(stream=None, interval=0.5):
+    """A ``progress`` callable for :func:`make_demo_run` drawing on ``stream`` (stderr): a
+    rich bar on a terminal, one plain line per ``interval`` in a log; call its
+    ``close()`` when done."""
+    from .._display import ProgressLine
+
+    line = ProgressLine("writing demo run", None, stream, interval)
+
+    def progress(done, total):
+        line.total = total
+        if done == total:
+            line.close(done, f"{done}/{total} files")
+        elif line.due():
+            line.draw(done, f"{done}/{total} files")
+
+    progress.close = line.close
+    return progress
 
 
 def _shape(text):
@@ -318,13 +358,20 @@ def main(argv=None):
     ap.add_argument("--format-version", default="1.0", choices=["0.5", "1.0", "1.1", "1.2"])
     ap.add_argument("--facility-layout", action="store_true",
                     help="create <DIR>/SPB/202501/p700000/raw/r0012 (use with EXTRA_DATA_DATA_ROOT)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
-    rundir = make_demo_run(args.dir, args.trains, frame_shape=args.frame_shape,
-                           modules=args.modules, chunking=args.chunking,
-                           trains_per_file=args.trains_per_file,
-                           gain_mask=not args.no_gain_mask,
-                           format_version=args.format_version,
-                           layout="facility" if args.facility_layout else "run")
+    progress = None if args.no_progress else progress_display()
+    try:
+        rundir = make_demo_run(args.dir, args.trains, frame_shape=args.frame_shape,
+                               modules=args.modules, chunking=args.chunking,
+                               trains_per_file=args.trains_per_file,
+                               gain_mask=not args.no_gain_mask,
+                               format_version=args.format_version,
+                               layout="facility" if args.facility_layout else "run",
+                               progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     size = sum(p.stat().st_size for p in Path(rundir).glob("*.h5"))
     print(f"Demo run written to {os.fspath(rundir)} ({size / 1e9:.2f} GB)")
     return 0

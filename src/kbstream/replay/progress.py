@@ -1,5 +1,5 @@
-"""Progress of one replay: counters, the progress bar on stderr, what was left out, and the
-final summary."""
+"""Progress of one replay: counters, the progress on stderr (a rich bar on a terminal, plain
+lines in a log), what was left out, and the final summary."""
 
 import collections
 import logging
@@ -111,16 +111,25 @@ class Problems:
 
 
 class ReplayStats:
-    """Counters of one replay, and the progress bar on stderr.
+    """Counters of one replay, and its progress on stderr.
 
     ``sent``: trains handed to a peer; ``dropped``: PUB trains published while
     nobody subscribed; ``skipped``: trains that could not be read or
     serialized.  ``total`` (None when endless) counts sent and dropped trains.
     ``problems`` (:class:`Problems`) says what was skipped or left out and why; its
     line follows the summary.
+
+    The progress is a :class:`kbstream._display.ProgressLine`: a rich bar on a terminal,
+    one plain line per ``interval`` in a log.  The rates of :meth:`summary` are those of
+    the interval from the first train sent to the last, the interval a client measures
+    from its first train received to its last (``kbstream demo`` does), so that both
+    sides report the same thing; the time before the first train (waiting for a client,
+    reading ahead) is said apart.
     """
 
     def __init__(self, total, stream=None, progress=True, interval=0.25, problems=None):
+        from .._display import ProgressLine
+
         self.problems = problems if problems is not None else Problems()
         self.total = total  # None when endless
         self.stream = stream if stream is not None else sys.stderr
@@ -131,28 +140,32 @@ class ReplayStats:
         self.skipped = 0
         self.bytes = 0
         self.last_tid = None
+        self.first_tid = None
         self.start = time.perf_counter()
-        self._last_print = float("-inf")  # the first train is always drawn
-        self._drawn = None   # (sent, dropped, skipped) of the last line drawn
+        self.first_sent = None   # perf_counter() when the first train was sent
+        self.last_sent = None    # ... and the last one
+        self._first_nbytes = 0
+        self._drawn = None   # (sent, dropped, skipped) of the last state drawn
         self._window = collections.deque(maxlen=20)
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._line = ProgressLine("replay", total, self.stream, interval) if progress else None
 
     def sent_train(self, tid, nbytes):
         now = time.perf_counter()
+        if self.first_sent is None:
+            self.first_sent, self.first_tid, self._first_nbytes = now, tid, nbytes
+        self.last_sent = now
         self.sent += 1
         self.bytes += nbytes
         self.last_tid = tid
         self._window.append((now, nbytes))
-        if self.progress and now - self._last_print >= self.interval:
-            self._last_print = now
+        if self._line is not None and self._line.due(now):
             self._draw(now)
 
     def dropped_train(self, tid):
         now = time.perf_counter()
         self.dropped += 1
         self.last_tid = tid
-        if self.progress and now - self._last_print >= self.interval:
-            self._last_print = now
+        if self._line is not None and self._line.due(now):
             self._draw(now)
 
     def _rates(self, now=None):
@@ -164,44 +177,55 @@ class ReplayStats:
         dt = now - self.start
         return (self.sent / dt, self.bytes / dt) if dt > 0 else (0.0, 0.0)
 
-    def _draw(self, now):
+    def _text(self, now):
         tps, bps = self._rates(now)
         handled = self.sent + self.dropped
-        if self.total:
-            frac = min(1.0, handled / self.total)
-            bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
-            count = f"{handled}/{self.total}"
-        else:
-            bar, count = "~" * 30, f"{handled}"
-        line = (f"[{bar}] {count} trains  {tps:6.1f} trains/s  {bps / 1e9:5.2f} GB/s  "
+        count = f"{handled}/{self.total}" if self.total else f"{handled}"
+        line = (f"{count} trains  {tps:6.1f} trains/s  {bps / 1e9:5.2f} GB/s  "
                 f"train {self.last_tid}")
         if self.dropped:
             line += f"  ({self.dropped} dropped)"
         if self.skipped:
             line += f"  ({self.skipped} skipped)"
-        self.stream.write(("\r" + line) if self._tty else (line + "\n"))
-        self.stream.flush()
+        return line
+
+    def _draw(self, now):
+        self._line.draw(self.sent + self.dropped, self._text(now))
         self._drawn = (self.sent, self.dropped, self.skipped)
 
     def finish(self):
-        # the final state, unless a log (not a terminal) already has that very line
-        if self.progress and (self.sent or self.dropped) and (
-                self._tty or self._drawn != (self.sent, self.dropped, self.skipped)):
-            self._draw(time.perf_counter())
-            if self._tty:
-                self.stream.write("\n")
-                self.stream.flush()
+        """Draw the final state (unless a log already has that very line) and end the bar."""
+        if self._line is not None:
+            # a log that already has this state's line gets no second one
+            if (self.sent or self.dropped) and (
+                    self._line.terminal or self._drawn != (self.sent, self.dropped, self.skipped)):
+                self._line.close(self.sent + self.dropped, self._text(time.perf_counter()))
+            else:
+                self._line.close()
 
     @property
     def elapsed(self):
         return time.perf_counter() - self.start
 
+    def rates(self):
+        """``(seconds, trains/s, bytes/s)`` from the first train sent to the last: ``n``
+        trains make ``n - 1`` intervals, and the bytes of all but the first train are sent
+        in them; ``(0.0, None, None)`` before two trains were sent."""
+        if self.sent < 2 or self.last_sent <= self.first_sent:
+            return 0.0, None, None
+        dt = self.last_sent - self.first_sent
+        return dt, (self.sent - 1) / dt, (self.bytes - self._first_nbytes) / dt
+
     def summary(self):
-        dt = self.elapsed
-        tps = self.sent / dt if dt > 0 else 0.0
-        gbs = self.bytes / dt / 1e9 if dt > 0 else 0.0
-        text = (f"Sent {self.sent} trains ({self.bytes / 1e9:.3f} GB) in {dt:.2f} s: "
-                f"{tps:.1f} trains/s, {gbs:.2f} GB/s")
+        text = f"Sent {self.sent} trains ({self.bytes / 1e9:.3f} GB)"
+        if self.sent:
+            text += f", train ids {self.first_tid}..{self.last_tid}"
+        dt, tps, bps = self.rates()
+        if tps is not None:
+            text += (f"; from the first train sent to the last: {dt:.2f} s, "
+                     f"{tps:.1f} trains/s, {bps / 1e9:.2f} GB/s")
+        if self.first_sent is not None:
+            text += f" ({self.first_sent - self.start:.2f} s before the first train)"
         if self.dropped:
             text += f"; dropped {self.dropped} trains nobody subscribed to"
         more = self.problems.summary()
