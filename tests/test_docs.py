@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 GUIDE = ["install", "tour", "replay", "bridge", "pipelines", "broker", "live-bridge",
@@ -28,6 +30,10 @@ API = {
     "tools": ["kbstream.tools.monitor.StreamStats", "kbstream._display.ProgressLine"],
     "errors": ["kbstream.errors.KbStreamError", "kbstream.errors.ChannelTimeout"],
 }
+
+
+# Sphinx 9 (the pinned docs toolchain) needs Python 3.11; CI builds the guide on 3.11+.
+pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="Sphinx 9 needs Python >= 3.11")
 
 
 def test_sphinx_builds_the_guide_with_warnings_as_errors(tmp_path):
