@@ -10,14 +10,14 @@ images; a panel's place in the PNG is written in the PNG's text chunk
 
 Detectors recognised (by name, key and the module's pixel shape):
 
-========  ==============  ==============================================  ============
-detector  module (ss, fs)  default geometry (extra-geom)                   geometry file
-========  ==============  ==============================================  ============
-JUNGFRAU  512 x 1024      ``JUNGFRAUGeometry.example(n)`` (JF4M: n = 8)   CrystFEL .geom
-AGIPD     512 x 128       ``AGIPD_1MGeometry.example()`` (500K: 500K2G)   CrystFEL .geom
-LPD       256 x 256       ``LPD_1MGeometry.example()``                    XFEL .h5, .geom
-DSSC      128 x 512       ``DSSC_1MGeometry.example()``                   XFEL .h5, .geom
-========  ==============  ==============================================  ============
+========  ===============  ==============================================  =============
+detector  module (ss, fs)   default geometry (extra-geom)                   geometry file
+========  ===============  ==============================================  =============
+JUNGFRAU  512 x 1024       ``JUNGFRAUGeometry.example(n)`` (JF4M: n = 8)   CrystFEL .geom
+AGIPD     512 x 128        ``AGIPD_1MGeometry.example()`` (500K: 500K2G)   CrystFEL .geom
+LPD       256 x 256        ``LPD_1MGeometry.example()``                    XFEL .h5, .geom
+DSSC      128 x 512        ``DSSC_1MGeometry.example()``                   XFEL .h5, .geom
+========  ===============  ==============================================  =============
 
 in the forms they reach a bridge client: one source per module (``.../JNGFR01:daqOutput``,
 ``.../CORR/JNGFR01:output``, ``.../DET/0CH0:xtdf``, ``.../CORR/0CH0:output``; module
