@@ -36,6 +36,7 @@ Hierarchy (the subpackages' own ``errors`` modules add their leaves; all are lis
     |   +-- BrokerConfigError (ValueError), BrokerConnectionError (ConnectionError),
     |   +-- InvalidInstanceId, InvalidSlotName, InvalidOutputId, MessageError (ValueError),
     |   +-- InstanceIdInUse, RemoteError, RequestTimeout (TimeoutError)
+    |   +-- ReconfigureError (ValueError)   slotReconfigure of a property that may not change
     +-- replay.ReplayError                  finding, reading and replaying run files
     |   +-- RunNotFoundError (FileNotFoundError), RunFileError (OSError)
     |   |   +-- TruncatedFileError          a train's data lies past the end of its file

@@ -15,11 +15,13 @@ threads.
 from __future__ import annotations
 
 import logging
+import threading
 
-from kbhash import Hash, HashType
+from kbhash import Hash, HashType, Schema
 
 from . import codec
-from .errors import BrokerConfigError
+from .errors import BrokerConfigError, ReconfigureError
+from .karabo_channels import data_parameters
 from .protocol import instance_of_output
 from .resolver import OutputResolver
 
@@ -67,16 +69,29 @@ class Channels:
     def __init__(self, owner):
         self._owner = owner
         self._outputs = {}
-        self._inputs = []  # (channel, [output ids])
+        self._schemas = {}  # output name -> DataSchema / Hash / None
+        self._inputs = []  # [name, channel, [output ids]]
+        self._inputs_lock = threading.Lock()
         self._resolver = None
 
     # ---- outputs --------------------------------------------------------------------
 
-    def add_output(self, name, channel):
+    def add_output(self, name, channel, schema=None):
+        """Serve ``channel`` as output ``name``; ``schema`` (a DataSchema or a Hash in
+        Karabo's layout) is its published data schema, by default the channel's own
+        ``schema``."""
+        if schema is None:
+            schema = getattr(channel, "schema", None)
         self._outputs[name] = channel
+        self._schemas[name] = schema
 
     def remove_output(self, name):
         self._outputs.pop(name, None)
+        self._schemas.pop(name, None)
+
+    def output_entry(self, name):
+        """``(channel, data schema or None)`` of output ``name``."""
+        return self._outputs[name], self._schemas.get(name)
 
     def output_names(self) -> list:
         return sorted(self._outputs)
@@ -113,17 +128,76 @@ class Channels:
             info.set("hostname", self._owner.hostname, type=HashType.STRING)
         # a peer in another process is always "remote" (docs/wire/karabo-broker-amqp.md, section 11.2)
         info.set("memoryLocation", "remote", type=HashType.STRING)
+        schema = self._schemas.get(channel_id)
+        if schema is not None:
+            # the data schema, so that a middle-layer input need not ask slotGetSchema
+            # (docs/wire/karabo-broker-amqp.md, "What kbstream publishes")
+            try:
+                info.set("schema", Schema(channel_id, data_parameters(schema)),
+                         type=HashType.SCHEMA)
+            except Exception:
+                log.exception("%s: data schema of %r not publishable", own_id, channel_id)
         reply.set("success", True, type=HashType.BOOL)
         reply.set("info", info)
         return reply
 
     # ---- inputs ---------------------------------------------------------------------
 
-    def add_input(self, channel, outputs=None):
+    def add_input(self, channel, outputs=None, name=None):
+        """Reconnect ``channel`` on announcements of its outputs' instances and publish it
+        as input ``name`` (default: the part of its ``channel_id`` after ``:``)."""
         if outputs is None:
             outputs = (getattr(channel, "connectedOutputChannels", None)
                        or getattr(channel, "connected_output_channels", None) or [])
-        self._inputs.append((channel, list(outputs)))
+        if name is None:
+            cid = str(getattr(channel, "channel_id", "") or "")
+            name = cid.rpartition(":")[2] or f"input{len(self._inputs)}"
+        with self._inputs_lock:
+            self._inputs.append([name, channel, list(outputs)])
+
+    def input_names(self) -> set:
+        with self._inputs_lock:
+            return {name for name, _, _ in self._inputs}
+
+    def inputs(self) -> list:
+        """``[(name, channel, [output ids])]`` (a snapshot)."""
+        with self._inputs_lock:
+            return [(n, c, list(o)) for n, c, o in self._inputs]
+
+    def set_input_outputs(self, name, outputs):
+        """Make input ``name`` read from ``outputs``: disconnect from the outputs no longer
+        listed, connect to the new ones; connections kept stay untouched.
+
+        Raises
+        ------
+        ReconfigureError
+            No such input, or a malformed output id.
+        """
+        from .protocol import split_output_id as _check
+
+        for out in outputs:
+            try:
+                _check(out)
+            except Exception as e:
+                raise ReconfigureError(f"{out!r} is not '<instanceId>:<channel>': {e}") from None
+        with self._inputs_lock:
+            entry = next((e for e in self._inputs if e[0] == name), None)
+            if entry is None:
+                raise ReconfigureError(f"no input channel {name!r}")
+            old = list(entry[2])
+            entry[2] = list(dict.fromkeys(outputs))
+        channel = entry[1]
+        new = entry[2]
+        listed = getattr(channel, "connected_output_channels", None)
+        if isinstance(listed, list):
+            listed[:] = new
+        for out in old:
+            if out not in new:
+                channel.disconnect(out)
+        for out in new:
+            if out not in old:
+                add = getattr(channel, "add_output", None) or getattr(channel, "_add")
+                add(out, None)
 
     @property
     def resolver(self) -> OutputResolver:
@@ -137,7 +211,7 @@ class Channels:
         resolution waits for, and tell the inputs reading from it to reconnect now."""
         if self._resolver is not None:
             self._resolver.renew(instance_id)
-        for channel, outputs in list(self._inputs):
+        for _, channel, outputs in self.inputs():
             for out in outputs:
                 if instance_of_output(out) == instance_id:
                     try:

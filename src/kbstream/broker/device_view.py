@@ -4,12 +4,18 @@ One job: describe the instance the way a Karabo GUI or ``DeviceClient`` asks a d
 (``slotGetConfiguration``, ``slotGetSchema``; docs/wire/karabo-broker-amqp.md, section 10.3), from one list of
 elements, so that the configuration and the schema always agree.
 
-The view is built from *sections*: callables that yield :class:`Leaf` and :class:`Node`
-elements. The built-in sections are the identity (ids, host, process, version, heartbeat,
-state, status) and the output channels' addresses; :meth:`DeviceView.add_section` adds more
+The view is built from *sections*: callables that yield :class:`Leaf`, :class:`Node` and
+:class:`Tree` elements. The built-in sections are the identity (ids, host, process, version,
+heartbeat, state, status) and the pipeline channels in Karabo's layout (outputs with their
+data schema, inputs with their options; :mod:`.karabo_channels`); :meth:`DeviceView.add_section` adds more
 (e.g. the pipeline channels as Karabo describes them, or what a server instance shows),
 each leaf with its own schema attributes. Every enclosing node a path implies is described
 in the schema even when no section names it.
+
+Every value of the configuration carries ``sec``/``frac``/``tid`` timestamp attributes (the
+time the value was last set; the instance's creation time for values never changed), as
+Karabo's do. ``slotReconfigure`` changes an input's ``connectedOutputChannels`` and refuses
+everything else with an error reply (:class:`~kbstream.broker.errors.ReconfigureError`).
 
 Threads: the slots run in the instance's worker thread; :meth:`DeviceView.configuration`
 and :meth:`DeviceView.schema` may be called from any thread (they read the instance's
@@ -20,11 +26,18 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from kbhash import Hash, HashType, Schema
+import logging
+import threading
 
+from kbhash import Hash, HashType, Schema, Timestamp
+
+from . import karabo_channels as kc
+from .errors import ReconfigureError
 from .protocol import KARABO_VERSION
 
-__all__ = ["DeviceView", "Leaf", "Node", "READ_ONLY"]
+__all__ = ["DeviceView", "Leaf", "Node", "Tree", "READ_ONLY"]
+
+log = logging.getLogger("kbstream.broker")
 
 #: Karabo's ``accessMode`` of a read-only property.
 READ_ONLY = 2
@@ -49,6 +62,16 @@ class Node(NamedTuple):
     attrs: tuple = ()
 
 
+class Tree(NamedTuple):
+    """A described subtree: the node at ``path`` with its ``attrs``, its ``params`` (the
+    schema of its children, attributes included) and its ``config`` (their values)."""
+
+    path: str
+    attrs: tuple
+    params: Hash
+    config: Hash
+
+
 _STATE_ATTRS = (("leafType", 2, HashType.INT32), ("displayType", "State", HashType.STRING),
                 ("classId", "State", HashType.STRING))
 
@@ -68,7 +91,10 @@ class DeviceView:
     def __init__(self, owner, channels):
         self._owner = owner
         self._channels = channels
-        self._sections = [self._identity, self._output_addresses]
+        self._sections = [self._identity, self._channel_trees]
+        self._born = Timestamp.now()
+        self._stamps = {}  # path -> Timestamp of the last change
+        self._stamp_lock = threading.Lock()
 
     def add_section(self, section):
         """Append ``section(taken) -> iterable of Leaf / Node`` to the view.
@@ -95,7 +121,19 @@ class DeviceView:
         for e in self.elements():
             if isinstance(e, Leaf):
                 h.set(e.path, e.value, type=e.type)
+            elif isinstance(e, Tree):
+                h.set(e.path, e.config)
+        with self._stamp_lock:
+            stamps = dict(self._stamps)
+        _stamp(h, "", stamps, self._born)
         return h
+
+    def changed(self, paths):
+        """Record that the values at ``paths`` changed now (their timestamps)."""
+        now = Timestamp.now()
+        with self._stamp_lock:
+            for p in paths:
+                self._stamps[p] = now
 
     def schema(self) -> Schema:
         """The Schema ``slotGetSchema`` answers, describing :meth:`configuration`: one
@@ -121,6 +159,12 @@ class DeviceView:
                 head = ".".join(parts[:depth])
                 if head not in described:
                     element(head, 1, parts[depth - 1])
+            if isinstance(e, Tree):
+                params.set(e.path, e.params)
+                for k, v, t in e.attrs:
+                    params.set_attribute(e.path, k, v, type=t)
+                described.add(e.path)
+                continue
             if isinstance(e, Node):
                 if e.path not in described:
                     element(e.path, 1, e.shown, e.attrs)
@@ -138,13 +182,52 @@ class DeviceView:
     def slots(self) -> dict:
         """What a GUI or DeviceClient asks a device for when it opens it."""
         return {"slotGetConfiguration": self._slot_get_configuration,
-                "slotGetSchema": self._slot_get_schema}
+                "slotGetSchema": self._slot_get_schema,
+                "slotReconfigure": self._slot_reconfigure}
 
     def _slot_get_configuration(self, *_):
         return self.configuration(), self._owner.instance_id
 
     def _slot_get_schema(self, *_):
         return self.schema(), self._owner.instance_id
+
+    def _slot_reconfigure(self, changes=None, *_):
+        """Apply ``changes`` (a Hash of paths): only inputs' ``connectedOutputChannels``
+        may change; anything else refuses the whole request (nothing is applied)."""
+        if not isinstance(changes, Hash):
+            raise ReconfigureError("slotReconfigure needs a Hash of the new values")
+        inputs = self._channels.input_names()
+        plan = []
+        for path in changes.paths():
+            head, _, key = path.rpartition(".")
+            if head in inputs and key == "connectedOutputChannels":
+                value = changes[path]
+                if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                    raise ReconfigureError(f'"{path}" must be a list of strings '
+                                           f'"<instanceId>:<channel>"')
+                plan.append((head, path, [str(v) for v in value]))
+                continue
+            if path in self.configuration():
+                raise ReconfigureError(f'Parameter "{path}" is not reconfigurable '
+                                       f"(kbstream allows only an input's "
+                                       f"connectedOutputChannels)")
+            raise ReconfigureError(f'Encountered unexpected configuration parameter: "{path}"')
+        for name, path, outputs in plan:
+            self._channels.set_input_outputs(name, outputs)
+        self.changed([p for _, p, _ in plan])
+        if plan:
+            conf = self.configuration()
+            update = Hash()
+            for _, path, _ in plan:
+                update.set(path, conf[path], type=HashType.VECTOR_STRING)
+                for k in ("sec", "frac", "tid"):
+                    update.set_attribute(path, k, conf.get_attribute(path, k),
+                                         type=HashType.UINT64)
+            try:
+                self._owner.emit("signalChanged", update, self._owner.instance_id)
+            except Exception:  # not up (any more): nobody to tell
+                log.debug("signalChanged not sent", exc_info=True)
+        return None
 
     # ---- built-in sections ----------------------------------------------------------
 
@@ -169,19 +252,33 @@ class DeviceView:
             Leaf("status", str(info.get("status") or ""), HashType.STRING, "Status"),
         ]
 
-    def _output_addresses(self, taken):
+    def _channel_trees(self, taken):
+        """Outputs and inputs as Karabo devices publish them (:mod:`.karabo_channels`).
+
+        A channel is shown under its own name (like a device's channel property), or under
+        ``outputChannels.<name>`` / ``inputChannels.<name>`` if that would collide with a
+        name taken before."""
         out = []
+        host = self._owner.hostname
         for name in self._channels.output_names():
-            try:
-                details = self._channels.output_details(name)
-            except Exception:  # an output without connection details yet
-                details = None
-            host = details.get("hostname") if details is not None else ""
-            port = details.get("port") if details is not None else 0
-            # an output is shown under its own name (like a device's output channel
-            # property), or under outputChannels.<name> if that would collide with a
-            # name taken before
             node = name if name.split(".")[0] not in taken else f"outputChannels.{name}"
-            out.append(Leaf(f"{node}.hostname", str(host or ""), HashType.STRING, "Hostname"))
-            out.append(Leaf(f"{node}.port", int(port or 0), HashType.UINT32, "Port"))
+            source, schema = self._channels.output_entry(name)
+            attrs, params = kc.output_parameters(schema)
+            out.append(Tree(node, attrs, params, kc.output_configuration(source, host)))
+        used = {e.path.split(".")[0] for e in out} | set(taken)
+        for name, channel, outputs in self._channels.inputs():
+            node = name if name.split(".")[0] not in used else f"inputChannels.{name}"
+            attrs, params = kc.input_parameters()
+            out.append(Tree(node, attrs, params, kc.input_configuration(channel, outputs)))
         return out
+
+
+def _stamp(h, prefix, stamps, default):
+    """Put sec/frac/tid on every value of ``h`` (not on the nodes holding values)."""
+    for key in h.keys():
+        path = prefix + key
+        value = h[key]
+        if isinstance(value, Hash) and h.get_type(key) == HashType.HASH:
+            _stamp(value, path + ".", stamps, default)
+            continue
+        h.set_timestamp(key, stamps.get(path, default))

@@ -14,6 +14,7 @@ would naturally catch (``ConnectionError``, ``TimeoutError``, ``ValueError``,
     +-- RequestTimeout (TimeoutError)       no reply in time
     +-- RemoteError                         the remote slot answered with an error
     +-- MessageError (ValueError)           a malformed broker message
+    +-- ReconfigureError (ValueError)       slotReconfigure of a property that may not change
     +-- NotStartedError (StateError)        wrong life-cycle state (not started, closed, ...)
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "RequestTimeout",
     "RemoteError",
     "MessageError",
+    "ReconfigureError",
     "NotStartedError",
 ]
 
@@ -123,6 +125,11 @@ class RemoteError(BrokerError):
 
 class MessageError(BrokerError, ValueError):
     """A broker message that is not header archive + body archive, or lacks header keys."""
+
+
+class ReconfigureError(BrokerError, ValueError):
+    """``slotReconfigure`` asked for a change kbstream refuses (a property that is not
+    reconfigurable, an unknown one, or a bad value): the caller gets an error reply."""
 
 
 class NotStartedError(BrokerError, StateError):

@@ -479,28 +479,33 @@ class BrokerInstance(_lifecycle.Lifecycle):
 
     # ---- channels -------------------------------------------------------------------
 
-    def add_output_channel(self, name, channel):
-        """Serve ``channel``'s connection details as ``<instance_id>:<name>``.
+    def add_output_channel(self, name, channel, schema=None):
+        """Serve ``channel``'s connection details as ``<instance_id>:<name>``, and publish
+        it in the device schema as Karabo's ``OUTPUT_CHANNEL`` with data schema ``schema``
+        (a :class:`~kbstream.pipeline.DataSchema` or a Hash in Karabo's layout; default:
+        the channel's own ``schema``).
 
         ``channel`` is an object with an ``info`` attribute (a Hash
         ``{connectionType, hostname, port UINT32}``, e.g. ``kbstream.pipeline.OutputChannel``),
         a callable returning such a Hash, or the Hash itself. Add outputs before
         :meth:`start`: inputs ask right after ``slotInstanceNew``.
         """
-        self._channels.add_output(name, channel)
+        self._channels.add_output(name, channel, schema)
 
     def remove_output_channel(self, name):
         self._channels.remove_output(name)
 
-    def add_input_channel(self, channel, outputs=None):
+    def add_input_channel(self, channel, outputs=None, name=None):
         """Reconnect ``channel`` when one of its outputs' instances announces itself.
 
         ``outputs`` (``["<instanceId>:<channel>", ...]``) defaults to the channel's
         ``connectedOutputChannels`` (or ``connected_output_channels``); on
         ``slotInstanceNew`` of such an instance ``channel.reconnect_now(output_id)`` is
-        called. Pass :attr:`resolver` to the channel as its resolver.
+        called. Pass :attr:`resolver` to the channel as its resolver. The channel is
+        published in the device schema as Karabo's ``INPUT_CHANNEL`` ``name`` (default: its
+        ``channel_id`` after ``:``); ``slotReconfigure`` may change its outputs.
         """
-        self._channels.add_input(channel, outputs)
+        self._channels.add_input(channel, outputs, name)
 
     @property
     def resolver(self):

@@ -1,0 +1,312 @@
+"""kbstream's pipeline channels in the device schema, compared with karabind's.
+
+karabind (the side interpreter) builds a C++-style device schema with ``OUTPUT_CHANNEL``
+(data schema: NODE with daqDataType, INT32, STRING, UINT64, VECTOR_INT64 with maxSize,
+NDARRAY, IMAGEDATA) and ``INPUT_CHANNEL`` and serializes it (tests/broker/karabo_schema_dump.py);
+kbstream publishes the same declaration; the two are compared node by node, attribute by
+attribute, key order included. Deliberate differences are asserted one by one (and listed in
+docs/wire/karabo-broker-amqp.md, "What kbstream publishes"):
+
+* ``description`` texts are kbstream's own words (both sides have one where Karabo has one);
+* an input's ``connectedOutputChannels`` is reconfigurable (``accessMode`` 4, Karabo: 1 INIT),
+  so that ``slotReconfigure`` can rewire it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kbhash
+from kbhash import Hash, HashType, ImageData, Schema
+from kbstream.broker import BrokerInstance
+from kbstream.broker.errors import ReconfigureError
+from kbstream.pipeline import DataSchema
+from kbstream.pipeline.schema import Image, Vector
+
+from memory_broker import MemoryBroker, MemoryTransport
+
+HERE = Path(__file__).resolve().parent
+
+#: The data schema karabo_schema_dump.py declares with karabind's elements.
+DATA = DataSchema({
+    "node.int32": HashType.INT32,
+    "node.string": HashType.STRING,
+    "node.trainId": HashType.UINT64,
+    "node.vecInt64": Vector(HashType.VECTOR_INT64, 100),
+    "node.ndarray": ("float32", (100, 200)),
+    "node.image": Image("uint16", (400, 500)),
+}, daq="train")
+
+#: Attributes whose values differ on purpose: (path suffix, attribute) -> (kbstream, Karabo)
+DELIBERATE = {("input.connectedOutputChannels", "accessMode"): (4, 1)}
+
+
+@pytest.fixture(scope="module")
+def karabind_dump(karabo_python):
+    out = subprocess.run([karabo_python, str(HERE / "karabo_schema_dump.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    device_hex, data_hex = out.stdout.split()
+    device = kbhash.decode(bytes.fromhex(device_hex))["schema"]
+    data = kbhash.decode(bytes.fromhex(data_hex))["schema"]
+    assert isinstance(device, Schema) and isinstance(data, Schema)
+    return device, data
+
+
+class _Output:
+    """An output as the broker layer sees a kbstream OutputChannel."""
+
+    info = Hash("connectionType", "tcp", "hostname", "127.0.0.1", "port", 4321)
+    no_input_shared = "drop"
+    validate_schema = "always"
+
+    def input_ids(self, shared=None):
+        return []
+
+
+class _Input:
+    channel_id = "kbSchema:input"
+    connected_output_channels = []
+    data_distribution = "copy"
+    on_slowness = "drop"
+    max_queue_length = 2
+    min_data = 1
+    respond_to_eos = True
+    delay_on_input = 0.0
+
+    def __init__(self):
+        self.calls = []
+
+    def connection_status(self):
+        return {}
+
+    def disconnect(self, oid):
+        self.calls.append(("disconnect", oid))
+
+    def add_output(self, oid, info):
+        self.calls.append(("add", oid))
+
+
+@pytest.fixture
+def published():
+    transport = MemoryTransport(MemoryBroker())
+    inst = BrokerInstance("kbSchema", transport=transport, topic="t",
+                          info_extra={"classId": "KbStreamProbe"})
+    inst.add_output_channel("output", _Output(), schema=DATA)
+    inp = _Input()
+    inst.add_input_channel(inp, outputs=[])
+    yield inst, inp
+    inst.close()
+    transport.close()
+
+
+def _same_value(a, b):
+    if isinstance(a, Schema) or isinstance(b, Schema):
+        return None  # compared as a subtree by the caller
+    if isinstance(a, memoryview) or isinstance(b, memoryview):
+        return bytes(a) == bytes(b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (np.asarray(a).dtype == np.asarray(b).dtype
+                and np.array_equal(np.asarray(a), np.asarray(b)))
+    return a == b and type(a) is type(b)
+
+
+def compare(ours: Hash, theirs: Hash, prefix="", seen=None):
+    """Differences between two schema parameter Hashes, as readable lines; every
+    deliberate difference found is recorded in ``seen``."""
+    seen = set() if seen is None else seen
+    diffs = []
+    if list(ours.keys()) != list(theirs.keys()):
+        diffs.append(f"{prefix or '<root>'}: keys {list(ours.keys())} != {list(theirs.keys())}")
+    for key in theirs.keys():
+        if key not in ours:
+            continue
+        path = prefix + key
+        a, b = ours.attrs(key), theirs.attrs(key)
+        if set(a) != set(b):
+            diffs.append(f"{path}: attributes {sorted(set(a) - set(b))} only in kbstream, "
+                         f"{sorted(set(b) - set(a))} only in karabind")
+        for name in b:
+            if name not in a:
+                continue
+            if a.get_type(name) != b.get_type(name):
+                diffs.append(f"{path}@{name}: type {a.get_type(name).name} != "
+                             f"{b.get_type(name).name}")
+                continue
+            va, vb = a[name], b[name]
+            if name == "description":
+                if not (isinstance(va, str) and va and isinstance(vb, str) and vb):
+                    diffs.append(f"{path}@description missing")
+                continue
+            if isinstance(vb, Schema):
+                diffs += compare(va.parameters, vb.parameters, f"{path}@{name}:", seen)
+                continue
+            if (path, name) in DELIBERATE and (va, vb) == DELIBERATE[(path, name)]:
+                seen.add((path, name))
+                continue
+            if not _same_value(va, vb):
+                diffs.append(f"{path}@{name}: {va!r} != {vb!r}")
+        va, vb = ours[key], theirs[key]
+        if isinstance(vb, Hash) and isinstance(va, Hash):
+            diffs += compare(va, vb, path + ".", seen)
+    return diffs
+
+
+def test_channels_match_karabind_node_by_node_attribute_by_attribute(published,
+                                                                     karabind_dump):
+    inst, _ = published
+    device, _ = karabind_dump
+    ours = inst.schema().parameters
+    theirs = device.parameters
+    seen = set()
+    for channel in ("output", "input"):
+        sub_ours, sub_theirs = Hash(), Hash()
+        sub_ours.set(channel, ours[channel])
+        sub_theirs.set(channel, theirs[channel])
+        for name in ours.attrs(channel):
+            sub_ours.set_attribute(channel, name, ours.get_attribute(channel, name),
+                                   type=ours.get_attribute_type(channel, name))
+        for name in theirs.attrs(channel):
+            sub_theirs.set_attribute(channel, name, theirs.get_attribute(channel, name),
+                                     type=theirs.get_attribute_type(channel, name))
+        assert compare(sub_ours, sub_theirs, seen=seen) == []
+    # the deliberate differences really are there, and are the only ones
+    assert seen == set(DELIBERATE)
+    # the data description in detail (what the middle layer and the DAQ read)
+    assert ours.get_attribute("output.schema", "displayType") == "OutputSchema"
+    assert ours.get_attribute("output.schema.node", "daqDataType") == 1
+    assert ours.get_attribute("output.schema.node.ndarray.data", "unitSymbol") == "N_A"
+    assert ours.get_attribute("output.schema.node.ndarray.data", "metricPrefixSymbol") == ""
+    assert list(ours.get_attribute("output.schema.node.image.dims", "defaultValue")) == [400, 500]
+
+
+def test_published_schema_encodes_and_karabind_reads_it_back(published, karabind_dump,
+                                                             karabo_python):
+    """kbstream's encoded schema loads in karabind (what DeviceClient does with the reply)
+    and gives the same paths, leaf types and node classes as karabind's own."""
+    inst, _ = published
+    blob = kbhash.encode_bytes(Hash("schema", inst.schema())).hex()
+    script = (
+        "import sys, karabind as kb\n"
+        "h = kb.BinarySerializerHash.create('Bin').load(bytes.fromhex(sys.stdin.read()))\n"
+        "s = h['schema']\n"
+        "for p in s.getPaths():\n"
+        "    if p.startswith(('output', 'input')):\n"
+        "        kind = str(s.getValueType(p)) if s.isLeaf(p) else 'node:' + "
+        "str(s.getParameterHash().getAttributes(p).get('displayType') "
+        "if s.getParameterHash().hasAttribute(p, 'displayType') else '')\n"
+        "        print(p, kind)\n")
+    got = subprocess.run([karabo_python, "-c", script], input=blob, capture_output=True,
+                         text=True, timeout=120)
+    assert got.returncode == 0, got.stderr[-3000:]
+    lines = got.stdout.splitlines()
+    assert "output.port Types.UINT32" in lines
+    assert "output.schema.node.int32 Types.INT32" in lines
+    assert "output.schema.node.vecInt64 Types.VECTOR_INT64" in lines
+    assert "output.schema.node.ndarray.shape Types.VECTOR_UINT64" in lines
+    assert "input.connectedOutputChannels Types.VECTOR_STRING" in lines
+
+
+def test_data_schema_round_trips_through_karabos_layout(karabind_dump):
+    """DataSchema.from_parameters reads karabind's data schema as the declaration it came
+    from, and to_parameters writes it back identically."""
+    _, data = karabind_dump
+    back = DataSchema.from_parameters(data.parameters)
+    assert back.spec == DATA.spec
+    assert back.daq == {"node": 1}
+    assert compare(DATA.to_parameters(), data.parameters) == []
+
+
+def _good():
+    h = Hash()
+    h.set("node.int32", 1, type=HashType.INT32)
+    h.set("node.string", "s", type=HashType.STRING)
+    h.set("node.trainId", 5, type=HashType.UINT64)
+    h.set("node.vecInt64", [1, 2], type=HashType.VECTOR_INT64)
+    h["node.ndarray"] = np.zeros((100, 200), np.float32)
+    h["node.image"] = ImageData(np.zeros((400, 500), np.uint16))
+    return h
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda h: h.pop("node.int32"), "'node.int32' is missing"),
+    (lambda h: h.set("node.extra", 5), "unexpected keys ['node.extra']"),
+    (lambda h: h.set("node.int32", 1, type=HashType.INT64), "is INT64, expected INT32"),
+    (lambda h: h.set("node.int32", "5"), "is STRING, expected INT32"),
+    (lambda h: h.set("node.vecInt64", list(range(101)), type=HashType.VECTOR_INT64),
+     "101 elements, at most 100"),
+    (lambda h: h.set("node.vecInt64", [1], type=HashType.VECTOR_INT32),
+     "is VECTOR_INT32, expected VECTOR_INT64"),
+    (lambda h: h.set("node.ndarray", np.zeros((3, 200), np.float32)), "has shape (3, 200)"),
+    (lambda h: h.set("node.ndarray", np.zeros((100, 200))), "has dtype float64"),
+    (lambda h: h.set("node.image", ImageData(np.zeros((6, 500), np.uint16))), "has dims"),
+    (lambda h: h.set("node.image", ImageData(np.zeros((400, 500), np.uint8))),
+     "pixels of dtype uint8"),
+], ids=["missing", "extra", "int64", "string", "maxSize", "vector type", "shape", "dtype",
+        "image dims", "image dtype"])
+def test_strict_validation_refuses_what_karabos_output_refuses(change, problem):
+    """The cases karabind's OutputChannel.write refuses with validateSchema (checked
+    against karabind 3.1.2: each one raised a 'data/schema mismatch')."""
+    assert DATA.validate(_good(), strict=True) == []
+    h = _good()
+    change(h)
+    problems = DATA.validate(h, strict=True)
+    assert any(problem in p for p in problems), problems
+
+
+def test_every_configuration_value_has_a_timestamp(published):
+    inst, _ = published
+    conf = inst.configuration()
+    values = [p for p in conf.paths() if not isinstance(conf[p], Hash)]
+    assert "output.port" in values and "input.minData" in values and "deviceId" in values
+    for p in values:
+        ts = conf.get_timestamp(p)
+        assert ts.sec > 0 and conf.get_attribute_type(p, "tid") == HashType.UINT64, p
+    # nodes (and the empty <ch>.schema node) carry none, as in Karabo
+    assert not conf.has_attribute("output", "sec")
+    assert not conf.has_attribute("output.schema", "sec")
+    assert conf.get_type("output.port") == HashType.UINT32
+    assert conf["output.validateSchema"] == "always"
+
+
+def test_output_information_carries_the_data_schema(published):
+    inst, _ = published
+    reply = inst._channels.slot_output_information(Hash("channelId", "output"))
+    assert reply["success"] is True
+    info = reply["info"]
+    assert info.get_type("schema") == HashType.SCHEMA
+    assert compare(info["schema"].parameters, DATA.to_parameters()) == []
+    # an output without a data schema answers as Karabo 3.1.2 does: no schema key
+    inst.add_output_channel("raw", Hash("connectionType", "tcp", "hostname", "h", "port", 1))
+    raw = inst._channels.slot_output_information(Hash("channelId", "raw"))["info"]
+    assert "schema" not in raw
+
+
+def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
+    inst, inp = published
+    view = inst.device_view
+    view._slot_reconfigure(Hash("input.connectedOutputChannels", ["a:out", "b:out"]))
+    assert inp.calls == [("add", "a:out"), ("add", "b:out")]
+    before = inst.configuration().get_timestamp("input.connectedOutputChannels")
+    inp.calls.clear()
+    view._slot_reconfigure(Hash("input.connectedOutputChannels", ["b:out", "c:out"]))
+    assert inp.calls == [("disconnect", "a:out"), ("add", "c:out")]  # b:out untouched
+    conf = inst.configuration()
+    assert list(conf["input.connectedOutputChannels"]) == ["b:out", "c:out"]
+    assert conf.get_timestamp("input.connectedOutputChannels").time >= before.time
+    inp.calls.clear()
+    for bad, match in ((Hash("input.minData", 5), "not reconfigurable"),
+                       (Hash("output.port", 7), "not reconfigurable"),
+                       (Hash("nope", 1), "unexpected configuration parameter"),
+                       (Hash("input.connectedOutputChannels", ["no-colon"]),
+                        "not '<instanceId>:<channel>'"),
+                       (Hash("input.connectedOutputChannels", ["x:y"], "deviceId", "z"),
+                        "not reconfigurable")):
+        with pytest.raises(ReconfigureError, match=match):
+            view._slot_reconfigure(bad)
+    assert inp.calls == []  # a refused request changes nothing
+    assert list(inst.configuration()["input.connectedOutputChannels"]) == ["b:out", "c:out"]
