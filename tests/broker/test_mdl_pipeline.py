@@ -102,7 +102,8 @@ def test_mdl_default_input_receives_every_item_of_kbstream_output(broker_env, md
                           "trainIdCopy"}
         assert d["node.int32"] == i
         assert d["node.string"] == f"kb {i}"
-        assert d["node.vecInt64"] == [i, -i, 2 * i]
+        # the middle layer hands a VECTOR_INT64 over as a numpy array
+        assert d["node.vecInt64"] == {"dtype": "int64", "shape": [3], "values": [i, -i, 2 * i]}
         assert d["trainIdCopy"] == 5000 + i
         assert d["node.ndarray"] == {"dtype": "float32", "shape": [4, 5],
                                      "values": (np.arange(20) + i).tolist()}
