@@ -279,7 +279,8 @@ def test_output_information_carries_the_data_schema(published):
     assert reply["success"] is True
     info = reply["info"]
     assert info.get_type("schema") == HashType.SCHEMA
-    assert compare(info["schema"].parameters, DATA.to_parameters()) == []
+    # under <ch>.schema, as in slotGetSchema: what the middle layer's InputChannel reads
+    assert compare(info["schema"].parameters["output.schema"], DATA.to_parameters()) == []
     # an output without a data schema answers as Karabo 3.1.2 does: no schema key
     inst.add_output_channel("raw", Hash("connectionType", "tcp", "hostname", "h", "port", 1))
     raw = inst._channels.slot_output_information(Hash("channelId", "raw"))["info"]

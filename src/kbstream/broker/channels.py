@@ -133,7 +133,10 @@ class Channels:
             # the data schema, so that a middle-layer input need not ask slotGetSchema
             # (docs/wire/karabo-broker-amqp.md, "What kbstream publishes")
             try:
-                info.set("schema", Schema(channel_id, data_parameters(schema)),
+                # laid out as in slotGetSchema (``<ch>.schema``): the middle layer reads
+                # ``info["schema"].hash[<ch>]["schema"]`` from either
+                info.set("schema", Schema(channel_id, Hash(f"{channel_id}.schema",
+                                                           data_parameters(schema))),
                          type=HashType.SCHEMA)
             except Exception:
                 log.exception("%s: data schema of %r not publishable", own_id, channel_id)
