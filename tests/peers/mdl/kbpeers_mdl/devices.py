@@ -11,16 +11,20 @@
     name through ``input.connectedOutputChannels`` in ``init``. Every item and every end
     of stream is appended as one JSON line to the file ``recordPath``; ``received`` and
     ``endOfStreams`` count them.
+``KbMdlInspector``
+    A middle-layer client inside a device: what ``getDevice`` / ``getSchema`` /
+    ``connectDevice`` make of another device's output channel.
 """
 
 import json
+from asyncio import wait_for
 
 import numpy as np
 
 from karabo.middlelayer import (
     AccessMode, Configurable, Device, Float, Hash, InputChannel, Int32, NDArray, Node,
     OutputChannel, Overwrite, Slot, State, String, Timestamp, UInt32, VectorInt64,
-    get_array_data)
+    get_array_data, slot)
 
 
 class ItemNode(Configurable):
@@ -117,3 +121,77 @@ class KbMdlSink(Device):
     async def input(self, name):
         self._record({"endOfStream": name})
         self.endOfStreams = int(self.endOfStreams.value) + 1
+
+
+def _schema_paths(hsh, prefix=""):
+    """``{path: valueType}`` of the leaves and ``{path: classId}`` of the special nodes
+    (NDArray, ImageData) of a schema subtree; nodes below special nodes are left out."""
+    out = {}
+    for key in hsh.keys():
+        attrs = hsh[key, ...]
+        path = f"{prefix}{key}"
+        if attrs.get("nodeType") == 1 or isinstance(hsh[key], Hash) and len(hsh[key]):
+            class_id = attrs.get("classId")
+            if class_id in ("NDArray", "ImageData"):
+                out[path] = str(class_id)
+            else:
+                out.update(_schema_paths(hsh[key], path + "."))
+        else:
+            out[path] = str(attrs.get("valueType"))
+    return out
+
+
+class KbMdlInspector(Device):
+    """What a middle-layer client sees of another device: ``inspect(deviceId, channel)``
+    answers (JSON) with ``getDevice``'s view of ``channel`` and ``getSchema``'s
+    ``<channel>`` / ``<channel>.schema`` nodes; ``follow(deviceId, channel)`` connects a
+    ``connectDevice`` proxy's output channel, ``followed()`` lists what arrived there."""
+
+    state = Overwrite(defaultValue=State.ON, options=[State.ON])
+
+    def __init__(self, configuration):
+        super().__init__(configuration)
+        self._follow_log = []
+        self._followers = []
+
+    @slot
+    async def inspect(self, deviceId, channel):
+        from karabo.middlelayer import OutputProxy, get_property, getDevice, getSchema
+        proxy = await wait_for(getDevice(deviceId), timeout=30)
+        try:
+            ch = get_property(proxy, channel)
+        except AttributeError:
+            ch = None
+        schema = await wait_for(getSchema(deviceId), timeout=30)
+        sh = schema.hash
+        node = sh[channel, ...] if channel in sh else {}
+        data = f"{channel}.schema"
+        data_attrs = sh[data, ...] if data in sh else {}
+        return json.dumps({
+            "proxyType": type(ch).__name__,
+            "isOutputProxy": isinstance(ch, OutputProxy),
+            "classId": str(node.get("classId")),
+            "displayType": str(node.get("displayType")),
+            "schemaDisplayType": str(data_attrs.get("displayType")),
+            "dataPaths": _schema_paths(sh[data]) if data in sh else None,
+            "channelKeys": sorted(sh[channel].keys()) if channel in sh else None,
+        })
+
+    @slot
+    async def follow(self, deviceId, channel):
+        from karabo.middlelayer import connectDevice, get_property
+        proxy = await wait_for(connectDevice(deviceId), timeout=30)
+        self._followers.append(proxy)
+        ch = get_property(proxy, channel)
+
+        async def on_data(data, meta):
+            self._follow_log.append({"trainId": int(meta.timestamp.tid),
+                                   "data": describe(data)})
+
+        ch.setDataHandler(on_data)
+        ch.connect()
+        return True
+
+    @slot
+    def followed(self):
+        return json.dumps(self._follow_log)
