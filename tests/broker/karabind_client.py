@@ -9,7 +9,9 @@ Modes:
     A ``DeviceClient`` with instance tracking. Prints ``{"event": "new"|"gone", "id", "type"}``
     as the monitors fire, and answers commands read from stdin (one JSON object per line):
     ``{"cmd": "topology"}``, ``{"cmd": "get", "id", "key"}``, ``{"cmd": "schema", "id"}``,
-    ``{"cmd": "execute", "id", "slot"}``, ``{"cmd": "quit"}``.
+    ``{"cmd": "execute", "id", "slot"}``, ``{"cmd": "outschema", "id", "channel"}`` (the
+    output channel's data schema, as ``getOutputChannelSchema`` gives it),
+    ``{"cmd": "set", "id", "key", "value"}`` (``DeviceClient.set``), ``{"cmd": "quit"}``.
 ``ask ID DEVICE:CHANNEL N``
     A ``SignalSlotable`` asks ``slotGetOutputChannelInformation`` N times (after 20 warm-up
     requests when N > 1); prints the reply and the round-trip times in milliseconds.
@@ -93,8 +95,26 @@ def client_mode(client_id):
                     for iid in topo[kind].getKeys():
                         res[iid] = {"kind": kind,
                                     "attrs": attrs_to_dict(topo[kind].getAttributes(iid))}
+                servers = sorted(client.getServers())
+                by_server = {}
+                for sid in servers:
+                    try:
+                        by_server[sid] = sorted(client.getDevices(sid))
+                    except Exception as e:  # pragma: no cover - karabind API differences
+                        by_server[sid] = repr(e)
                 out({"reply": "topology", "devices": sorted(client.getDevices()),
+                     "servers": servers, "devices_by_server": by_server,
                      "instances": res})
+            elif name == "outschema":
+                h = client.getOutputChannelSchema(cmd["id"], cmd["channel"])
+                paths = list(h.getPaths())
+                attrs = {}
+                for p in paths:
+                    attrs[p] = attrs_to_dict(h.getAttributes(p))
+                out({"reply": "outschema", "paths": paths, "attrs": attrs})
+            elif name == "set":
+                client.set(cmd["id"], cmd["key"], cmd["value"])
+                out({"reply": "set", "ok": True})
             elif name == "get":
                 out({"reply": "get", "value": client.get(cmd["id"], cmd["key"])})
             elif name == "schema":
@@ -103,7 +123,9 @@ def client_mode(client_id):
                 out({"reply": "schema", "root": sch.getRootName(), "paths": paths,
                      "leaves": {p: {"type": str(sch.getValueType(p)),
                                     "readOnly": bool(sch.isAccessReadOnly(p)),
-                                    "displayedName": sch.getDisplayedName(p)}
+                                    # data-schema leaves have none (in C++ too)
+                                    "displayedName": (sch.getDisplayedName(p)
+                                                      if sch.hasDisplayedName(p) else None)}
                                 for p in paths if sch.isLeaf(p)},
                      "nodes": [p for p in sch.getKeys() if sch.isNode(p)]})
             elif name == "execute":

@@ -532,9 +532,13 @@ def test_device_client_reads_configuration_and_schema(instances, karabind_client
     sch = client.command({"cmd": "schema", "id": "kbView"})
     assert "error" not in sch, sch
     assert sch["root"] == "KbStreamProbe"
-    assert set(peer.configuration().paths()) == set(sch["leaves"])
+    conf = peer.configuration()
+    # every value is a leaf of the schema; the output's "schema" is an (empty) node
+    assert set(conf.paths()) - {"output.schema"} == set(sch["leaves"])
     assert sch["nodes"] == ["output"]
     assert sch["leaves"]["pid"]["type"].endswith("INT32")
     assert sch["leaves"]["output.port"]["type"].endswith("UINT32")
-    assert all(leaf["readOnly"] for leaf in sch["leaves"].values())
+    # the identity is read-only; the output's options are Karabo's INIT options
+    assert all(leaf["readOnly"] for p, leaf in sch["leaves"].items() if "." not in p)
+    assert not sch["leaves"]["output.port"]["readOnly"]
     assert sch["leaves"]["deviceId"]["displayedName"] == "DeviceID"

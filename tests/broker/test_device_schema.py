@@ -279,8 +279,13 @@ def test_output_information_carries_the_data_schema(published):
     assert reply["success"] is True
     info = reply["info"]
     assert info.get_type("schema") == HashType.SCHEMA
-    # under <ch>.schema, as in slotGetSchema: what the middle layer's InputChannel reads
-    assert compare(info["schema"].parameters["output.schema"], DATA.to_parameters()) == []
+    # laid out as the slotGetSchema reply: the middle layer reads
+    # info["schema"].hash[<channel name>]["schema"]
+    sent = info["schema"].parameters
+    assert sent.get_attribute("output", "classId") == "OutputChannel"
+    assert compare(sent["output"]["schema"], DATA.to_parameters()) == []
+    full = inst.schema().parameters
+    assert compare(sent["output"], full["output"]) == []
     # an output without a data schema answers as Karabo 3.1.2 does: no schema key
     inst.add_output_channel("raw", Hash("connectionType", "tcp", "hostname", "h", "port", 1))
     raw = inst._channels.slot_output_information(Hash("channelId", "raw"))["info"]
@@ -311,3 +316,115 @@ def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
             view._slot_reconfigure(bad)
     assert inp.calls == []  # a refused request changes nothing
     assert list(inst.configuration()["input.connectedOutputChannels"]) == ["b:out", "c:out"]
+
+
+def test_output_validates_writes_strictly_always_or_once():
+    """kbstream's OutputChannel with the declared data schema: Karabo's validateSchema
+    (always: every write; once: the first write of each stream) with a typed error."""
+    from kbstream.pipeline import OutputChannel, SchemaError
+
+    bad = _good()
+    bad.set("node.extra", 1)
+    with OutputChannel("kbSchema:output", hostname="127.0.0.1", schema=DATA) as out:
+        out.write(_good())
+        with pytest.raises(SchemaError, match="unexpected keys"):
+            out.write(bad)
+    # the schema may also be given in Karabo's layout (a Hash)
+    with OutputChannel("kbSchema:output", hostname="127.0.0.1", validateSchema="once",
+                       schema=DATA.to_parameters()) as out:
+        with pytest.raises(SchemaError, match="is missing"):
+            out.write(Hash("node.int32", 1))
+        out.write(_good())      # the first valid write of the stream
+        out.write(bad)          # not checked again ...
+        out.signal_end_of_stream()
+        with pytest.raises(SchemaError):
+            out.write(bad)      # ... until the next stream
+
+
+def test_server_instance_announces_like_a_karabo_server_and_lists_its_devices():
+    from kbstream.broker.errors import BrokerConfigError
+    from kbstream.broker.server import ServerInstance
+
+    broker = MemoryBroker()
+    transports = [MemoryTransport(broker) for _ in range(3)]
+    srv = ServerInstance("kbSrv", transport=transports[0], topic="t", self_check=False)
+    watcher = BrokerInstance("kbWatch", transport=transports[1], topic="t", self_check=False,
+                             instance_type="client")
+    updated = []
+    watcher.register_slot("slotInstanceUpdated", lambda iid, info: updated.append(
+        (iid, list(info["deviceClasses"]))))
+    dev = BrokerInstance("kbDevOfSrv", transport=transports[2], topic="t", self_check=False,
+                         server=srv, info_extra={"classId": "KbStreamProbe"})
+    try:
+        srv.start()
+        watcher.start()
+        info = srv.instance_info
+        assert info["type"] == "server" and info["serverId"] == "kbSrv"
+        assert info["lang"] == "python" and info["deviceClasses"] == ["KbStreamProbe"]
+        for key, t in (("serverFlags", HashType.INT32), ("heartbeatInterval", HashType.INT32),
+                       ("deviceClasses", HashType.VECTOR_STRING), ("user", HashType.STRING),
+                       ("version", HashType.STRING), ("log", HashType.STRING)):
+            assert info.get_type(key) == t, key
+        assert srv.heartbeat_args()[1]["type"] == "server"
+        assert dev.instance_info["serverId"] == "kbSrv"
+        assert dev.configuration()["serverId"] == "kbSrv"
+        srv.add_device_class("Other")
+        srv.add_device_class("Other")  # once only
+        from broker_stack import wait_until
+
+        wait_until(lambda: updated, 10, what="slotInstanceUpdated of the server")
+        assert updated == [("kbSrv", ["KbStreamProbe", "Other"])]
+        # a server id (not an instance) needs a real broker
+        with pytest.raises(BrokerConfigError, match="ServerInstance"):
+            BrokerInstance("kbNoSrv", transport=transports[2], topic="t", server="kbSrv2")
+    finally:
+        for inst in (dev, watcher, srv):
+            inst.close()
+        for t in transports:
+            t.close()
+
+
+def test_devices_naming_one_server_id_share_one_server_instance():
+    from kbstream.broker import server as srvmod
+    from kbstream.broker.config import BrokerConfig
+
+    config = BrokerConfig.resolve("amqp://guest:guest@127.0.0.1:1", "kbShare")
+    a = srvmod.use("kbShared", config)
+    b = srvmod.use("kbShared", config)
+    other_topic = srvmod.use("kbShared", BrokerConfig.resolve(config, "kbShare2"))
+    assert a is b and other_topic is not a
+    assert sorted(a.device_classes) == []
+    srvmod.release(a, 1)
+    assert a.state == "new"           # still used by the second device
+    srvmod.release(b, 1)
+    assert a.state == "stopped"       # the last user closed it
+    srvmod.release(other_topic, 1)
+    assert srvmod.use("kbShared", config) is not a   # a fresh one after the last release
+    srvmod.release(srvmod._shared[("kbShare", "kbShared")][0], 1)
+
+
+def test_middle_layer_builds_its_proxy_from_the_information_reply(published, karabo_python):
+    """What a middle-layer InputChannel(raw=False) does with the reply: build a proxy
+    class from info["schema"].hash[<channel>]["schema"] (karabo.middlelayer 3.1.2)."""
+    from conftest import require
+
+    probe = subprocess.run([karabo_python, "-c", "import karabo.middlelayer"],
+                           capture_output=True, text=True, timeout=120)
+    require(probe.returncode == 0, "karabo.middlelayer (karabo-karathon) is not installed "
+            "in the Karabo side interpreter: run scripts/karabo-env.sh")
+    inst, _ = published
+    reply = inst._channels.slot_output_information(Hash("channelId", "output"))
+    script = (
+        "import sys\n"
+        "from karabo.native import decodeBinary, Schema\n"
+        "from karabo.middlelayer.proxy import ProxyFactory\n"
+        "info = decodeBinary(bytes.fromhex(sys.stdin.read()))['info']\n"
+        "s = info['schema']\n"
+        "cls = ProxyFactory.createProxy(Schema(name='output', hash=s.hash['output']['schema']))\n"
+        "p = cls()\n"
+        "print(' '.join(sorted(k for k in dir(p.node) if not k.startswith('_'))))\n")
+    got = subprocess.run([karabo_python, "-c", script],
+                         input=kbhash.encode_bytes(reply).hex(), capture_output=True,
+                         text=True, timeout=120)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.split() == sorted(k.split(".")[1] for k in DATA.spec)

@@ -21,7 +21,7 @@ from kbhash import Hash, HashType, Schema
 
 from . import codec
 from .errors import BrokerConfigError, ReconfigureError
-from .karabo_channels import data_parameters
+from .karabo_channels import output_parameters
 from .protocol import instance_of_output
 from .resolver import OutputResolver
 
@@ -133,16 +133,25 @@ class Channels:
             # the data schema, so that a middle-layer input need not ask slotGetSchema
             # (docs/wire/karabo-broker-amqp.md, "What kbstream publishes")
             try:
-                # laid out as in slotGetSchema (``<ch>.schema``): the middle layer reads
-                # ``info["schema"].hash[<ch>]["schema"]`` from either
-                info.set("schema", Schema(channel_id, Hash(f"{channel_id}.schema",
-                                                           data_parameters(schema))),
+                info.set("schema", self._channel_schema(channel_id, schema),
                          type=HashType.SCHEMA)
             except Exception:
                 log.exception("%s: data schema of %r not publishable", own_id, channel_id)
         reply.set("success", True, type=HashType.BOOL)
         reply.set("info", info)
         return reply
+
+    def _channel_schema(self, name, schema) -> Schema:
+        """The output's part of the device schema, laid out as ``slotGetSchema`` answers
+        it (``<name>`` node, data description under ``<name>.schema``): what a middle-layer
+        input reads from ``info["schema"]`` (``schema.hash[name]["schema"]``)."""
+        attrs, params = output_parameters(schema)
+        h = Hash()
+        h.set(name, params)
+        for k, v, t in attrs:
+            h.set_attribute(name, k, v, type=t)
+        class_id = self._owner.instance_info.get("classId") or "KbStreamInstance"
+        return Schema(class_id, h)
 
     # ---- inputs ---------------------------------------------------------------------
 

@@ -262,7 +262,10 @@ class DeviceView:
         host = self._owner.hostname
         for name in self._channels.output_names():
             node = name if name.split(".")[0] not in taken else f"outputChannels.{name}"
-            source, schema = self._channels.output_entry(name)
+            try:
+                source, schema = self._channels.output_entry(name)
+            except KeyError:  # removed meanwhile
+                continue
             attrs, params = kc.output_parameters(schema)
             out.append(Tree(node, attrs, params, kc.output_configuration(source, host)))
         used = {e.path.split(".")[0] for e in out} | set(taken)

@@ -100,6 +100,13 @@ class BrokerInstance(_lifecycle.Lifecycle):
         main thread and when SIGTERM has Python's default disposition.
     close_timeout : float
         Seconds :meth:`close` waits in all for the transport and the threads to end.
+    server : str or ServerInstance, optional
+        The Karabo server instance a ``device`` belongs to (its ``serverId``; GUIs list
+        devices under their server): a :class:`~kbstream.broker.server.ServerInstance`
+        (started and closed by the caller), or a server id: the devices of the process
+        naming it share one server instance, started before the first of them and closed
+        after the last (:mod:`kbstream.broker.server`). Without it the ``serverId`` is
+        ``__none__``.
     """
 
     _state_error = NotStartedError
@@ -108,7 +115,7 @@ class BrokerInstance(_lifecycle.Lifecycle):
                  instance_type="device", info_extra=None, track_heartbeats=False,
                  connect_timeout=0.0, reconnect_interval=1.0, self_check=True,
                  transport=None, send_heartbeats=True, exit_on_sigterm=True,
-                 close_timeout=5.0):
+                 close_timeout=5.0, server=None):
         _lifecycle.Lifecycle.__init__(self)
         self.instance_id = validate_instance_id(instance_id)
         if transport is None:
@@ -135,7 +142,12 @@ class BrokerInstance(_lifecycle.Lifecycle):
         self._ex = self.config.exchanges
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
+        self._server, self._own_server = None, False
+        if server is not None and instance_type == "device":
+            self._server, self._own_server = self._make_server(server, transport)
         self._info = self._make_info(instance_type, info_extra)
+        if self._server is not None:
+            self._server.add_device_class(self._info.get("classId"))
 
         self._state = "new"  # new -> starting -> up -> stopped
         self._lock = threading.Lock()
@@ -159,12 +171,31 @@ class BrokerInstance(_lifecycle.Lifecycle):
         if self._info.get("type") == "device":
             self._register_slots(self._view.slots())
 
+    def _make_server(self, server, transport):
+        if not isinstance(server, str):
+            return server, False
+        if transport is not None:
+            raise BrokerConfigError("a server id needs a broker to connect to; with a "
+                                    "transport pass a started ServerInstance instead")
+        from .server import use
+
+        return use(server, self.config, heartbeat_interval=max(10, self.heartbeat_interval),
+                   connect_timeout=self.connect_timeout,
+                   reconnect_interval=self.reconnect_interval, self_check=self.self_check,
+                   exit_on_sigterm=self.exit_on_sigterm, close_timeout=self.close_timeout), True
+
+    @property
+    def server(self):
+        """The :class:`~kbstream.broker.server.ServerInstance` of a device, or None."""
+        return self._server
+
     def _make_info(self, instance_type, info_extra):
         info = Hash()
         info.set("type", instance_type, type=HashType.STRING)
         if instance_type == "device":
             info.set("classId", "KbStreamInstance", type=HashType.STRING)
-            info.set("serverId", "__none__", type=HashType.STRING)
+            info.set("serverId", self._server.instance_id if self._server is not None
+                     else "__none__", type=HashType.STRING)
         info.set("host", self.hostname, type=HashType.STRING)
         info.set("status", "ok", type=HashType.STRING)
         if instance_type == "device":
@@ -230,6 +261,13 @@ class BrokerInstance(_lifecycle.Lifecycle):
             if self._state != "new":
                 raise NotStartedError(f"{self!r} was closed while starting")
             self._state = "starting"
+        if self._own_server:
+            from .server import start_used
+
+            start_used(self._server)  # first, so that the device's server is known
+        with self._lock:
+            if self._state != "starting":
+                raise NotStartedError(f"{self!r} was closed while starting")
             self._dispatcher.start()
             if self._transport is None:
                 from .transport import PikaTransport
@@ -287,6 +325,10 @@ class BrokerInstance(_lifecycle.Lifecycle):
         t = self._timer
         if t is not None and t is not threading.current_thread():
             t.join(max(0.0, deadline - time.monotonic()))
+        if self._own_server:
+            from .server import release
+
+            release(self._server, max(0.5, deadline - time.monotonic()))
 
     def _check_unique(self):
         rand = random.randint(2, 2**31 - 1)

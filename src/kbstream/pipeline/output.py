@@ -55,6 +55,7 @@ from . import shm, wire
 from .errors import ChannelClosed, ChannelTimeout, PipelineConfigError, SchemaError
 from ._connections import ConnectionsMixin, _close_socket
 from .policy import MODES, SHARED, DeliveryPolicy
+from .schema import DataSchema
 
 __all__ = ["OutputChannel"]
 
@@ -179,9 +180,11 @@ class OutputChannel(ConnectionsMixin, Lifecycle):
     sharedQueueLength : int
         Bound of the shared queue for ``noInputShared="queueDrop"`` (oldest
         dropped when full).
-    schema : DataSchema, optional
-        Declared content of the items; ``write`` validates against it
-        (``validateSchema="always"``, or ``"once"`` per stream).
+    schema : DataSchema or Hash, optional
+        Declared content of the items (a Hash: Karabo's layout, see
+        :meth:`DataSchema.from_parameters`); ``write`` validates against it strictly, as
+        Karabo does (missing and undeclared keys are errors): every item
+        (``validateSchema="always"``), or the first one of each stream (``"once"``).
     use_shm : bool
         Offer kbstream inputs on the same machine the shared-memory data path
         (:mod:`kbstream.pipeline.shm`); Karabo inputs always get TCP.
@@ -225,6 +228,8 @@ class OutputChannel(ConnectionsMixin, Lifecycle):
         self.max_connections = _positive(max_connections, "max_connections", channel_id, int)
         self.max_queue_bytes = _positive(max_queue_bytes, "max_queue_bytes", channel_id, int)
         self.max_total_queue_bytes = _positive(max_total_queue_bytes, "max_total_queue_bytes", channel_id, int)
+        if isinstance(schema, Hash):  # a data schema in Karabo's layout
+            schema = DataSchema.from_parameters(schema)
         self.schema = schema
         self.validate_schema = validateSchema
         self.use_shm = use_shm
@@ -527,7 +532,7 @@ class OutputChannel(ConnectionsMixin, Lifecycle):
         if not isinstance(data, Hash):
             data = Hash(data)
         if self.schema is not None and (self.validate_schema == "always" or not self._validated):
-            problems = self.schema.validate(data)
+            problems = self.schema.validate(data, strict=True)  # Karabo's rules: strict
             if problems:
                 raise SchemaError(f"{self.channel_id}: data does not match the schema: " + "; ".join(problems))
             self._validated = True
