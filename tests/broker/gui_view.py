@@ -110,7 +110,10 @@ def main():
                 state["step"] = "image"
             elif state["step"] == "image":
                 node = state["proxy"].get_property_binding(image_path).value
-                dims = get_dimensions_and_encoding(node)
+                try:
+                    dims = get_dimensions_and_encoding(node)
+                except (TypeError, AttributeError):  # no image yet: values undefined
+                    return
                 if not dims or not dims[0]:
                     return
                 data = get_image_data(node, *dims[:3])
@@ -140,6 +143,9 @@ def main():
                   and w.width() > 100]
         if main:
             main[0].setGeometry(0, 0, int(geo.width() * 0.62), geo.height())
+        for view in QApplication.allWidgets():  # the configurator: show output's nodes
+            if type(view).__name__ == "ConfigurationTreeView":
+                view.expandAll()
         for w in others:
             w.setGeometry(int(geo.width() * 0.62), 0, int(geo.width() * 0.38),
                           int(geo.height() * 0.7))

@@ -26,7 +26,7 @@ import pytest
 from kbhash import ImageData, Timestamp
 
 from broker_stack import free_port, stop_process, wait_port
-from conftest import REPO, require
+from mdl_stack import REPO, require
 
 pytestmark = pytest.mark.karabo
 
