@@ -55,8 +55,10 @@ class MdlServer:
         for d in ("plugins", "var/data", "var/log"):
             (karabo / d).mkdir(parents=True, exist_ok=True)
         self.karabo = karabo
+        # the test devices are imported from this tree (the installed copy of
+        # tests/peers/mdl provides the entry points; its code may be older)
         self.env = dict(os.environ, KARABO=str(karabo), KARABO_BROKER=broker_url,
-                        KARABO_BROKER_TOPIC=topic)
+                        KARABO_BROKER_TOPIC=topic, PYTHONPATH=str(REPO / "tests/peers/mdl"))
         self.cmd = [side_bin(python, "karabo-middlelayerserver"), f"serverId={server_id}",
                     "deviceClasses=" + ",".join(classes), "log.level=INFO",
                     "heartbeatInterval=10", *extra, "init=" + json.dumps(devices)]

@@ -146,9 +146,9 @@ def test_hdf5writer_records_kbstream_ndarray_and_extra_data_reads_it(broker_env,
             k += 1
             _send(out, input_id, item(-k))
             try:
-                h5py.File(path, "r").close()
-                return True
-            except OSError:  # still open for writing (HDF5 file lock)
+                with h5py.File(path, "r") as f:
+                    return len(f["INDEX/trainId"]) >= n
+            except (OSError, KeyError):  # still open for writing (HDF5 file lock)
                 return False
 
         wait_until(closed, 60, interval=0.3, what="the run file closed")
