@@ -74,6 +74,8 @@ def test_mdl_get_device_sees_kbstream_output_as_an_output_channel(broker_env, md
         assert views["kbPeer"]["dataPaths"] == views["mdlSrc"]["dataPaths"] == {
             "node.int32": "INT32", "node.string": "STRING", "node.vecInt64": "VECTOR_INT64",
             "node.ndarray": "NDArray"}
+        # the output's options are those of the C++ output channel, key for key
+        assert views["kbPeer"]["channelKeys"] == views["kbDev"]["channelKeys"]
         # and the C++ device's output is described the same way (its own data)
         assert views["kbDev"]["dataPaths"]["node.ndarray"] == "NDArray"
         assert views["kbDev"]["dataPaths"]["node.int32"] == "INT32"
