@@ -17,7 +17,12 @@
 set -euo pipefail
 
 KARABO_PACKAGES=("karabo.cpp==3.1.2" "karabo.native==3.1.2" "numpy")
+# the middle layer, karabind's bound API and the DAQ stand-in (tests/broker/test_mdl_*.py)
+KARABO_PACKAGES+=("karabo-karathon==3.1.2" "karabo-bound==3.1.2" "karabo-hdf5writer==3.0.1")
+# the middle-layer test devices (entry points karabo.middlelayer_device), from this tree
+KARABO_PACKAGES+=("$(cd "$(dirname "$0")/.." && pwd)/tests/peers/mdl")
 CHECK='import karabind, karabo.native, numpy, sys; print(sys.version.split()[0])'
+CHECK+='; import karabo.middlelayer, karabo.bound, karabo_hdf5writer, kbpeers_mdl'
 
 log() { printf 'karabo-env: %s\n' "$*"; }
 die() { printf 'karabo-env: ERROR: %s\n' "$*" >&2; exit 1; }

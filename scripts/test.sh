@@ -32,6 +32,10 @@ step "Karabo side environment (.venv-karabo)"
 bash scripts/karabo-env.sh .venv-karabo
 export KBSTREAM_KARABO_PYTHON="$PWD/.venv-karabo/bin/python"
 
+step "Karabo GUI environment (.venv-gui, Xvfb; scripts/gui-env.sh)"
+bash scripts/gui-env.sh .venv-gui
+export KBSTREAM_GUI_PYTHON="$PWD/.venv-gui/bin/python"
+
 step "RabbitMQ (Debian package)"
 bash scripts/rabbitmq.sh
 

@@ -1,0 +1,1 @@
+"""Middle-layer devices for kbstream's interop tests (see devices.py)."""
