@@ -585,14 +585,13 @@ class TrainMatcher(Lifecycle):
         """One output is done with a train (lock held)."""
         token.left -= 1
         if sent:
-            token.sent = True
+            if not token.sent:  # sent as soon as one output delivered it
+                token.sent = True
+                self._core.settle(token.tid, "sent")
         else:
             token.reason = reason
-        if token.left == 0:
-            if token.sent:
-                self._core.settle(token.tid, "sent")
-            else:
-                self._core.settle(token.tid, "dropped", token.reason)
+        if token.left == 0 and not token.sent:
+            self._core.settle(token.tid, "dropped", token.reason)
 
     def _on_sent(self, token, outcome, tracker):
         if outcome is STOPPED:
