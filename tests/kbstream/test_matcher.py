@@ -256,3 +256,127 @@ def test_a_train_the_bridge_cannot_encode_is_counted_dropped(tmp_path):
     assert meta["A"]["timestamp.tid"] == 6
     tr = stats["trains"]
     assert tr["dropped_by"]["unencodable"] == 1 and tr["sent"] == 1 and tr["pending"] == 0
+
+
+# ---------------------------------------------------------------- outputs, sources while running
+
+
+def test_parse_output_grammar():
+    from kbstream.matcher import parse_output
+
+    assert parse_output(4545) == (4545, "REP", False)
+    assert parse_output("4545", "PUB") == ("4545", "PUB", False)
+    assert parse_output("tcp://*:1,PUSH,missing") == ("tcp://*:1", "PUSH", True)
+    assert parse_output("ipc:///x,missing", "PUB") == ("ipc:///x", "PUB", True)
+    assert parse_output(("ipc:///x", "PUSH")) == ("ipc:///x", "PUSH", False)
+    assert parse_output(("ipc:///x", "PUSH", {"report_missing": True})) == ("ipc:///x", "PUSH", True)
+    for bad in ("tcp://*:1,DEALER", ("ipc:///x", "SUB"), ("ipc:///x", "PUSH", {"hwm": 3}), ("x",), None):
+        with pytest.raises(MatcherConfigError):
+            parse_output(bad)
+
+
+def test_parse_offset_and_status_line_are_plain():
+    import argparse
+
+    from kbstream.matcher.cli import parse_offset, status_line, status_table
+
+    assert parse_offset("SPB/DET/JF:daqOutput=-3") == ("SPB/DET/JF:daqOutput", -3)
+    assert parse_offset("A=+2") == ("A", 2)
+    for bad in ("A", "=3", "A=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_offset(bad)
+    stats = {"trains": dict(seen=3, matched=2, sent=2, incomplete=1, dropped=0, pending=0), "clients": 1,
+             "sources": {"A": dict(received=3, missing=0, latency=0, rate=10.0, status="ok"),
+                         "B": dict(received=0, missing=3, latency=None, rate=0.0, status="waiting")}}
+    line = status_line(stats, 9.5)
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert "sent 2" in line and "clients 1" in line and "B 0 rcv 3 miss" in line
+    assert status_table(stats).row_count == 2
+
+
+def test_sources_added_and_removed_while_running(tmp_path):
+    outs = Outputs(["A", "B", "C"])
+    ep = f"ipc://{tmp_path}/chg"
+    iid = "m_change"
+    try:
+        specs = outs.specs()
+        with TrainMatcher(specs[:2], [(ep, "PUSH")], instance_id=iid, queue_length=50,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            for k in (0, 1):
+                outs.channels[k].wait_for_inputs(copy=[f"{iid}:input{k}"], timeout=30)
+            outs.send(0, 1)
+            outs.send(1, 1)
+            first = client.next()
+            outs.send(0, 2)
+            _wait_for(lambda: m.stats()["trains"]["waiting"] == 1, "train 2 waiting for B")
+            m.remove_source("B")  # train 2 now only needs A: it goes out at once
+            second = client.next()
+            with pytest.raises(kbstream.matcher.UnknownSourceError):
+                m.remove_source("B")
+            m.add_source(specs[2])  # C is the third input made: input2
+            outs.channels[2].wait_for_inputs(copy=[f"{iid}:input2"], timeout=30)
+            outs.send(0, 3)
+            _wait_for(lambda: m.stats()["sources"]["A"]["received"] == 3, "A's item 3")
+            assert m.stats()["trains"]["waiting"] == 1  # 3 waits for C
+            outs.send(2, 3)
+            third = client.next()
+            with pytest.raises(MatcherConfigError):
+                m.add_source(specs[2])
+            _wait_for(lambda: m.stats()["trains"]["sent"] == 3, "the third train settled")
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert [list(d) for d, _ in (first, second, third)] == [["A", "B"], ["A"], ["A", "C"]]
+    assert [next(iter(md.values()))["timestamp.tid"] for _, md in (first, second, third)] == [1, 2, 3]
+    assert (third[0]["C"]["data.image"] == 3 * 10 + 2).all()
+    tr = stats["trains"]
+    assert (tr["seen"], tr["matched"], tr["sent"], tr["pending"]) == (3, 3, 3, 0)
+    assert list(stats["sources"]) == ["A", "C"] and stats["sources"]["C"]["connects"] == 1
+    with pytest.raises(StateError):
+        m.add_source(specs[1])
+
+
+def test_detector_modules_are_stacked_as_the_replay_does(tmp_path):
+    ids = [f"SPB_IRDA_JF4M/DET/JNGFR{k:02d}:daqOutput" for k in (1, 2, 4)]  # module 3 absent
+    channels = [OutputChannel(c, hostname="127.0.0.1").start() for c in ids]
+    ep = f"ipc://{tmp_path}/app"
+    iid = "m_append"
+    try:
+        specs = [f"{c}=127.0.0.1:{ch.port}" for c, ch in zip(ids, channels)]
+        with TrainMatcher(specs, [(ep, "PUSH")], instance_id=iid, append_detector_modules=True,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            for k, ch in enumerate(channels):
+                ch.wait_for_inputs(copy=[f"{iid}:input{k}"], timeout=30)
+                h = Hash()
+                h["data.adc"] = np.full((2, 8, 4), k + 1, dtype=np.uint16)
+                h["data.frameNumber"] = k
+                ch.write(h, Timestamp(1_700_000_000, 0, 9))
+                ch.update()
+            data, meta = client.next()
+            assert m.stats()["trains"]["matched"] == 1
+    finally:
+        for ch in channels:
+            ch.close()
+    name = "SPB_IRDA_JF4M/DET/APPEND"
+    assert list(data) == [name] and meta[name]["source"] == name and meta[name]["timestamp.tid"] == 9
+    adc = data[name]["data.adc"]
+    assert adc.shape == (2, 4, 8, 4) and adc.dtype == np.uint16
+    assert [int(adc[:, i].max()) for i in range(4)] == [1, 2, 0, 3]  # module 3 filled with 0
+    assert data[name]["data.frameNumber"] == 0  # the other keys of the first module
+
+
+def test_clients_are_counted_and_infiniband_binds_a_port(tmp_path):
+    outs = Outputs(["A"])
+    ep = f"ipc://{tmp_path}/cl"
+    try:
+        m = TrainMatcher(outs.specs(), [(ep, "PUSH"), (0, "PUB")], use_infiniband=True, instance_id="m_cl")
+        with m:
+            assert m.endpoints[1].startswith("tcp://")  # no ib0 here: every interface
+            with kbstream.Client(ep, sock="PULL", timeout=30):
+                _wait_for(lambda: m.stats()["outputs"][0]["clients"] == 1, "the client")
+                assert m.stats()["clients"] == 1
+            _wait_for(lambda: m.stats()["clients"] == 0, "the client to leave")
+    finally:
+        outs.close()

@@ -320,6 +320,7 @@ def test_jitter_gaps_a_late_source_and_a_restarted_one_in_match_mode(tmp_path):
             for p in procs[2:]:
                 p.done()
             _wait_for(lambda: len(collector.got) >= len(complete), "the complete trains")
+            _wait_for(lambda: matcher.stats()["trains"]["sent"] >= len(complete), "the trains settled")
             via_req = [req.next() for _ in range(3)]
             collector.stop.set()
             collector.join(30)
