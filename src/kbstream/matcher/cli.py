@@ -3,7 +3,8 @@
     kbstream-bridge SOURCE... [--offset NAME=N]... [--mode match|buffer] [--buffer N]
                     [--max-wait S] [--port PORT_OR_ENDPOINT[,SOCK][,missing]]...
                     [-z REP|PUB|PUSH] [--protocol-version 2.2|1.0] [--use-infiniband]
-                    [--append-detector-modules] [--stats FILE] [--interval S]
+                    [--append-detector-modules] [--on-slowness drop|queueDrop|wait]
+                    [--stats FILE] [--interval S] [--quiet]
 
 Each SOURCE is ``[ALIAS@]DEVICE:CHANNEL=HOST:PORT``.  Runs until SIGINT or SIGTERM, then
 closes the inputs and the outputs, writes the statistics as JSON to ``--stats`` (if
@@ -71,6 +72,9 @@ def _parser():
     ap.add_argument("--append-detector-modules", action="store_true",
                     help="combine AGIPD, LPD, DSSC or JUNGFRAU module sources into one source "
                          "(as karabo-bridge-serve-run)")
+    ap.add_argument("--on-slowness", choices=("drop", "queueDrop", "wait"), default="drop",
+                    help="what the sources do when the matcher falls behind (the inputs' "
+                         "onSlowness; default drop, as Karabo's)")
     ap.add_argument("--stats", metavar="FILE", help="write the statistics as JSON here at exit")
     ap.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                     help="seconds between two refreshes of the table / status lines (default 1)")
@@ -138,7 +142,8 @@ def main(argv=None):
         matcher = TrainMatcher(args.sources, outputs, mode=args.mode, buffer=args.buffer,
                                max_wait=args.max_wait, protocol_version=args.protocol_version,
                                offsets=dict(args.offset), use_infiniband=args.use_infiniband,
-                               append_detector_modules=args.append_detector_modules)
+                               append_detector_modules=args.append_detector_modules,
+                               input_options={"onSlowness": args.on_slowness})
     except (MatcherError, KbStreamError) as e:
         print(f"kbstream-bridge: {e}", file=sys.stderr)
         return 2
