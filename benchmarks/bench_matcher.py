@@ -6,7 +6,9 @@ against a plain kbstream bridge server sending the same JF4M train from memory.
 
 Every part is a process of its own, all on this host: 8 pipeline outputs
 (``_matcher_source.py``, ``data.adc`` uint16 (16, 512, 1024) each, as fast as the matcher's
-``wait`` inputs take them), ``kbstream-bridge`` (match mode, one PUSH output on tcp
+``wait`` inputs take them, sharing one train clock: none more than 2 trains ahead of the
+slowest, as the modules of one detector share its trigger, and paused while the plain
+server is measured), ``kbstream-bridge`` (match mode, one PUSH output on tcp
 loopback), and a kbstream.Client PULL (``_bridge_client.py``).  The contender: a plain
 kbstream bridge server (``_bridge_server.py``, ServerInThread PUSH fed the same train
 from memory) and the same client program.  Both pipelines stay up; blocks of
@@ -24,6 +26,7 @@ before any source connected.
 """
 
 import json
+import mmap
 import os
 import signal
 import socket
@@ -33,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +91,11 @@ def _cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _minflt(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def _vm(pid, key):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -97,20 +106,24 @@ def _vm(pid, key):
 
 def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
     benchmark.group = "matcher-jf4m-PUSH"
-    iid = "bench_matcher"
+    iid = "kbstream_matcher"  # the inputs of kbstream-bridge are <its instance id>:input<k>
     ports = [_free_port() for _ in NAMES]
     out_ep, plain_ep = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     stats_file = tmp_path / "stats.json"
     procs = []
     matcher = subprocess.Popen(
         [sys.executable, "-m", "kbstream", "bridge", *[f"{n}=127.0.0.1:{p}" for n, p in zip(NAMES, ports)],
-         "--port", out_ep, "-z", "PUSH", "--on-slowness", "wait", "--quiet", "--stats", str(stats_file)],
+         "--port", out_ep, "-z", "PUSH", "--on-slowness", "wait", "--when-full", "wait", "--quiet", "--stats", str(stats_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         assert "serving on" in matcher.stdout.readline()
         base = _vm(matcher.pid, "VmHWM")  # no source is there yet
+        clock = tmp_path / "clock"
+        clock.write_bytes(np.array([10_000_000_000 - 1] * NSOURCES + [1], dtype=np.int64).tobytes())
+        clock_file = open(clock, "r+b")
+        shared = np.frombuffer(mmap.mmap(clock_file.fileno(), 8 * (NSOURCES + 1)), dtype=np.int64)
         for k, (name, port) in enumerate(zip(NAMES, ports)):
-            procs.append(_Proc(HERE / "_matcher_source.py", name, f"{iid}:input{k}", k, port))
+            procs.append(_Proc(HERE / "_matcher_source.py", name, f"{iid}:input{k}", k, port, clock, NSOURCES))
             assert procs[-1].line().split()[0] == "PORT"
         plain = _Proc(HERE / "_bridge_server.py", plain_ep, "PUSH")
         procs.append(plain)
@@ -122,6 +135,7 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
             assert c.line() == "ready"
         times = {"matcher": [], "plain": []}
         cpu = {"matcher": 0.0, "plain": 0.0}
+        faults = {"matcher": 0, "plain": 0}
         pids = {"matcher": matcher.pid, "plain": plain.p.pid}
         ok = True
 
@@ -129,14 +143,17 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
             nonlocal ok
             for b in range(BLOCKS):
                 for name in (("matcher", "plain") if b % 2 == 0 else ("plain", "matcher")):
-                    c0 = _cpu_seconds(pids[name])
+                    shared[NSOURCES] = name == "matcher"  # the sources pause while the other runs
+                    c0, f0 = _cpu_seconds(pids[name]), _minflt(pids[name])
                     clients[name].say(f"take {BLOCK}")
                     seconds, good = clients[name].line().split()
                     cpu[name] += _cpu_seconds(pids[name]) - c0
+                    faults[name] += _minflt(pids[name]) - f0
                     times[name].append(float(seconds) / BLOCK)
                     ok = ok and good == "1"
 
         benchmark.pedantic(alternate, rounds=1, iterations=1)
+        shared[NSOURCES] = 1
         hwm = _vm(matcher.pid, "VmHWM")
         matcher.send_signal(signal.SIGINT)
         out, err = matcher.communicate(timeout=120)
@@ -159,6 +176,7 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
         "matcher_trains_per_s": 1 / med["matcher"], "plain_trains_per_s": 1 / med["plain"],
         "ratio": med["plain"] / med["matcher"],
         "matcher_cpu_s_per_train": cpu["matcher"] / n, "plain_cpu_s_per_train": cpu["plain"] / n,
+        "matcher_page_faults_per_train": faults["matcher"] / n, "plain_page_faults_per_train": faults["plain"] / n,
         "matcher_vmhwm_mib": hwm / 2**20, "matcher_base_vmhwm_mib": base / 2**20,
         "held_trains_at_peak": (hwm - base) / train_bytes,
         "bound_mib": (base + (4 + waiting_bound + 4 + 2) * train_bytes) / 2**20,

@@ -442,3 +442,34 @@ def test_every_train_seen_ends_exactly_once_through_real_sockets(tmp_path_factor
             assert (data[name]["data.image"] == tid * 10 + "ABC".index(name)).all()
         if mode == "match":
             assert list(data) == ["A", "B", "C"]
+
+
+def test_when_full_wait_paces_the_inputs_by_the_client_and_drops_nothing(tmp_path):
+    import threading
+
+    outs = Outputs(["A"])
+    ep = f"ipc://{tmp_path}/wf"
+    iid = "m_wait_full"
+    n = 8
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "REP")], instance_id=iid, queue_length=1, when_full="wait",
+                          input_options={"onSlowness": "wait"}) as m:
+            outs.wait(iid)
+            sender = threading.Thread(target=lambda: [outs.send(0, tid) for tid in range(1, n + 1)])
+            sender.start()
+            # nobody asks yet: the matcher holds one train queued and one in the sender, the
+            # input its own few items; the rest waits in the source instead of being dropped
+            _wait_for(lambda: m.stats()["trains"]["matched"] >= 2, "the first trains")
+            assert m.stats()["trains"]["dropped"] == 0
+            with kbstream.Client(ep, sock="REQ", timeout=30) as client:
+                got = [client.next() for _ in range(n)]
+            sender.join(30)
+            _wait_for(lambda: m.stats()["trains"]["sent"] == n, "every train settled")
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert [md["A"]["timestamp.tid"] for _, md in got] == list(range(1, n + 1))
+    tr = stats["trains"]
+    assert (tr["seen"], tr["sent"], tr["dropped"], tr["pending"]) == (n, n, 0, 0)
+    with pytest.raises(MatcherConfigError):
+        TrainMatcher(["D:o=127.0.0.1:1"], [f"ipc://{tmp_path}/g"], when_full="block")

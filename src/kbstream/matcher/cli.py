@@ -4,6 +4,7 @@
                     [--max-wait S] [--port PORT_OR_ENDPOINT[,SOCK][,missing]]...
                     [-z REP|PUB|PUSH] [--protocol-version 2.2|1.0] [--use-infiniband]
                     [--append-detector-modules] [--on-slowness drop|queueDrop|wait]
+                    [--when-full drop|wait]
                     [--stats FILE] [--interval S] [--quiet]
 
 Each SOURCE is ``[ALIAS@]DEVICE:CHANNEL=HOST:PORT``.  Runs until SIGINT or SIGTERM, then
@@ -75,6 +76,9 @@ def _parser():
     ap.add_argument("--on-slowness", choices=("drop", "queueDrop", "wait"), default="drop",
                     help="what the sources do when the matcher falls behind (the inputs' "
                          "onSlowness; default drop, as Karabo's)")
+    ap.add_argument("--when-full", choices=("drop", "wait"), default="drop",
+                    help="when a client is slow and its output queue full: drop the oldest train "
+                         "(default; the sources never wait) or make the inputs wait")
     ap.add_argument("--stats", metavar="FILE", help="write the statistics as JSON here at exit")
     ap.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                     help="seconds between two refreshes of the table / status lines (default 1)")
@@ -143,7 +147,7 @@ def main(argv=None):
                                max_wait=args.max_wait, protocol_version=args.protocol_version,
                                offsets=dict(args.offset), use_infiniband=args.use_infiniband,
                                append_detector_modules=args.append_detector_modules,
-                               input_options={"onSlowness": args.on_slowness})
+                               input_options={"onSlowness": args.on_slowness}, when_full=args.when_full)
     except (MatcherError, KbStreamError) as e:
         print(f"kbstream-bridge: {e}", file=sys.stderr)
         return 2

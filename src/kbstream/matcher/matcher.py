@@ -235,7 +235,15 @@ class _Output:
                 self.cond.wait(POLL_INTERVAL)
                 if not self.queue:
                     return EMPTY
-            return self.queue.popleft()
+            item = self.queue.popleft()
+            self.cond.notify_all()  # room for a waiting input (when_full="wait")
+            return item
+
+    def wait_for_room(self, closing):
+        """Block until the queue has room or ``closing`` is set (the lock is not held)."""
+        with self.cond:
+            while len(self.queue) >= self.queue_length and not closing.is_set():
+                self.cond.wait(POLL_INTERVAL)
 
     def _run(self):
         stop, protocol_version, on_sent, on_error, serialize = self.run_args
@@ -279,6 +287,12 @@ class TrainMatcher(Lifecycle):
         Bridge protocol of every output.
     queue_length : int
         Trains each output may hold (:data:`DEFAULT_QUEUE_LENGTH`).
+    when_full : {'drop', 'wait'}
+        What happens when an output's queue is full: ``drop`` (default) drops its oldest
+        train (counted), so a slow client never stalls the inputs; ``wait`` makes the
+        inputs wait for room (no lock held) before they offer the next item, so the
+        sources are paced by the slowest client (with ``onSlowness="wait"`` inputs,
+        nothing is lost anywhere).
     instance_id : str
         The inputs are named ``<instance_id>:input<i>`` towards the pipeline outputs.
     input_options : dict, optional
@@ -310,7 +324,7 @@ class TrainMatcher(Lifecycle):
                  max_pending=DEFAULT_MAX_PENDING, max_wait=None, offsets=None, resolver=None,
                  protocol_version="2.2", queue_length=DEFAULT_QUEUE_LENGTH, instance_id="kbstream_matcher",
                  input_options=None, context=None, clock=time.monotonic, use_infiniband=False,
-                 append_detector_modules=False):
+                 append_detector_modules=False, when_full="drop"):
         Lifecycle.__init__(self)
         offsets = dict(offsets or {})
         specs = []
@@ -340,8 +354,12 @@ class TrainMatcher(Lifecycle):
         outs = [parse_output(o) for o in outputs]
         if not outs:
             raise MatcherConfigError("a matcher needs at least one bridge output")
+        if when_full not in ("drop", "wait"):
+            raise MatcherConfigError(f"when_full must be 'drop' or 'wait', not {when_full!r}")
+        self.when_full = when_full
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._closing = threading.Event()
         self._outputs = []
         try:
             for i, (endpoint, sock, report_missing) in enumerate(outs):
@@ -426,6 +444,7 @@ class TrainMatcher(Lifecycle):
             inp.start()
 
     def _close(self):
+        self._closing.set()
         for inp in self._inputs:
             inp.close()
         self._stop.set()
@@ -519,8 +538,12 @@ class TrainMatcher(Lifecycle):
     def _handler(self, name):
         add = self._core.add
         clock = self._clock
+        wait = self.when_full == "wait"
 
         def on_item(data, meta):
+            if wait:
+                for out in self._outputs:
+                    out.wait_for_room(self._closing)
             values, _ = flatten_hash(data)
             with self._lock:
                 try:
