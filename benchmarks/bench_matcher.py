@@ -104,8 +104,12 @@ def _vm(pid, key):
     return None
 
 
-def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
-    benchmark.group = "matcher-jf4m-PUSH"
+@pytest.mark.parametrize("when_full", ["wait", "drop"])
+def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path, when_full):
+    """``when_full``: ``wait`` paces the sources by the client (nothing matched is thrown
+    away); ``drop`` (the default policy) lets the matcher run ahead and drop the oldest
+    queued trains, work the client never sees."""
+    benchmark.group = f"matcher-jf4m-PUSH-{when_full}"
     iid = "kbstream_matcher"  # the inputs of kbstream-bridge are <its instance id>:input<k>
     ports = [_free_port() for _ in NAMES]
     out_ep, plain_ep = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
@@ -113,15 +117,15 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
     procs = []
     matcher = subprocess.Popen(
         [sys.executable, "-m", "kbstream", "bridge", *[f"{n}=127.0.0.1:{p}" for n, p in zip(NAMES, ports)],
-         "--port", out_ep, "-z", "PUSH", "--on-slowness", "wait", "--when-full", "wait", "--quiet", "--stats", str(stats_file)],
+         "--port", out_ep, "-z", "PUSH", "--on-slowness", "wait", "--when-full", when_full, "--quiet", "--stats", str(stats_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         assert "serving on" in matcher.stdout.readline()
         base = _vm(matcher.pid, "VmHWM")  # no source is there yet
         clock = tmp_path / "clock"
         clock.write_bytes(np.array([10_000_000_000 - 1] * NSOURCES + [1], dtype=np.int64).tobytes())
-        clock_file = open(clock, "r+b")
-        shared = np.frombuffer(mmap.mmap(clock_file.fileno(), 8 * (NSOURCES + 1)), dtype=np.int64)
+        with open(clock, "r+b") as f:
+            shared = np.frombuffer(mmap.mmap(f.fileno(), 8 * (NSOURCES + 1)), dtype=np.int64)
         for k, (name, port) in enumerate(zip(NAMES, ports)):
             procs.append(_Proc(HERE / "_matcher_source.py", name, f"{iid}:input{k}", k, port, clock, NSOURCES))
             assert procs[-1].line().split()[0] == "PORT"
@@ -180,10 +184,11 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path):
         "matcher_vmhwm_mib": hwm / 2**20, "matcher_base_vmhwm_mib": base / 2**20,
         "held_trains_at_peak": (hwm - base) / train_bytes,
         "bound_mib": (base + (4 + waiting_bound + 4 + 2) * train_bytes) / 2**20,
-        "matched": tr["matched"], "incomplete": tr["incomplete"], "blocks": BLOCKS, "block": BLOCK,
+        "matched": tr["matched"], "incomplete": tr["incomplete"], "dropped": tr["dropped"],
+        "when_full": when_full, "blocks": BLOCKS, "block": BLOCK,
         "correct": ok,
     }
     benchmark.extra_info.update(info)
-    print("\nmatcher bench: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+    print(f"\nmatcher bench ({os.getloadavg()[0]:.1f} load): " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                               for k, v in info.items()}))
     assert ok and hwm <= (base + (4 + waiting_bound + 4 + 2) * train_bytes)
