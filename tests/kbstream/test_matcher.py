@@ -473,3 +473,22 @@ def test_when_full_wait_paces_the_inputs_by_the_client_and_drops_nothing(tmp_pat
     assert (tr["seen"], tr["sent"], tr["dropped"], tr["pending"]) == (n, n, 0, 0)
     with pytest.raises(MatcherConfigError):
         TrainMatcher(["D:o=127.0.0.1:1"], [f"ipc://{tmp_path}/g"], when_full="block")
+
+
+@pytest.mark.parametrize("version", ["2.2", "1.0"])
+def test_the_missing_list_decodes_with_either_client_library(version):
+    """What a report_missing output adds is plain metadata: karabo_bridge's and kbstream's
+    decoders both return it as sent, in either protocol version."""
+    karabo_bridge = pytest.importorskip("karabo_bridge")
+    import zmq
+
+    from kbstream.bridge import source_metadata
+    from kbstream.matcher import MISSING_KEY
+
+    data = {"A": {"data.image": np.arange(6, dtype=np.uint16).reshape(2, 3), "data.n": 1}}
+    meta = {"A": {**source_metadata("A", 7, 1_700_000_000, 0), MISSING_KEY: ["B", "C"]}}
+    frames = [bytes(f) for f in kbstream.serialize(data, meta, version)]
+    for decode in (kbstream.deserialize, karabo_bridge.deserialize):
+        d, m = decode([zmq.Frame(f) for f in frames])
+        assert list(m["A"][MISSING_KEY]) == ["B", "C"] and m["A"]["timestamp.tid"] == 7
+        assert (d["A"]["data.image"] == data["A"]["data.image"]).all()
