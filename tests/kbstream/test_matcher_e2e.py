@@ -419,8 +419,8 @@ def test_kbstream_bridge_stops_cleanly_on_a_signal(tmp_path, signum):
     sources see their input leave), writes the stats and exits 0; no control characters."""
     first, ntrains = 60_000, 12
     iid = "kbstream_matcher"
-    procs = [Source(JF[0], f"{iid}:input0", first, ntrains, 0),
-             Source(JF[1], f"{iid}:input1", first + 5, ntrains, 1)]  # 5 trains ahead
+    procs = [Source(JF[0], f"{iid}:input0", first, ntrains, 0, "--report-gone"),
+             Source(JF[1], f"{iid}:input1", first + 5, ntrains, 1, "--report-gone")]  # 5 trains ahead
     stats_file = tmp_path / "stats.json"
     push, pub = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/pub"
     cmd = [sys.executable, "-m", "kbstream", "bridge", f"A@{JF[0]}=127.0.0.1:{procs[0].port}",
@@ -432,11 +432,12 @@ def test_kbstream_bridge_stops_cleanly_on_a_signal(tmp_path, signum):
         with kbstream.Client(push, sock="PULL", timeout=60) as c:
             got = [c.next() for _ in range(ntrains)]
         assert _readline(proc).startswith("trains seen")  # a status line comes every interval
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
-        # the inputs were closed: each source sees its input gone
         for p in procs:
             p.done()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        for p in procs:  # the inputs were closed: each source sees its input leave
+            assert _readline(p.proc).strip() == "GONE"
     finally:
         if proc.poll() is None:
             proc.kill()
