@@ -200,11 +200,12 @@ class _Output:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.run_args = None
 
-    def push(self, item):
-        """Append a train; returns the one pushed out of a full queue, or None."""
+    def push(self, item, evict=True):
+        """Append a train; returns the one pushed out of a full queue (with ``evict``), or
+        None."""
         with self.cond:
             evicted = None
-            if len(self.queue) >= self.queue_length:
+            if evict and len(self.queue) >= self.queue_length:
                 evicted = self.queue.popleft()
                 self.dropped += 1
             self.queue.append(item)
@@ -292,7 +293,10 @@ class TrainMatcher(Lifecycle):
         train (counted), so a slow client never stalls the inputs; ``wait`` makes the
         inputs wait for room (no lock held) before they offer the next item, so the
         sources are paced by the slowest client (with ``onSlowness="wait"`` inputs,
-        nothing is lost anywhere).
+        nothing is lost anywhere).  A queue then never drops: it may exceed
+        ``queue_length`` by the trains that several inputs complete at the same moment
+        (in ``match`` mode at most one per input, plus what a :meth:`remove_source`
+        completes).
     instance_id : str
         The inputs are named ``<instance_id>:input<i>`` towards the pipeline outputs.
     input_options : dict, optional
@@ -578,6 +582,7 @@ class TrainMatcher(Lifecycle):
         """Hand trains to every output (lock held)."""
         n = len(self._outputs)
         reporting = any(out.report_missing for out in self._outputs)
+        evict = self.when_full == "drop"
         for train in ready:
             tid = train.tid
             data = {}
@@ -593,7 +598,7 @@ class TrainMatcher(Lifecycle):
                 item_missing = (data, {name: {**m, MISSING_KEY: missing} for name, m in metadata.items()},
                                 token)
             for out in self._outputs:
-                evicted = out.push(item_missing if out.report_missing else item)
+                evicted = out.push(item_missing if out.report_missing else item, evict)
                 if evicted is not None:
                     self._report(evicted[2], False, "output_full")
 
