@@ -42,8 +42,10 @@ def main(channel_id, input_id, key, port, clock_file, nsources):
         tid = 10_000_000_000
         st = {}
         while not stop.is_set():
-            while (tid - int(clock.min()) > AHEAD or not running[0]) and not stop.is_set():
-                time.sleep(0.0002)  # wait for the slowest module
+            while not running[0] and not stop.is_set():
+                time.sleep(0.02)  # paused: the other contender is measured
+            while tid - int(clock.min()) > AHEAD and not stop.is_set():
+                time.sleep(0.001)  # wait for the slowest module
             h = Hash()
             h["data.adc"] = adc
             h.set("data.trainId", tid, type=HashType.UINT64)

@@ -15,7 +15,8 @@ from memory) and the same client program.  Both pipelines stay up; blocks of
 ``KB_MATCHER_BLOCK`` trains are timed in the client, alternating between the two,
 ``KB_MATCHER_BLOCKS`` blocks each, and the medians compared (``extra_info``: trains/s of
 each, ``ratio`` matcher / plain, the matcher process's CPU seconds per train from
-/proc/<pid>/stat during its blocks, its VmHWM and the bound, see below).
+/proc/<pid>/stat during its blocks, the CPU of each whole pipeline per train (sources,
+matcher or server, client), its VmHWM and the bound, see below).
 
 Memory bound: every item the matcher holds is in an input queue (at most the input's
 capacity, 4 items per source), in a train waiting for items (at most ``max_pending`` =
@@ -139,6 +140,11 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path, when_full):
             assert c.line() == "ready"
         times = {"matcher": [], "plain": []}
         cpu = {"matcher": 0.0, "plain": 0.0}
+        # the whole pipeline's CPU during each contender's blocks: servers, sources, client
+        sources = [p.p.pid for p in procs[:NSOURCES]]
+        pipeline_pids = {"matcher": [matcher.pid, *sources, clients["matcher"].p.pid],
+                         "plain": [plain.p.pid, clients["plain"].p.pid]}
+        pipeline_cpu = {"matcher": 0.0, "plain": 0.0}
         faults = {"matcher": 0, "plain": 0}
         pids = {"matcher": matcher.pid, "plain": plain.p.pid}
         ok = True
@@ -149,10 +155,12 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path, when_full):
                 for name in (("matcher", "plain") if b % 2 == 0 else ("plain", "matcher")):
                     shared[NSOURCES] = name == "matcher"  # the sources pause while the other runs
                     c0, f0 = _cpu_seconds(pids[name]), _minflt(pids[name])
+                    p0 = sum(map(_cpu_seconds, pipeline_pids[name]))
                     clients[name].say(f"take {BLOCK}")
                     seconds, good = clients[name].line().split()
                     cpu[name] += _cpu_seconds(pids[name]) - c0
                     faults[name] += _minflt(pids[name]) - f0
+                    pipeline_cpu[name] += sum(map(_cpu_seconds, pipeline_pids[name])) - p0
                     times[name].append(float(seconds) / BLOCK)
                     ok = ok and good == "1"
 
@@ -180,6 +188,8 @@ def test_matcher_jf4m_push_vs_plain_server(benchmark, tmp_path, when_full):
         "matcher_trains_per_s": 1 / med["matcher"], "plain_trains_per_s": 1 / med["plain"],
         "ratio": med["plain"] / med["matcher"],
         "matcher_cpu_s_per_train": cpu["matcher"] / n, "plain_cpu_s_per_train": cpu["plain"] / n,
+        "matcher_pipeline_cpu_s_per_train": pipeline_cpu["matcher"] / n,
+        "plain_pipeline_cpu_s_per_train": pipeline_cpu["plain"] / n,
         "matcher_page_faults_per_train": faults["matcher"] / n, "plain_page_faults_per_train": faults["plain"] / n,
         "matcher_vmhwm_mib": hwm / 2**20, "matcher_base_vmhwm_mib": base / 2**20,
         "held_trains_at_peak": (hwm - base) / train_bytes,
