@@ -459,3 +459,49 @@ def test_kbstream_bridge_stops_cleanly_on_a_signal(tmp_path, signum):
     for s in stats["sources"].values():
         assert {"received", "missing", "latency", "rate", "status"} <= set(s)
     assert [o["sock"] for o in stats["outputs"]] == ["PUSH", "PUB"]
+
+
+def test_kbstream_bridge_on_a_terminal_shows_a_live_table(tmp_path):
+    """With a terminal as stdout the command draws the rich table in place (control
+    sequences, the column names, the source) and still ends cleanly on SIGINT."""
+    import pty
+
+    src = Source(JF[0], "kbstream_matcher:input0", 70_000, 5, 0)
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "kbstream", "bridge", f"A@{JF[0]}=127.0.0.1:{src.port}",
+           "--port", f"ipc://{tmp_path}/t", "-z", "PUSH", "--interval", "0.2"]
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=subprocess.PIPE, env=dict(_env(), COLUMNS="160"))
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while not (b"received" in seen and b"\x1b[" in seen and b"A" in seen) and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        while True:  # the rest of the output, the summary included
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        os.close(master)
+        src.close()
+    assert proc.returncode == 0
+    assert b"\x1b[" in seen and b"received" in seen and b"status" in seen
+    assert b"kbstream-bridge: " in seen and b"trains seen" in seen
