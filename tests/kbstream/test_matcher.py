@@ -5,6 +5,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kbstream
 from kbhash import Hash, Timestamp
@@ -383,9 +385,6 @@ def test_clients_are_counted_and_infiniband_binds_a_port(tmp_path):
 
 
 # ---------------------------------------------------------------- the identity end to end
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
