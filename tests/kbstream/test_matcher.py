@@ -5,6 +5,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kbstream
 from kbhash import Hash, Timestamp
@@ -256,3 +258,236 @@ def test_a_train_the_bridge_cannot_encode_is_counted_dropped(tmp_path):
     assert meta["A"]["timestamp.tid"] == 6
     tr = stats["trains"]
     assert tr["dropped_by"]["unencodable"] == 1 and tr["sent"] == 1 and tr["pending"] == 0
+
+
+# ---------------------------------------------------------------- outputs, sources while running
+
+
+def test_parse_output_grammar():
+    from kbstream.matcher import parse_output
+
+    assert parse_output(4545) == (4545, "REP", False)
+    assert parse_output("4545", "PUB") == ("4545", "PUB", False)
+    assert parse_output("tcp://*:1,PUSH,missing") == ("tcp://*:1", "PUSH", True)
+    assert parse_output("ipc:///x,missing", "PUB") == ("ipc:///x", "PUB", True)
+    assert parse_output(("ipc:///x", "PUSH")) == ("ipc:///x", "PUSH", False)
+    assert parse_output(("ipc:///x", "PUSH", {"report_missing": True})) == ("ipc:///x", "PUSH", True)
+    for bad in ("tcp://*:1,DEALER", ("ipc:///x", "SUB"), ("ipc:///x", "PUSH", {"hwm": 3}), ("x",), None):
+        with pytest.raises(MatcherConfigError):
+            parse_output(bad)
+
+
+def test_parse_offset_and_status_line_are_plain():
+    import argparse
+
+    from kbstream.matcher.cli import parse_offset, status_line, status_table
+
+    assert parse_offset("SPB/DET/JF:daqOutput=-3") == ("SPB/DET/JF:daqOutput", -3)
+    assert parse_offset("A=+2") == ("A", 2)
+    for bad in ("A", "=3", "A=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_offset(bad)
+    stats = {"trains": dict(seen=3, matched=2, sent=2, incomplete=1, dropped=0, pending=0), "clients": 1,
+             "sources": {"A": dict(received=3, missing=0, latency=0, rate=10.0, status="ok"),
+                         "B": dict(received=0, missing=3, latency=None, rate=0.0, status="waiting")}}
+    line = status_line(stats, 9.5)
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert "sent 2" in line and "clients 1" in line and "B 0 rcv 3 miss" in line
+    assert status_table(stats).row_count == 2
+
+
+def test_sources_added_and_removed_while_running(tmp_path):
+    outs = Outputs(["A", "B", "C"])
+    ep = f"ipc://{tmp_path}/chg"
+    iid = "m_change"
+    try:
+        specs = outs.specs()
+        with TrainMatcher(specs[:2], [(ep, "PUSH")], instance_id=iid, queue_length=50,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            for k in (0, 1):
+                outs.channels[k].wait_for_inputs(copy=[f"{iid}:input{k}"], timeout=30)
+            outs.send(0, 1)
+            outs.send(1, 1)
+            first = client.next()
+            outs.send(0, 2)
+            _wait_for(lambda: m.stats()["trains"]["waiting"] == 1, "train 2 waiting for B")
+            m.remove_source("B")  # train 2 now only needs A: it goes out at once
+            second = client.next()
+            with pytest.raises(kbstream.matcher.UnknownSourceError):
+                m.remove_source("B")
+            m.add_source(specs[2])  # C is the third input made: input2
+            outs.channels[2].wait_for_inputs(copy=[f"{iid}:input2"], timeout=30)
+            outs.send(0, 3)
+            _wait_for(lambda: m.stats()["sources"]["A"]["received"] == 3, "A's item 3")
+            assert m.stats()["trains"]["waiting"] == 1  # 3 waits for C
+            outs.send(2, 3)
+            third = client.next()
+            with pytest.raises(MatcherConfigError):
+                m.add_source(specs[2])
+            _wait_for(lambda: m.stats()["trains"]["sent"] == 3, "the third train settled")
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert [list(d) for d, _ in (first, second, third)] == [["A", "B"], ["A"], ["A", "C"]]
+    assert [next(iter(md.values()))["timestamp.tid"] for _, md in (first, second, third)] == [1, 2, 3]
+    assert (third[0]["C"]["data.image"] == 3 * 10 + 2).all()
+    tr = stats["trains"]
+    assert (tr["seen"], tr["matched"], tr["sent"], tr["pending"]) == (3, 3, 3, 0)
+    assert list(stats["sources"]) == ["A", "C"] and stats["sources"]["C"]["connects"] == 1
+    with pytest.raises(StateError):
+        m.add_source(specs[1])
+
+
+def test_detector_modules_are_stacked_as_the_replay_does(tmp_path):
+    ids = [f"SPB_IRDA_JF4M/DET/JNGFR{k:02d}:daqOutput" for k in (1, 2, 4)]  # module 3 absent
+    channels = [OutputChannel(c, hostname="127.0.0.1").start() for c in ids]
+    ep = f"ipc://{tmp_path}/app"
+    iid = "m_append"
+    try:
+        specs = [f"{c}=127.0.0.1:{ch.port}" for c, ch in zip(ids, channels)]
+        with TrainMatcher(specs, [(ep, "PUSH")], instance_id=iid, append_detector_modules=True,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=30) as client:
+            for k, ch in enumerate(channels):
+                ch.wait_for_inputs(copy=[f"{iid}:input{k}"], timeout=30)
+                h = Hash()
+                h["data.adc"] = np.full((2, 8, 4), k + 1, dtype=np.uint16)
+                h["data.frameNumber"] = k
+                ch.write(h, Timestamp(1_700_000_000, 0, 9))
+                ch.update()
+            data, meta = client.next()
+            assert m.stats()["trains"]["matched"] == 1
+    finally:
+        for ch in channels:
+            ch.close()
+    name = "SPB_IRDA_JF4M/DET/APPEND"
+    assert list(data) == [name] and meta[name]["source"] == name and meta[name]["timestamp.tid"] == 9
+    adc = data[name]["data.adc"]
+    assert adc.shape == (2, 4, 8, 4) and adc.dtype == np.uint16
+    assert [int(adc[:, i].max()) for i in range(4)] == [1, 2, 0, 3]  # module 3 filled with 0
+    assert data[name]["data.frameNumber"] == 0  # the other keys of the first module
+
+
+def test_clients_are_counted_and_infiniband_binds_a_port(tmp_path):
+    outs = Outputs(["A"])
+    ep = f"ipc://{tmp_path}/cl"
+    try:
+        m = TrainMatcher(outs.specs(), [(ep, "PUSH"), (0, "PUB")], use_infiniband=True, instance_id="m_cl")
+        with m:
+            assert m.endpoints[1].startswith("tcp://")  # no ib0 here: every interface
+            with kbstream.Client(ep, sock="PULL", timeout=30):
+                _wait_for(lambda: m.stats()["outputs"][0]["clients"] == 1, "the client")
+                assert m.stats()["clients"] == 1
+            _wait_for(lambda: m.stats()["clients"] == 0, "the client to leave")
+    finally:
+        outs.close()
+
+
+# ---------------------------------------------------------------- the identity end to end
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(order=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 25)), min_size=1, max_size=40,
+                      unique=True),
+       mode=st.sampled_from(["match", "buffer"]), queue_length=st.integers(1, 3))
+def test_every_train_seen_ends_exactly_once_through_real_sockets(tmp_path_factory, order, mode, queue_length):
+    """Items in a random order (per source and across sources) through real pipeline
+    connections into a matcher with a PUSH output (a client draining it) and a PUB output
+    nobody listens to: every train id seen ends as exactly one of sent, incomplete,
+    dropped or pending; the client gets exactly the trains counted sent, in increasing
+    order, each with its sources' own data."""
+    tmp = tmp_path_factory.mktemp("ident")
+    outs = Outputs(["A", "B", "C"])
+    ep = f"ipc://{tmp}/push"
+    iid = "m_ident"
+    got = []
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "PUSH"), (f"ipc://{tmp}/pub", "PUB")], mode=mode, buffer=3,
+                          max_wait=0.3, queue_length=queue_length, instance_id=iid,
+                          input_options={"onSlowness": "wait"}) as m, \
+                kbstream.Client(ep, sock="PULL", timeout=0.2) as client:
+            outs.wait(iid)
+            for k, tid in order:
+                outs.send(k, tid)
+            per_source = [sum(1 for k, _ in order if k == i) for i in range(3)]
+            _wait_for(lambda: [s["received"] for s in m.stats()["sources"].values()] == per_source, "the items")
+
+            def settled():
+                try:
+                    got.append(client.next())
+                except kbstream.ChannelTimeout:
+                    pass
+                return m.stats()["trains"]["pending"] == 0
+
+            _wait_for(settled, "every train to end")
+            stats = m.stats()
+            while len(got) < stats["trains"]["sent"]:  # the last ones may still be on the way
+                try:
+                    got.append(client.next())
+                except kbstream.ChannelTimeout:
+                    break
+    finally:
+        outs.close()
+    tr = stats["trains"]
+    assert tr["seen"] == tr["sent"] + tr["incomplete"] + tr["dropped"] + tr["pending"]
+    assert tr["pending"] == 0 and len(got) == tr["sent"]
+    tids = [next(iter(md.values()))["timestamp.tid"] for _, md in got]
+    assert tids == sorted(set(tids))
+    for data, meta in got:
+        tid = next(iter(meta.values()))["timestamp.tid"]
+        for name in data:
+            assert (name, tid) in {("ABC"[k], t) for k, t in order}
+            assert (data[name]["data.image"] == tid * 10 + "ABC".index(name)).all()
+        if mode == "match":
+            assert list(data) == ["A", "B", "C"]
+
+
+def test_when_full_wait_paces_the_inputs_by_the_client_and_drops_nothing(tmp_path):
+    import threading
+
+    outs = Outputs(["A"])
+    ep = f"ipc://{tmp_path}/wf"
+    iid = "m_wait_full"
+    n = 8
+    try:
+        with TrainMatcher(outs.specs(), [(ep, "REP")], instance_id=iid, queue_length=1, when_full="wait",
+                          input_options={"onSlowness": "wait"}) as m:
+            outs.wait(iid)
+            sender = threading.Thread(target=lambda: [outs.send(0, tid) for tid in range(1, n + 1)])
+            sender.start()
+            # nobody asks yet: the matcher holds one train queued and one in the sender, the
+            # input its own few items; the rest waits in the source instead of being dropped
+            _wait_for(lambda: m.stats()["trains"]["matched"] >= 2, "the first trains")
+            assert m.stats()["trains"]["dropped"] == 0
+            with kbstream.Client(ep, sock="REQ", timeout=30) as client:
+                got = [client.next() for _ in range(n)]
+            sender.join(30)
+            _wait_for(lambda: m.stats()["trains"]["sent"] == n, "every train settled")
+            stats = m.stats()
+    finally:
+        outs.close()
+    assert [md["A"]["timestamp.tid"] for _, md in got] == list(range(1, n + 1))
+    tr = stats["trains"]
+    assert (tr["seen"], tr["sent"], tr["dropped"], tr["pending"]) == (n, n, 0, 0)
+    with pytest.raises(MatcherConfigError):
+        TrainMatcher(["D:o=127.0.0.1:1"], [f"ipc://{tmp_path}/g"], when_full="block")
+
+
+@pytest.mark.parametrize("version", ["2.2", "1.0"])
+def test_the_missing_list_decodes_with_either_client_library(version):
+    """What a report_missing output adds is plain metadata: karabo_bridge's and kbstream's
+    decoders both return it as sent, in either protocol version."""
+    karabo_bridge = pytest.importorskip("karabo_bridge")
+    import zmq
+
+    from kbstream.bridge import source_metadata
+    from kbstream.matcher import MISSING_KEY
+
+    data = {"A": {"data.image": np.arange(6, dtype=np.uint16).reshape(2, 3), "data.n": 1}}
+    meta = {"A": {**source_metadata("A", 7, 1_700_000_000, 0), MISSING_KEY: ["B", "C"]}}
+    frames = [bytes(f) for f in kbstream.serialize(data, meta, version)]
+    for decode in (kbstream.deserialize, karabo_bridge.deserialize):
+        d, m = decode([zmq.Frame(f) for f in frames])
+        assert list(m["A"][MISSING_KEY]) == ["B", "C"] and m["A"]["timestamp.tid"] == 7
+        assert (d["A"]["data.image"] == data["A"]["data.image"]).all()

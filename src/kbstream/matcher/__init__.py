@@ -29,12 +29,15 @@ from .errors import (
     UnresolvedSourceError,
 )
 
-_LAZY = {"TrainMatcher": "matcher", "SourceSpec": "matcher", "parse_source": "matcher"}
+_LAZY = {"TrainMatcher": "matcher", "SourceSpec": "matcher", "parse_source": "matcher",
+         "parse_output": "matcher", "MISSING_KEY": "matcher"}
 
 __all__ = [
     "TrainMatcher",
     "SourceSpec",
     "parse_source",
+    "parse_output",
+    "MISSING_KEY",
     "MatchCore",
     "Train",
     "MODES",

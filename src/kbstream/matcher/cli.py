@@ -1,12 +1,18 @@
 """``kbstream-bridge`` (also ``kbstream bridge``): match pipeline outputs, serve the trains.
 
-    kbstream-bridge SOURCE... [--mode match|buffer] [--buffer N] [--max-wait S]
-                    [--port PORT_OR_ENDPOINT] [-z REP|PUB|PUSH] [--protocol-version 2.2|1.0]
-                    [--stats FILE]
+    kbstream-bridge SOURCE... [--offset NAME=N]... [--mode match|buffer] [--buffer N]
+                    [--max-wait S] [--port PORT_OR_ENDPOINT[,SOCK][,missing]]...
+                    [-z REP|PUB|PUSH] [--protocol-version 2.2|1.0] [--use-infiniband]
+                    [--append-detector-modules] [--on-slowness drop|queueDrop|wait]
+                    [--when-full drop|wait]
+                    [--stats FILE] [--interval S] [--quiet]
 
 Each SOURCE is ``[ALIAS@]DEVICE:CHANNEL=HOST:PORT``.  Runs until SIGINT or SIGTERM, then
-closes the inputs and the output, writes the statistics as JSON to ``--stats`` (if given)
-and prints a one-line summary.  Options and counters: ``docs/matcher.md``.
+closes the inputs and the outputs, writes the statistics as JSON to ``--stats`` (if
+given), prints a one-line summary and exits with status 0.  While it runs, a table of the
+sources, trains and clients refreshes about once a second on a terminal; when stdout is
+not a terminal, one plain line per interval is printed instead.  Options and counters:
+``docs/matcher.md``.
 """
 
 import argparse
@@ -15,13 +21,25 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from .core import DEFAULT_BUFFER, MODES
 from .errors import MatcherError
 
-__all__ = ["main", "summary"]
+__all__ = ["main", "summary", "status_line", "status_table", "parse_offset"]
 
 log = logging.getLogger("kbstream.matcher")
+
+
+def parse_offset(text):
+    """``NAME=N`` -> ``(NAME, N)`` (N an integer, may be negative)."""
+    name, eq, number = text.rpartition("=")
+    try:
+        if not eq or not name:
+            raise ValueError
+        return name, int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N with an integer N, not {text!r}") from None
 
 
 def _parser():
@@ -31,6 +49,9 @@ def _parser():
                     "matched train to Karabo Bridge clients.")
     ap.add_argument("sources", nargs="+", metavar="SOURCE",
                     help="[ALIAS@]DEVICE:CHANNEL=HOST:PORT (a pipeline output and its endpoint)")
+    ap.add_argument("--offset", action="append", type=parse_offset, default=[], metavar="NAME=N",
+                    help="train-id offset of source NAME (its alias or DEVICE:CHANNEL): its item "
+                         "for train t belongs to train t+N; repeatable")
     ap.add_argument("--mode", choices=MODES, default="match",
                     help="match: send a train once every source has it; buffer: keep N trains "
                          "and send the oldest, complete or not (default match)")
@@ -39,13 +60,29 @@ def _parser():
     ap.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
                     help="end a train that waited this long for items (match: give it up; "
                          "buffer: send it as it is)")
-    ap.add_argument("--port", default="4545", metavar="PORT_OR_ENDPOINT",
-                    help="bridge port (all interfaces) or ZeroMQ endpoint (default 4545)")
+    ap.add_argument("--port", action="append", default=None, metavar="PORT_OR_ENDPOINT[,SOCK][,missing]",
+                    help="a bridge output: port (all interfaces) or ZeroMQ endpoint, optionally "
+                         "its own socket type and 'missing' (list the sources a train lacks in "
+                         "its metadata); repeatable (default 4545)")
     ap.add_argument("-z", "--socket", dest="sock", choices=("REP", "PUB", "PUSH"), default="REP",
-                    help="bridge socket type (default REP)")
+                    help="bridge socket type of outputs that name none (default REP)")
     ap.add_argument("--protocol-version", choices=("2.2", "1.0"), default="2.2",
                     help="Karabo Bridge protocol version (default 2.2)")
+    ap.add_argument("--use-infiniband", action="store_true",
+                    help="bind outputs given as a port number on the ib0 interface")
+    ap.add_argument("--append-detector-modules", action="store_true",
+                    help="combine AGIPD, LPD, DSSC or JUNGFRAU module sources into one source "
+                         "(as karabo-bridge-serve-run)")
+    ap.add_argument("--on-slowness", choices=("drop", "queueDrop", "wait"), default="drop",
+                    help="what the sources do when the matcher falls behind (the inputs' "
+                         "onSlowness; default drop, as Karabo's)")
+    ap.add_argument("--when-full", choices=("drop", "wait"), default="drop",
+                    help="when a client is slow and its output queue full: drop the oldest train "
+                         "(default; the sources never wait) or make the inputs wait")
     ap.add_argument("--stats", metavar="FILE", help="write the statistics as JSON here at exit")
+    ap.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                    help="seconds between two refreshes of the table / status lines (default 1)")
+    ap.add_argument("--quiet", action="store_true", help="no table or status lines while running")
     return ap
 
 
@@ -58,16 +95,59 @@ def summary(stats):
             f"{t['incomplete']} incomplete, {t['dropped']} dropped, {t['pending']} pending; {src}")
 
 
+def _out_rate(stats, previous, dt):
+    if previous is None or dt <= 0:
+        return 0.0
+    return max(0, stats["trains"]["sent"] - previous["trains"]["sent"]) / dt
+
+
+def status_line(stats, rate=0.0):
+    """One plain line (no control characters): trains, clients, and per source
+    received / missing / latency / rate / status."""
+    t = stats["trains"]
+    src = "; ".join(f"{name} {s['received']} rcv {s['missing']} miss lat {s['latency']} "
+                    f"{s['rate']:.1f}/s {s['status']}" for name, s in stats["sources"].items())
+    return (f"trains seen {t['seen']} matched {t['matched']} sent {t['sent']} incomplete "
+            f"{t['incomplete']} dropped {t['dropped']} pending {t['pending']} | {rate:.1f} trains/s | "
+            f"clients {stats.get('clients', 0)} | {src}")
+
+
+def status_table(stats, rate=0.0):
+    """The live view: a rich Table of the sources, titled with the train counters."""
+    from rich.table import Table
+
+    t = stats["trains"]
+    table = Table(
+        title=(f"trains: {t['seen']} seen, {t['matched']} matched, {t['sent']} sent, "
+               f"{t['incomplete']} incomplete, {t['dropped']} dropped, {t['pending']} pending  "
+               f"| {rate:.1f} trains/s | {stats.get('clients', 0)} clients"),
+        title_justify="left")
+    for col in ("source", "received", "missing", "latency", "rate /s", "status"):
+        table.add_column(col, justify="left" if col in ("source", "status") else "right")
+    for name, s in stats["sources"].items():
+        table.add_row(name, str(s["received"]), str(s["missing"]),
+                      "-" if s["latency"] is None else str(s["latency"]), f"{s['rate']:.1f}", s["status"])
+    return table
+
+
 def main(argv=None):
     """Run the matcher until SIGINT / SIGTERM; returns the exit status (2: bad arguments)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from ..errors import KbStreamError
-    from .matcher import TrainMatcher
+    from .matcher import TrainMatcher, parse_output
 
+    if args.interval <= 0:
+        print("kbstream-bridge: --interval must be > 0", file=sys.stderr)
+        return 2
     try:
-        matcher = TrainMatcher(args.sources, [(args.port, args.sock)], mode=args.mode, buffer=args.buffer,
-                               max_wait=args.max_wait, protocol_version=args.protocol_version)
+        outputs = [parse_output(p, args.sock) for p in (args.port or ["4545"])]
+        outputs = [(ep, sock, {"report_missing": missing}) for ep, sock, missing in outputs]
+        matcher = TrainMatcher(args.sources, outputs, mode=args.mode, buffer=args.buffer,
+                               max_wait=args.max_wait, protocol_version=args.protocol_version,
+                               offsets=dict(args.offset), use_infiniband=args.use_infiniband,
+                               append_detector_modules=args.append_detector_modules,
+                               input_options={"onSlowness": args.on_slowness}, when_full=args.when_full)
     except (MatcherError, KbStreamError) as e:
         print(f"kbstream-bridge: {e}", file=sys.stderr)
         return 2
@@ -77,13 +157,33 @@ def main(argv=None):
         done.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    live = None
     try:
         with matcher:
+            outs = ", ".join(f"{ep} ({sock})" for ep, (_, sock, _) in zip(matcher.endpoints, outputs))
             print(f"kbstream-bridge: {len(matcher.specs)} sources, {args.mode} mode, serving on "
-                  f"{matcher.endpoints[0]} ({args.sock})", flush=True)
-            while not done.wait(0.5):
-                pass
+                  f"{outs}", flush=True)
+            tty = not args.quiet and sys.stdout.isatty()
+            previous, last = None, time.monotonic()
+            if tty:
+                from rich.console import Console
+                from rich.live import Live
+
+                live = Live(status_table(matcher.stats()), console=Console(), auto_refresh=False)
+                live.start()
+            while not done.wait(args.interval):
+                if args.quiet:
+                    continue
+                st, now = matcher.stats(), time.monotonic()
+                rate = _out_rate(st, previous, now - last)
+                previous, last = st, now
+                if live is not None:
+                    live.update(status_table(st, rate), refresh=True)
+                else:
+                    print(status_line(st, rate), flush=True)
     finally:
+        if live is not None:
+            live.stop()
         for s, h in old.items():
             signal.signal(s, h)
     stats = matcher.stats()

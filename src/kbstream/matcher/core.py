@@ -42,7 +42,9 @@ Counters (:meth:`MatchCore.stats`)
     ``matched``     trains handed out with every source present
     ``sent``        trains an output delivered (:meth:`MatchCore.settle` ``"sent"``)
     ``incomplete``  trains given up because sources were missing, by reason
-                    (``superseded``, ``max_wait``, ``buffer_full``)
+                    (``superseded``, ``max_wait``, ``buffer_full``; ``source_removed``:
+                    in ``buffer`` mode, a train whose only items came from sources
+                    removed since, which is not sent empty)
     ``dropped``     trains handed out but delivered by no output, by reason
                     (``output_full``: pushed out of a full output queue; ``no_subscriber``:
                     a PUB output without a subscriber for it; ``unencodable``: it could
@@ -58,6 +60,18 @@ source minus this source's newest), ``rate`` (items per second over the last
 :data:`RATE_WINDOW` items, falling when items stop), ``status`` (``waiting`` before the
 first item, ``stale`` after :data:`STALE_AFTER` seconds without one, else ``ok``),
 ``late`` and ``duplicates`` (a second item of one source for one train: ignored).
+
+Sources added and removed while running
+    :meth:`MatchCore.add_source` adds a source: from then on a train is complete only
+    with its item too (trains waiting at that moment included; in ``match`` mode they
+    complete if the new source sends them, else a later train supersedes them).
+    :meth:`MatchCore.remove_source` removes one: its items are taken out of the waiting
+    trains, which may make some complete (``match`` hands them out at once, newest
+    complete last, giving up older incomplete ones as usual).  ``missing`` is counted
+    for the sources configured when a train ends; a removed source's counters leave
+    :meth:`~MatchCore.stats` (``removed`` counts the sources removed).  The train
+    counters are untouched by either, so ``seen == sent + incomplete + dropped +
+    pending`` keeps holding.
 """
 
 import collections
@@ -82,7 +96,7 @@ DEFAULT_MAX_PENDING = 100
 #: trains kept in ``buffer`` mode
 DEFAULT_BUFFER = 5
 #: why a train was given up
-INCOMPLETE_REASONS = ("superseded", "max_wait", "buffer_full")
+INCOMPLETE_REASONS = ("superseded", "max_wait", "buffer_full", "source_removed")
 #: why a handed-out train reached no client
 DROPPED_REASONS = ("output_full", "no_subscriber", "unencodable")
 #: items per source the rate is computed over
@@ -182,6 +196,7 @@ class MatchCore:
         if not self._sources:
             raise MatcherConfigError("a matcher needs at least one source")
         self._names = tuple(self._sources)
+        self.removed = 0
         self._pending = {}  # tid -> Train, waiting for items
         self._queued = set()  # tids handed out, not settled
         self._floor = None  # every tid <= floor is final
@@ -285,6 +300,60 @@ class MatchCore:
                 self._flush_upto(last, ready)
         return ready
 
+    # ------------------------------------------------------------ sources
+
+    def add_source(self, name, offset=0):
+        """Add a source (module docstring).
+
+        Raises
+        ------
+        MatcherConfigError
+            a bad name or offset, or a name the matcher has already.
+        """
+        if not isinstance(name, str) or not name:
+            raise MatcherConfigError(f"a source name must be a non-empty str, not {name!r}")
+        if name in self._sources:
+            raise MatcherConfigError(f"source {name!r} is given twice")
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise MatcherConfigError(f"the offset of {name!r} must be an int, not {offset!r}")
+        self._sources[name] = _Source(name, offset)
+        self._names = tuple(self._sources)
+        for train in self._pending.values():
+            train.complete = False
+
+    def remove_source(self, name):
+        """Remove a source; returns the trains that became ready (``match`` mode: the
+        waiting trains that are complete without it).
+
+        Raises
+        ------
+        UnknownSourceError
+            no source of that name.
+        MatcherConfigError
+            it is the last source.
+        """
+        if name not in self._sources:
+            raise UnknownSourceError(f"no source named {name!r}", name)
+        if len(self._sources) == 1:
+            raise MatcherConfigError("a matcher needs at least one source: the last one cannot be removed")
+        del self._sources[name]
+        self._names = tuple(self._sources)
+        self.removed += 1
+        ready = []
+        n = len(self._names)
+        for tid in sorted(self._pending):
+            train = self._pending.get(tid)
+            if train is None:  # given up while handing out a newer one
+                continue
+            train.parts.pop(name, None)
+            if len(train.parts) == n and train.parts:
+                train.complete = True
+                if self.mode == "match":
+                    self._give_up_upto(tid - 1, "superseded")
+                    del self._pending[tid]
+                    self._hand_out(train, ready)
+        return ready
+
     # ------------------------------------------------------------ output
 
     def settle(self, tid, outcome, reason=None):
@@ -349,7 +418,15 @@ class MatchCore:
         """Hand out every pending train with id <= tid, oldest first (buffer mode)."""
         old = sorted(t for t in self._pending if t <= tid)
         for t in old:
-            self._hand_out(self._pending.pop(t), ready)
+            train = self._pending.pop(t)
+            if train.parts:
+                self._hand_out(train, ready)
+            else:  # its only items came from sources removed since
+                for name in self._names:
+                    self._sources[name].missing += 1
+                self.incomplete_by["source_removed"] += 1
+                if self._floor is None or t > self._floor:
+                    self._floor = t
 
     # ------------------------------------------------------------ statistics
 

@@ -23,7 +23,10 @@ What a bridge client gets for a train: ``{source name: {flat key: value}}`` (the
 Hash flattened as :func:`kbstream.bridge.flatten_hash` does; arrays are the received
 arrays, not copies) and per source the metadata of :func:`kbstream.bridge.source_metadata`:
 the source name, the item's Karabo timestamp and the matched train id (the item's train
-id plus the source's offset, the same for every source of the train).
+id plus the source's offset, the same for every source of the train).  An output opened
+with ``report_missing`` also puts into every source's metadata :data:`MISSING_KEY`, the
+list of the sources the train lacks (empty for a complete train); other outputs send
+exactly what a Karabo Bridge client expects (``docs/matcher.md``).
 """
 
 import logging
@@ -31,14 +34,19 @@ import threading
 import time
 from collections import deque
 
+import zmq
+
 from .._lifecycle import Lifecycle
-from ..bridge import ENCODE_VERSIONS, flatten_hash, source_metadata
+from ..bridge import ENCODE_VERSIONS, flatten_hash, serialize, source_metadata
+from ..bridge.stacking import ModuleStacker
 from ..bridge.sender import EMPTY, POLL_INTERVAL, SENT, STOPPED, Sender, run
 from ..pipeline import ConnectionStatus, InputChannel
 from .core import DEFAULT_BUFFER, DEFAULT_MAX_PENDING, MatchCore
-from .errors import MatcherConfigError, SourceSpecError, UnresolvedSourceError
+from .errors import (MatcherConfigError, MatcherStateError, SourceSpecError, UnknownSourceError,
+                     UnresolvedSourceError)
 
-__all__ = ["TrainMatcher", "SourceSpec", "parse_source", "DEFAULT_QUEUE_LENGTH", "DEFAULT_OUTPUT"]
+__all__ = ["TrainMatcher", "SourceSpec", "parse_source", "parse_output", "DEFAULT_QUEUE_LENGTH",
+           "DEFAULT_OUTPUT", "MISSING_KEY"]
 
 log = logging.getLogger("kbstream.matcher")
 
@@ -46,6 +54,9 @@ log = logging.getLogger("kbstream.matcher")
 DEFAULT_QUEUE_LENGTH = 4
 #: the bridge output when none is given: REP on port 4545 of every interface
 DEFAULT_OUTPUT = ("tcp://*:4545", "REP")
+#: the metadata key (every source of a train) listing the sources the train lacks, on
+#: outputs opened with ``report_missing``
+MISSING_KEY = "kbstream.missing"
 #: seconds between two checks for trains that waited ``max_wait``
 _TICK = 0.1
 #: seconds close() waits for the output and tick threads, all together
@@ -115,6 +126,50 @@ def parse_source(text, offset=0):
     return SourceSpec(alias or output, device, channel, host, port, offset)
 
 
+def parse_output(output, sock="REP"):
+    """One bridge output as ``(endpoint, sock, report_missing)``.
+
+    Accepted: a port number or endpoint (``sock`` is used); ``(endpoint, sock)``;
+    ``(endpoint, sock, {"report_missing": bool})``; or the command line's text
+    ``PORT_OR_ENDPOINT[,SOCK][,missing]`` (``4545``, ``tcp://*:4545,PUB``,
+    ``ipc:///tmp/m,PUSH,missing``).
+
+    Raises
+    ------
+    MatcherConfigError
+        an unknown socket type or option.
+    """
+    options = {}
+    if isinstance(output, (str, int)) and not isinstance(output, bool):
+        endpoint = output
+        if isinstance(output, str) and "," in output:
+            endpoint, *extra = output.split(",")
+            for word in extra:
+                if word.upper() in ("REP", "PUB", "PUSH"):
+                    sock = word.upper()
+                elif word == "missing":
+                    options["report_missing"] = True
+                else:
+                    raise MatcherConfigError(f"output {output!r}: unknown option {word!r} "
+                                             "(expected REP, PUB, PUSH or missing)")
+    else:
+        try:
+            endpoint, sock, *more = output
+        except (TypeError, ValueError):
+            raise MatcherConfigError(f"an output must be an endpoint or (endpoint, sock[, options]), "
+                                     f"not {output!r}") from None
+        if more:
+            if len(more) > 1 or not isinstance(more[0], dict):
+                raise MatcherConfigError(f"output {output!r}: options must be one dict")
+            options = dict(more[0])
+    if sock not in ("REP", "PUB", "PUSH"):
+        raise MatcherConfigError(f"output socket must be REP, PUB or PUSH, not {sock!r}")
+    report_missing = options.pop("report_missing", False)
+    if options:
+        raise MatcherConfigError(f"output {output!r}: unknown options {sorted(options)}")
+    return endpoint, sock, bool(report_missing)
+
+
 class _Token:
     """A train handed to the outputs: how many have yet to report, and what they did."""
 
@@ -130,9 +185,14 @@ class _Token:
 class _Output:
     """One bridge output: its sender, its bounded queue and its thread."""
 
-    def __init__(self, sender, queue_length, name):
+    def __init__(self, sender, queue_length, name, report_missing=False):
         self.sender = sender
+        self.report_missing = report_missing
         self.endpoint = sender.bound_endpoint
+        self.clients = 0
+        # connection events of the bound socket (set up before its thread runs; read by
+        # stats() under the matcher's lock only)
+        self.monitor = sender._socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.queue = deque()
         self.queue_length = queue_length
         self.cond = threading.Condition()
@@ -140,16 +200,35 @@ class _Output:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.run_args = None
 
-    def push(self, item):
-        """Append a train; returns the one pushed out of a full queue, or None."""
+    def push(self, item, evict=True):
+        """Append a train; returns the one pushed out of a full queue (with ``evict``), or
+        None."""
         with self.cond:
             evicted = None
-            if len(self.queue) >= self.queue_length:
+            if evict and len(self.queue) >= self.queue_length:
                 evicted = self.queue.popleft()
                 self.dropped += 1
             self.queue.append(item)
             self.cond.notify()
         return evicted
+
+    def count_clients(self):
+        """Clients connected now, from the socket's connection events so far."""
+        while not self.monitor.closed:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.clients
+            event = int.from_bytes(frames[0][:2], "little")
+            if event == zmq.EVENT_ACCEPTED:
+                self.clients += 1
+            elif event == zmq.EVENT_DISCONNECTED and self.clients > 0:
+                self.clients -= 1
+        return self.clients
+
+    def close(self):
+        self.monitor.close(linger=0)
+        self.sender.close()
 
     def next_train(self):
         with self.cond:
@@ -157,13 +236,21 @@ class _Output:
                 self.cond.wait(POLL_INTERVAL)
                 if not self.queue:
                     return EMPTY
-            return self.queue.popleft()
+            item = self.queue.popleft()
+            self.cond.notify_all()  # room for a waiting input (when_full="wait")
+            return item
+
+    def wait_for_room(self, closing):
+        """Block until the queue has room or ``closing`` is set (the lock is not held)."""
+        with self.cond:
+            while len(self.queue) >= self.queue_length and not closing.is_set():
+                self.cond.wait(POLL_INTERVAL)
 
     def _run(self):
-        stop, protocol_version, on_sent, on_error = self.run_args
+        stop, protocol_version, on_sent, on_error, serialize = self.run_args
         try:
             run(self.sender, self.next_train, stop, protocol_version=protocol_version,
-                on_sent=on_sent, on_error=on_error)
+                on_sent=on_sent, on_error=on_error, serialize=serialize)
         except Exception:
             log.exception("bridge output %s failed", self.endpoint)
 
@@ -182,8 +269,9 @@ class TrainMatcher(Lifecycle):
         ``[ALIAS@]DEVICE:CHANNEL[=HOST:PORT]`` strings or :class:`SourceSpec` objects.
     outputs : iterable
         Bridge outputs, each ``(endpoint, sock)`` (sock ``'REP'``, ``'PUB'`` or
-        ``'PUSH'``; endpoint as :func:`kbstream.bridge.parse_endpoint`) or a bare
-        endpoint (REP).  Default: :data:`DEFAULT_OUTPUT`.
+        ``'PUSH'``; endpoint as :func:`kbstream.bridge.parse_endpoint`), ``(endpoint,
+        sock, {"report_missing": True})``, or a bare endpoint (REP); see
+        :func:`parse_output`.  Default: :data:`DEFAULT_OUTPUT`.
     mode : {'match', 'buffer'}
     buffer : int
         Trains kept in ``buffer`` mode.
@@ -200,10 +288,25 @@ class TrainMatcher(Lifecycle):
         Bridge protocol of every output.
     queue_length : int
         Trains each output may hold (:data:`DEFAULT_QUEUE_LENGTH`).
+    when_full : {'drop', 'wait'}
+        What happens when an output's queue is full: ``drop`` (default) drops its oldest
+        train (counted), so a slow client never stalls the inputs; ``wait`` makes the
+        inputs wait for room (no lock held) before they offer the next item, so the
+        sources are paced by the slowest client (with ``onSlowness="wait"`` inputs,
+        nothing is lost anywhere).  A queue then never drops: it may exceed
+        ``queue_length`` by the trains that several inputs complete at the same moment
+        (in ``match`` mode at most one per input, plus what a :meth:`remove_source`
+        completes).
     instance_id : str
         The inputs are named ``<instance_id>:input<i>`` towards the pipeline outputs.
     input_options : dict, optional
         More keyword arguments for each InputChannel (e.g. ``onSlowness``).
+    use_infiniband : bool
+        Bind outputs given as a bare port number on interface ``ib0`` (as serve-run).
+    append_detector_modules : bool
+        Stack the module sources of one detector into one ``<det>/DET/APPEND`` source
+        (:class:`kbstream.bridge.stacking.ModuleStacker`, the replay's code), in each
+        output's thread; this copies the module arrays into the stacked one.
     context : zmq.Context, optional
         For the bridge sockets; never terminated here.
     clock : callable
@@ -224,7 +327,8 @@ class TrainMatcher(Lifecycle):
     def __init__(self, sources, outputs=(DEFAULT_OUTPUT,), *, mode="match", buffer=DEFAULT_BUFFER,
                  max_pending=DEFAULT_MAX_PENDING, max_wait=None, offsets=None, resolver=None,
                  protocol_version="2.2", queue_length=DEFAULT_QUEUE_LENGTH, instance_id="kbstream_matcher",
-                 input_options=None, context=None, clock=time.monotonic):
+                 input_options=None, context=None, clock=time.monotonic, use_infiniband=False,
+                 append_detector_modules=False, when_full="drop"):
         Lifecycle.__init__(self)
         offsets = dict(offsets or {})
         specs = []
@@ -251,42 +355,53 @@ class TrainMatcher(Lifecycle):
         # checks the sources (names unique, offsets) and the matching options
         self._core = MatchCore([(s.name, s.offset) for s in specs], mode=mode, buffer=buffer,
                                max_pending=max_pending, max_wait=max_wait)
-        outs = []
-        for o in outputs:
-            endpoint, sock = (o, "REP") if isinstance(o, (str, int)) else tuple(o)
-            if sock not in ("REP", "PUB", "PUSH"):
-                raise MatcherConfigError(f"output socket must be REP, PUB or PUSH, not {sock!r}")
-            outs.append((endpoint, sock))
+        outs = [parse_output(o) for o in outputs]
         if not outs:
             raise MatcherConfigError("a matcher needs at least one bridge output")
+        if when_full not in ("drop", "wait"):
+            raise MatcherConfigError(f"when_full must be 'drop' or 'wait', not {when_full!r}")
+        self.when_full = when_full
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._closing = threading.Event()
         self._outputs = []
         try:
-            for i, (endpoint, sock) in enumerate(outs):
-                sender = Sender(endpoint, sock, context=context)
-                out = _Output(sender, queue_length, f"{instance_id}-output{i}")
-                out.run_args = (self._stop, protocol_version, self._on_sent, self._on_error)
+            for i, (endpoint, sock, report_missing) in enumerate(outs):
+                sender = Sender(endpoint, sock, context=context, use_infiniband=use_infiniband)
+                try:
+                    out = _Output(sender, queue_length, f"{instance_id}-output{i}", report_missing)
+                except BaseException:
+                    sender.close()
+                    raise
+                out.run_args = (self._stop, protocol_version, self._on_sent, self._on_error,
+                                self._serialize)
                 self._outputs.append(out)
         except BaseException:
             for out in self._outputs:
-                out.sender.close()
+                out.close()
             raise
+        self._instance_id = instance_id
+        self._resolver = resolver
+        self._append = bool(append_detector_modules)
+        self._stacker = None
+        if self._append:
+            self._stacker = ModuleStacker([s.name for s in specs])
+        self._connects = {}  # source name -> times its input connected
         self._connection = {}  # source name -> ConnectionStatus
         self._inputs = []
         options = {"onSlowness": "drop"}
         options.update(input_options or {})
-        for i, spec in enumerate(specs):
+        self._input_options = options
+        self._next_input = 0  # inputs are numbered in the order they are made
+        for spec in specs:
             try:
-                inp = InputChannel(f"{instance_id}:input{i}", resolver=resolver, **options)
+                self._inputs.append(self._make_input(spec))
             except BaseException:
+                for inp in self._inputs:
+                    inp.close()
                 for out in self._outputs:
-                    out.sender.close()
+                    out.close()
                 raise
-            inp.register_data_handler(self._handler(spec.name))
-            inp.register_connection_tracker(self._tracker(spec.name))
-            self._connection[spec.name] = ConnectionStatus.DISCONNECTED
-            self._inputs.append(inp)
         self._ticker = None
         if max_wait is not None:
             self._ticker = threading.Thread(target=self._tick_loop, name=f"{instance_id}-tick", daemon=True)
@@ -305,20 +420,35 @@ class TrainMatcher(Lifecycle):
 
     # ------------------------------------------------------------ life cycle
 
+    def _make_input(self, spec):
+        inp = InputChannel(f"{self._instance_id}:input{self._next_input}", resolver=self._resolver,
+                           **self._input_options)
+        self._next_input += 1
+        inp.register_data_handler(self._handler(spec.name))
+        inp.register_connection_tracker(self._tracker(spec.name))
+        self._connection[spec.name] = ConnectionStatus.DISCONNECTED
+        self._connects[spec.name] = 0
+        return inp
+
+    @staticmethod
+    def _connect(spec, inp):
+        if spec.host is not None:
+            inp.connect({"hostname": spec.host, "port": spec.port, "connectionType": "tcp"},
+                        output_id=spec.output_id)
+        else:
+            inp.connected_output_channels = [spec.output_id]
+
     def _start(self):
         for out in self._outputs:
             out.thread.start()
         if self._ticker is not None:
             self._ticker.start()
         for spec, inp in zip(self.specs, self._inputs):
-            if spec.host is not None:
-                inp.connect({"hostname": spec.host, "port": spec.port, "connectionType": "tcp"},
-                            output_id=spec.output_id)
-            else:
-                inp.connected_output_channels = [spec.output_id]
+            self._connect(spec, inp)
             inp.start()
 
     def _close(self):
+        self._closing.set()
         for inp in self._inputs:
             inp.close()
         self._stop.set()
@@ -329,8 +459,76 @@ class TrainMatcher(Lifecycle):
         for t in threads:
             if t.is_alive() and t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:  # stats() reads the monitors under it
+            for out in self._outputs:
+                out.monitor.close(linger=0)
         for out in self._outputs:
-            out.sender.close()
+            out.close()
+
+    # ------------------------------------------------------------ sources while running
+
+    def add_source(self, source, offset=0):
+        """Add a source (``[ALIAS@]DEVICE:CHANNEL[=HOST:PORT]`` or a :class:`SourceSpec`)
+        while running (or before :meth:`start`); from now on a train is complete only
+        with its item too.  Returns its :class:`SourceSpec`.
+
+        Raises
+        ------
+        SourceSpecError, UnresolvedSourceError, MatcherConfigError
+            as the constructor, e.g. a name the matcher has already.
+        MatcherStateError
+            the matcher is closed.
+        """
+        spec = parse_source(source, offset if not isinstance(source, SourceSpec) else 0)
+        if spec.host is None and self._resolver is None:
+            raise UnresolvedSourceError(
+                f"source {spec.name!r} has no endpoint: give it as {spec.output_id}=HOST:PORT", source)
+        if self.closed:
+            raise MatcherStateError(f"add_source({spec.name!r}) on a closed matcher")
+        with self._lock:
+            self._core.add_source(spec.name, spec.offset)  # checks the name
+            inp = self._make_input(spec)
+            self.specs.append(spec)
+            self._inputs.append(inp)
+            self._restack()
+        if self.started:
+            self._connect(spec, inp)
+            inp.start()
+        return spec
+
+    def remove_source(self, name):
+        """Remove the source ``name`` while running: its input is closed, its items leave
+        the waiting trains (which may complete them).
+
+        Raises
+        ------
+        UnknownSourceError
+            no source of that name.
+        MatcherConfigError
+            it is the last source.
+        """
+        with self._lock:
+            names = [s.name for s in self.specs]
+            if name not in names:
+                raise UnknownSourceError(f"no source named {name!r}", name)
+            if len(names) == 1:
+                raise MatcherConfigError("a matcher needs at least one source: the last one cannot be removed")
+            i = names.index(name)
+            inp = self._inputs.pop(i)
+            del self.specs[i]
+        inp.close()  # outside the lock: its handler thread may be waiting for it
+        with self._lock:
+            ready = self._core.remove_source(name)
+            self._connection.pop(name, None)
+            self._connects.pop(name, None)
+            self._restack()
+            if ready:
+                self._dispatch(ready)
+
+    def _restack(self):
+        """A new module stacker for the sources now (lock held)."""
+        if self._append:
+            self._stacker = ModuleStacker([s.name for s in self.specs])
 
     def wait_connected(self, timeout=10.0):
         """Wait until every source is connected (:class:`~kbstream.pipeline.ConnectTimeout`
@@ -344,11 +542,18 @@ class TrainMatcher(Lifecycle):
     def _handler(self, name):
         add = self._core.add
         clock = self._clock
+        wait = self.when_full == "wait"
 
         def on_item(data, meta):
+            if wait:
+                for out in self._outputs:
+                    out.wait_for_room(self._closing)
             values, _ = flatten_hash(data)
             with self._lock:
-                ready = add(name, meta.tid, (values, meta.timestamp), clock())
+                try:
+                    ready = add(name, meta.tid, (values, meta.timestamp), clock())
+                except UnknownSourceError:
+                    return  # an item of a source being removed
                 if ready:
                     self._dispatch(ready)
 
@@ -356,13 +561,28 @@ class TrainMatcher(Lifecycle):
 
     def _tracker(self, name):
         def track(output_id, status):
-            self._connection[name] = status
+            if name in self._connection:
+                self._connection[name] = status
+                if status is ConnectionStatus.CONNECTED:
+                    self._connects[name] = self._connects.get(name, 0) + 1
 
         return track
+
+    def _serialize(self, data, metadata, protocol_version, dummy_timestamps):
+        """What each output thread sends: the train, its detector modules stacked first
+        with ``append_detector_modules``."""
+        stacker = self._stacker
+        if stacker is not None:
+            data = dict(data)  # the outputs share the train: stack into copies of the maps
+            metadata = dict(metadata)
+            stacker.stack(data, metadata)
+        return serialize(data, metadata, protocol_version, dummy_timestamps)
 
     def _dispatch(self, ready):
         """Hand trains to every output (lock held)."""
         n = len(self._outputs)
+        reporting = any(out.report_missing for out in self._outputs)
+        evict = self.when_full == "drop"
         for train in ready:
             tid = train.tid
             data = {}
@@ -372,8 +592,13 @@ class TrainMatcher(Lifecycle):
                 metadata[name] = source_metadata(name, tid, ts.sec, ts.frac)
             token = _Token(tid, n)
             item = (data, metadata, token)
+            item_missing = None
+            if reporting:
+                missing = [] if train.complete else [s.name for s in self.specs if s.name not in data]
+                item_missing = (data, {name: {**m, MISSING_KEY: missing} for name, m in metadata.items()},
+                                token)
             for out in self._outputs:
-                evicted = out.push(item)
+                evicted = out.push(item_missing if out.report_missing else item, evict)
                 if evicted is not None:
                     self._report(evicted[2], False, "output_full")
 
@@ -388,14 +613,13 @@ class TrainMatcher(Lifecycle):
         """One output is done with a train (lock held)."""
         token.left -= 1
         if sent:
-            token.sent = True
+            if not token.sent:  # sent as soon as one output delivered it
+                token.sent = True
+                self._core.settle(token.tid, "sent")
         else:
             token.reason = reason
-        if token.left == 0:
-            if token.sent:
-                self._core.settle(token.tid, "sent")
-            else:
-                self._core.settle(token.tid, "dropped", token.reason)
+        if token.left == 0 and not token.sent:
+            self._core.settle(token.tid, "dropped", token.reason)
 
     def _on_sent(self, token, outcome, tracker):
         if outcome is STOPPED:
@@ -420,17 +644,22 @@ class TrainMatcher(Lifecycle):
         """
         with self._lock:
             st = self._core.stats(self._clock())
+            connects = dict(self._connects)
+            clients = [out.count_clients() for out in self._outputs]
         for name, s in st["sources"].items():
             conn = self._connection.get(name)
             if conn is ConnectionStatus.DISCONNECTED:
                 s["status"] = "disconnected"
             elif conn is ConnectionStatus.CONNECTING:
                 s["status"] = "connecting"
+            s["connects"] = connects.get(name, 0)
         st["outputs"] = [
             {"endpoint": out.endpoint, "sock": out.sender.sock_type, "sent": out.sender.sent,
-             "dropped": out.dropped + out.sender.dropped, "queued": len(out.queue)}
-            for out in self._outputs
+             "dropped": out.dropped + out.sender.dropped, "queued": len(out.queue),
+             "clients": n, "report_missing": out.report_missing}
+            for out, n in zip(self._outputs, clients)
         ]
+        st["clients"] = sum(clients)
         return st
 
     def __repr__(self):
