@@ -11,6 +11,7 @@ Rooms, each with one job (arrows point down)::
     _pure.py    its pure-Python twin       } provide _rules.PUBLIC_API; no sockets, no zmq
     _rules.py   limits, shared checks and messages, the timestamp metadata builder
     _memory.py  keep_large_buffers: the receive-side allocator setting
+    stacking.py ModuleStacker: detector modules stacked into one source (replay, matcher)
 
 The codec names are loaded with the package; the socket names (servers, client, sender)
 on first use, so code that only encodes or decodes never loads zmq.
