@@ -141,9 +141,7 @@ class KaraboOutput:
                 tid, data, metadata = self._queue.popleft()
             try:
                 for name, values in data.items():
-                    h = Hash()
-                    for k, v in values.items():
-                        h[k] = v
+                    h = _to_hash(values)
                     meta = metadata.get(name, {})
                     ts = Timestamp(int(meta.get("timestamp.sec", 0)),
                                    int(meta.get("timestamp.frac", 0)), int(tid))
@@ -156,6 +154,28 @@ class KaraboOutput:
             except Exception:
                 self.dropped += 1
                 log.exception("%s: train %d not written", self.channel.channel_id, tid)
+
+
+_TS_FIELDS = (".timestamp", ".timestamp.sec", ".timestamp.frac", ".timestamp.tid")
+
+
+def _to_hash(values):
+    """A source's flat keys as a Hash.  ``<key>.timestamp*`` keys of slow data
+    (:mod:`kbstream.matcher.slow`) become the ``sec`` / ``frac`` / ``tid`` attributes of
+    ``<key>``, as Karabo stores a property's timestamp."""
+    stamped = [k[:-14] for k in values if k.endswith(".timestamp.sec")
+               and k[:-14] + ".timestamp.tid" in values]
+    skip = {p + f for p in stamped for f in _TS_FIELDS}
+    h = Hash()
+    for k, v in values.items():
+        if k not in skip:
+            h[k] = v
+    for p in stamped:
+        if p in h:
+            h.set_timestamp(p, Timestamp(int(values[p + ".timestamp.sec"]),
+                                         int(values[p + ".timestamp.frac"]),
+                                         int(values[p + ".timestamp.tid"])))
+    return h
 
 
 def _meta(source, ts):
