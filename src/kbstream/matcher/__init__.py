@@ -30,9 +30,11 @@ from .errors import (
 )
 
 _LAZY = {"TrainMatcher": "matcher", "SourceSpec": "matcher", "parse_source": "matcher"}
+_LAZY.update(KaraboMatcher="karabo")  # on a Karabo broker (docs/matcher-karabo.md)
 
 __all__ = [
     "TrainMatcher",
+    "KaraboMatcher",
     "SourceSpec",
     "parse_source",
     "MatchCore",
