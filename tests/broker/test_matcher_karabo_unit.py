@@ -252,3 +252,30 @@ def test_karabo_matcher_refuses_bad_sources(mem):
     from kbstream.matcher import MatcherConfigError
     with pytest.raises(MatcherConfigError):
         KaraboMatcher(["A.p"], **kw)
+
+
+def test_slow_values_take_the_bridge_form():
+    """Whatever a property holds (a list of Hashes, an ImageData, an NDArray) is attached
+    in the form the bridge serializer takes, so a slow value can never make a train
+    unencodable."""
+    import karabo_bridge
+
+    from kbhash import ImageData
+
+    slow = SlowData(["DEV.table", "DEV.image", "DEV.vec"])
+    h = Hash()
+    h.set("table", [Hash({"a": 1}), Hash({"a": 2})])
+    h.set("image", ImageData(np.ones((3, 4), np.uint16)))
+    h.set("vec", np.arange(5, dtype=np.float32))
+    for key in ("table", "image", "vec"):
+        h.set_timestamp(key, Timestamp(1_700_000_000, 0, 7))
+    assert slow.update("DEV", h) == 3
+    data, meta = {}, {}
+    slow.attach(8, data, meta)
+    frames = karabo_bridge.serialize(data, meta)
+    back, back_meta = karabo_bridge.deserialize(frames)
+    d = back["DEV"]
+    assert [dict(r) for r in d["table"]] == [{"a": 1}, {"a": 2}]
+    assert d["image.data"].shape == (3, 4)
+    assert (d["vec"] == np.arange(5)).all()
+    assert d["vec.timestamp.tid"] == 7 and back_meta["DEV"]["timestamp.tid"] == 8

@@ -136,20 +136,28 @@ class SlowData:
         if props is None or not isinstance(config, Hash):
             return 0
         taken = 0
+        flat = None
         for prop, p in props.items():
             try:
-                value = config.get(prop)
-            except Exception:  # a path through a non-Hash node
-                value = None
-            if value is None:
+                present = prop in config
+            except (KeyError, TypeError, ValueError):  # a path through a non-Hash node
+                present = False
+            if not present:
                 continue
+            if flat is None:  # the values in the bridge's form (arrays, ImageData, ...)
+                flat = flatten_hash(config)[0]
+            if prop in flat:
+                value = flat[prop]
+            else:  # a node: its leaves
+                head = prop + "."
+                value = {k[len(head):]: x for k, x in flat.items() if k.startswith(head)}
+                if not value:
+                    continue
             try:
                 ts = config.get_timestamp(prop)
                 sec, frac, tid = ts.sec, ts.frac, ts.tid
             except (KeyError, TypeError, ValueError, AttributeError):
                 sec = frac = tid = 0
-            if isinstance(value, Hash):  # a node: its leaves, flattened
-                value = flatten_hash(value)[0]
             v = SlowValue(value, int(sec), int(frac), int(tid))
             with self._lock:
                 if initial and p.history:
