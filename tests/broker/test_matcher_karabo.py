@@ -3,7 +3,8 @@
 PropertyTest output, all found by name through the broker, plus a C++ property as slow
 data; a real ``karabo_bridge.Client`` receives the trains; a kbstream source is killed and
 restarted mid-run; the matcher's statistics are read as properties by karabind's
-DeviceClient; SIGTERM writes the last statistics and the instance leaves the broker.
+DeviceClient; its Karabo output is read by name; SIGTERM writes the last statistics and
+the instance leaves the broker.
 
 Train ids of the C++ device: the server is started with ``timeServerId=kbTime`` and the
 test is that time server: before each train it emits ``signalTimeTick(tid, sec, frac,
@@ -27,6 +28,7 @@ import pytest
 from kbhash import Hash, HashType
 
 from kbstream.broker import BrokerInstance, Typed
+from kbstream.pipeline import InputChannel
 
 from broker_stack import CppServer, stop_process, wait_until
 
@@ -161,7 +163,8 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
                              {"kbDev": {"classId": "PropertyTest", "heartbeatInterval": 10,
                                         "output": {"hostname": "127.0.0.1"}}}).start()
     driver = BrokerInstance(TIME_ID, heartbeat_interval=10)
-    sources, bridge, receiver, client = [], None, None, None
+    sources, bridge, receiver, client, reader = [], None, None, None, None
+    karabo_items = []
     try:
         driver.start()
         wait_until(lambda: _ping(driver, "kbDev"), 60, interval=0.2, what="kbDev online")
@@ -173,7 +176,8 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
         cmd = [sys.executable, "-m", "kbstream.matcher.cli",
                *[f"{d}:daqOutput" for d in devices], "kbDev:output", "kbDev.int32Property",
                "--instance-id", MATCHER_ID, "--port", endpoint, "-z", "REP",
-               "--stats", str(stats_file), "--broker", rabbitmq.url, "--topic", topic]
+               "--stats", str(stats_file), "--broker", rabbitmq.url, "--topic", topic,
+               "--karabo-output", "output"]
         bridge_log = open(tmp_path / "bridge.out", "w")
         bridge = subprocess.Popen(cmd, env=env, stdout=bridge_log, stderr=subprocess.STDOUT,
                                   process_group=0)
@@ -193,6 +197,14 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
         assert prop("sources.kbDev_output.name") == "kbDev:output"
         receiver = Receiver(endpoint)
         receiver.start()
+        # the matcher's Karabo output, found by name like any Karabo output
+        reader = InputChannel(f"{TIME_ID}:reader", [f"{MATCHER_ID}:output"],
+                              resolver=driver.resolver)
+        reader.register_data_handler(lambda d, m: karabo_items.append(
+            (m.source, m.tid, d.get("data.key") if m.source != "kbDev" else d.get("int32Property"))))
+        driver.add_input_channel(reader)
+        reader.start()
+        reader.wait_connected(timeout=60)
 
         sent = {}  # tid -> set of fast sources sent
         slow_value = None
@@ -243,6 +255,8 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
         assert MATCHER_ID not in topo["instances"]
         stats = json.loads(stats_file.read_text())
     finally:
+        if reader is not None:
+            reader.close()
         if receiver is not None:
             receiver.stop.set()
             receiver.join(20)
@@ -296,6 +310,16 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
     assert s["kbDev:output"]["received"] == NTRAINS
     assert stats["slow"]["kbDev.int32Property"]["tid"] == max(SLOW_SET)
     assert stats["published"] >= 1
+    # the Karabo output: every sent train, one item per source (slow values included)
+    per_train = {}
+    for source, tid, v in karabo_items:
+        per_train.setdefault(tid, {})[source] = v
+    assert sorted(per_train) == complete
+    for tid, items in per_train.items():
+        set_at = max(t for t in SLOW_SET if t <= tid)
+        assert items == {**{f"{d}:daqOutput": k for k, d in enumerate(devices)},
+                         "kbDev:output": None, "kbDev": SLOW_SET[set_at]}
+    assert stats["karabo_output"] == {"written": len(complete), "dropped": 0}
 
 
 def _ping(inst, iid):
