@@ -165,8 +165,10 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
     driver = BrokerInstance(TIME_ID, heartbeat_interval=10)
     sources, bridge, receiver, client, reader = [], None, None, None, None
     karabo_items = []
+    published = []  # the matcher's statistics as signalChanged sends them
     try:
         driver.start()
+        driver.connect_signal(MATCHER_ID, "signalChanged", lambda h, iid: published.append(h))
         wait_until(lambda: _ping(driver, "kbDev"), 60, interval=0.2, what="kbDev online")
         client = karabind_client()
         devices = [f"JNGFR{k:02d}" for k in range(3)]
@@ -254,6 +256,13 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
         topo = client.command({"cmd": "topology"})
         assert MATCHER_ID not in topo["instances"]
         stats = json.loads(stats_file.read_text())
+        # the last statistics went out on the broker too, after the inputs closed
+        wait_until(lambda: published and published[-1]["trains.seen"] == stats["trains"]["seen"],
+                   10, what="the last statistics published")
+        last = published[-1]
+        for k in ("seen", "matched", "sent", "incomplete", "dropped", "pending"):
+            assert last[f"trains.{k}"] == stats["trains"][k]
+        assert last["sources.JNGFR02_daqOutput.reconnects"] == 1
     finally:
         if reader is not None:
             reader.close()

@@ -154,6 +154,14 @@ def test_signals_of_other_instances(mem):
     b.emit("signalChanged", changed("x", 4, 8), "kbB")
     wait_until(lambda: len(got) == 2, 5)
     assert got[1][1] == "kbB"
+    # a message on kbB's routing key sent by another instance is not kbB's signal
+    from kbstream.broker import codec
+
+    c._publish(c._ex["signals"], "kbB.signalChanged", codec.make_header("kbC"),
+               codec.body_from_args((changed("x", 5, 9), "kbB")))
+    b.emit("signalChanged", changed("x", 6, 10), "kbB")
+    wait_until(lambda: len(got) == 3, 5)
+    assert [args[0]["x"] for args in got] == [1, 4, 6]
 
 
 def test_karabo_matcher_on_the_memory_broker(mem, tmp_path):
