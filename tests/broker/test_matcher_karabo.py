@@ -166,9 +166,16 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
     sources, bridge, receiver, client, reader = [], None, None, None, None
     karabo_items = []
     published = []  # the matcher's statistics as signalChanged sends them
+    counters = []  # (outputCounter, its train id) of kbDev
     try:
         driver.start()
         driver.connect_signal(MATCHER_ID, "signalChanged", lambda h, iid: published.append(h))
+
+        def on_dev(h, iid):
+            if "outputCounter" in h:
+                counters.append((h["outputCounter"], h.get_timestamp("outputCounter").tid))
+
+        driver.connect_signal("kbDev", "signalChanged", on_dev)
         wait_until(lambda: _ping(driver, "kbDev"), 60, interval=0.2, what="kbDev online")
         client = karabind_client()
         devices = [f"JNGFR{k:02d}" for k in range(3)]
@@ -233,6 +240,19 @@ def test_kbstream_bridge_on_a_karabo_broker(rabbitmq, broker_env, karabo_bin_dir
                 sent[tid].add(f"{devices[k]}:daqOutput")
             driver.request("kbDev", "writeOutput", timeout=10)
             sent[tid].add("kbDev:output")
+            # the device's item is out (its outputCounter changed, stamped with this train)
+            # before the next tick: the reply of writeOutput may come first
+            count = tid - FIRST + 1
+            wait_until(lambda: any(c == count for c, _ in counters), 30,
+                       what=f"kbDev wrote item {count}")
+            assert [t for c, t in counters if c == count] == [tid]
+            if len(sent[tid]) == 4 or tid == KILL_AFTER:
+                # a complete train is received before the next one starts; the source
+                # is killed only once its last item arrived (a killed process's socket
+                # may reset instead of sending what it still holds)
+                wait_until(lambda: receiver.trains and
+                           receiver.trains[-1][1]["kbDev:output"]["timestamp.tid"] == tid,
+                           60, what=f"train {tid} received")
             if tid == KILL_AFTER:
                 sources[2].kill()
 
