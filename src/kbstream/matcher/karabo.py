@@ -39,7 +39,7 @@ from collections import deque
 from kbhash import Hash, HashType, Timestamp
 
 from .._lifecycle import Lifecycle
-from ..broker import BrokerInstance
+from ..broker import BrokerConnectionError, BrokerInstance
 from ..broker.device_view import Leaf
 from ..errors import KbStreamError
 from ..pipeline import ConnectionStatus, OutputChannel
@@ -489,6 +489,13 @@ def main_karabo(args):
     try:
         try:
             km.start()
+        except BrokerConnectionError as e:
+            unresolved = [s.name for s in km.specs if s.host is None] + km.slow.names()
+            print(f"kbstream-bridge: {e}" + (
+                f"; {'each of ' if len(unresolved) > 1 else ''}{', '.join(map(repr, unresolved))} "
+                "has no endpoint (=HOST:PORT) and is found through the broker"
+                if unresolved else ""), file=sys.stderr)
+            return 2
         except KbStreamError as e:
             print(f"kbstream-bridge: {e}", file=sys.stderr)
             return 2
