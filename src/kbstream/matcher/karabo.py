@@ -458,6 +458,30 @@ def default_instance_id():
     return "".join(c if c.isalnum() or c in "_-/" else "_" for c in text)
 
 
+def _matcher_options(args):
+    """``(outputs, TrainMatcher options)`` from the command line: the bridge outputs
+    (one ``--port``, or several with their socket types when the command takes
+    ``--port`` more than once) and the options of the command that the matcher has."""
+    from . import matcher as m
+
+    ports = args.port if isinstance(args.port, list) else [args.port or "4545"]
+    parse_output = getattr(m, "parse_output", None)
+    if parse_output is None:
+        outputs = [(p, args.sock) for p in ports]
+    else:
+        outputs = [(ep, sock, {"report_missing": missing})
+                   for ep, sock, missing in (parse_output(p, args.sock) for p in ports)]
+    options = {}
+    if getattr(args, "offset", None):
+        options["offsets"] = dict(args.offset)
+    if getattr(args, "on_slowness", None):
+        options["input_options"] = {"onSlowness": args.on_slowness}
+    for name in ("use_infiniband", "append_detector_modules", "when_full"):
+        if hasattr(args, name):
+            options[name] = getattr(args, name)
+    return outputs, options
+
+
 def main_karabo(args):
     """``kbstream-bridge`` with the broker (called by :func:`kbstream.matcher.cli.main`):
     run until SIGINT / SIGTERM, then close the inputs, publish the last statistics, leave
@@ -470,13 +494,14 @@ def main_karabo(args):
 
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
-        km = KaraboMatcher(args.sources, [(args.port, args.sock)], mode=args.mode,
+        outputs, options = _matcher_options(args)
+        km = KaraboMatcher(args.sources, outputs, mode=args.mode,
                            buffer=args.buffer, max_wait=args.max_wait,
                            protocol_version=args.protocol_version,
                            instance_id=args.instance_id or default_instance_id(),
                            broker=args.broker, topic=args.topic,
                            karabo_output=args.karabo_output,
-                           broker_options={"exit_on_sigterm": False})
+                           broker_options={"exit_on_sigterm": False}, **options)
     except KbStreamError as e:
         print(f"kbstream-bridge: {e}", file=sys.stderr)
         return 2
@@ -504,8 +529,14 @@ def main_karabo(args):
                   f"{args.mode} mode, serving on {km.endpoints[0]} ({args.sock}), Karabo "
                   f"instance {km.instance_id!r} on topic {km.instance.config.topic!r}",
                   flush=True)
-            while not done.wait(0.5):
-                pass
+            from . import cli
+
+            status_line = getattr(cli, "status_line", None)
+            interval = getattr(args, "interval", 0.5)
+            quiet = getattr(args, "quiet", True) or status_line is None
+            while not done.wait(interval):
+                if not quiet:
+                    print(status_line(km.stats()), flush=True)
         finally:
             km.close()
     finally:
