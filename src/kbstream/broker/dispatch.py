@@ -67,6 +67,7 @@ class Dispatcher:
         self._on_reply = on_reply
         self._state = state
         self._slots = {}
+        self._signal_handlers = {}  # "<sender>.<signal>" -> [fn(*args)]
         self._tls = threading.local()
         self._work = None
         self._worker = None
@@ -100,6 +101,37 @@ class Dispatcher:
     def _slot_available_functions(self, kind="slots", *_):
         names = sorted(self._slots) if kind == "slots" else []
         return codec.Typed(names, HashType.VECTOR_STRING)
+
+    # ---- signals of other instances ----------------------------------------------------
+
+    def subscribe(self, sender, signal, fn):
+        """Call ``fn(*args)`` (worker thread) for each ``<sender>.<signal>`` emission;
+        returns the routing key to bind on the Signals exchange."""
+        key = f"{sender}.{validate_slot_name(signal)}"
+        self._signal_handlers.setdefault(key, []).append(fn)
+        return key
+
+    def unsubscribe(self, sender, signal, fn):
+        """Forget ``fn`` for ``<sender>.<signal>``; True if no handler is left for it."""
+        key = f"{sender}.{signal}"
+        fns = self._signal_handlers.get(key, [])
+        if fn in fns:
+            fns.remove(fn)
+        if not fns:
+            self._signal_handlers.pop(key, None)
+            return True
+        return False
+
+    def _signal(self, routing_key, sender, payload):
+        fns = self._signal_handlers.get(routing_key)
+        if not fns or sender != routing_key.partition(".")[0]:
+            return
+        args = codec.args_from_body(payload)
+        for fn in list(fns):
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: handler of signal %s failed", self._own_id, routing_key)
 
     # ---- worker thread --------------------------------------------------------------
 
@@ -173,7 +205,9 @@ class Dispatcher:
         if exchange == self._ex["slots"] and target != own_id:
             return  # :none: or a stray binding
         if exchange == self._ex["signals"]:
-            return  # kbstream subscribes to no signals yet
+            if self._state() == "up":
+                self._signal(routing_key, sender, payload)
+            return
         reply_to = header.get("replyTo")
         reply_function = header.get("replyFunction")
         if not is_valid_sender(sender) or (

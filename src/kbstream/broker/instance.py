@@ -484,6 +484,21 @@ class BrokerInstance(_lifecycle.Lifecycle):
         self._check_up(_allow_starting)
         return self._requests.send(instance_id, slot, args).wait(timeout)
 
+    def connect_signal(self, instance_id, signal, handler):
+        """Call ``handler(*args)`` whenever ``<instance_id>`` emits ``signal`` (e.g.
+        ``signalChanged(config, deviceId)``): binds ``<instance_id>.<signal>`` on the
+        Signals exchange.  Handlers run in the worker thread, in arrival order.  Needs a
+        started instance."""
+        self._check_up()
+        validate_instance_id(instance_id)
+        key = self._dispatcher.subscribe(instance_id, signal, handler)
+        self._transport.bind(self._ex["signals"], key)
+
+    def disconnect_signal(self, instance_id, signal, handler):
+        """Stop calling ``handler`` for ``<instance_id>.<signal>`` (the binding stays
+        until the instance closes; nothing is delivered for it any more)."""
+        self._dispatcher.unsubscribe(instance_id, signal, handler)
+
     # ---- slots ----------------------------------------------------------------------
 
     def register_slot(self, name, fn):

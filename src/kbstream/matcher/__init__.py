@@ -31,9 +31,11 @@ from .errors import (
 
 _LAZY = {"TrainMatcher": "matcher", "SourceSpec": "matcher", "parse_source": "matcher",
          "parse_output": "matcher", "MISSING_KEY": "matcher"}
+_LAZY.update(KaraboMatcher="karabo")  # on a Karabo broker (docs/matcher-karabo.md)
 
 __all__ = [
     "TrainMatcher",
+    "KaraboMatcher",
     "SourceSpec",
     "parse_source",
     "parse_output",

@@ -83,6 +83,16 @@ def _parser():
     ap.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                     help="seconds between two refreshes of the table / status lines (default 1)")
     ap.add_argument("--quiet", action="store_true", help="no table or status lines while running")
+    # Karabo broker side (kbstream.matcher.karabo; docs/matcher-karabo.md)
+    kb = ap.add_argument_group("Karabo broker", "sources DEVICE:CHANNEL without =HOST:PORT and "
+                               "slow sources DEVICE.property are found through the broker")
+    kb.add_argument("--broker", help="amqp://user:password@host:port[/vhost], comma-separated "
+                    "list allowed (default: $KARABO_BROKER)")
+    kb.add_argument("--topic", help="broker topic (default: $KARABO_BROKER_TOPIC, else the user name)")
+    kb.add_argument("--instance-id", help="the matcher's Karabo instance id "
+                    "(default kbstream-bridge-<host>-<pid>)")
+    kb.add_argument("--karabo-output", metavar="NAME",
+                    help="also send the matched trains on the Karabo pipeline output <instance-id>:NAME")
     return ap
 
 
@@ -134,6 +144,10 @@ def main(argv=None):
     """Run the matcher until SIGINT / SIGTERM; returns the exit status (2: bad arguments)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .karabo import main_karabo, wants_broker
+
+    if wants_broker(args):  # Karabo broker side
+        return main_karabo(args)
     from ..errors import KbStreamError
     from .matcher import TrainMatcher, parse_output
 

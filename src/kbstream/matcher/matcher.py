@@ -590,6 +590,8 @@ class TrainMatcher(Lifecycle):
             for name, (values, ts) in train.parts.items():
                 data[name] = values
                 metadata[name] = source_metadata(name, tid, ts.sec, ts.frac)
+            for hook in self._train_hooks:  # add_train_hook (Karabo side: slow data, output)
+                hook(tid, data, metadata)
             token = _Token(tid, n)
             item = (data, metadata, token)
             item_missing = None
@@ -664,3 +666,16 @@ class TrainMatcher(Lifecycle):
 
     def __repr__(self):
         return f"<TrainMatcher {[s.name for s in self.specs]} -> {self.endpoints}>"
+
+    # ------------------------------------------------------------ train hooks
+
+    _train_hooks = ()
+
+    def add_train_hook(self, fn):
+        """Call ``fn(tid, data, metadata)`` for every train handed to the outputs, before
+        it is queued: ``fn`` may add sources to ``data`` / ``metadata`` (slow data) or
+        pass the train on (a Karabo output).  It runs with the matching lock held, in an
+        input's handler thread: it must not block or do I/O.  Add hooks before
+        :meth:`start`; an exception in a hook propagates to that handler thread."""
+        self._train_hooks = (*self._train_hooks, fn)
+        return fn
