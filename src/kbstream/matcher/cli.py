@@ -140,10 +140,42 @@ def status_table(stats, rate=0.0):
     return table
 
 
+def watch(matcher, args, done):
+    """Show ``matcher.stats()`` every ``args.interval`` seconds until ``done`` is set: a live
+    rich table on a terminal, one plain status line per interval otherwise, nothing with
+    ``--quiet`` (the plain and the broker command both run this)."""
+    live = None
+    tty = not args.quiet and sys.stdout.isatty()
+    previous, last = None, time.monotonic()
+    if tty:
+        from rich.console import Console
+        from rich.live import Live
+
+        live = Live(status_table(matcher.stats()), console=Console(), auto_refresh=False)
+        live.start()
+    try:
+        while not done.wait(args.interval):
+            if args.quiet:
+                continue
+            st, now = matcher.stats(), time.monotonic()
+            rate = _out_rate(st, previous, now - last)
+            previous, last = st, now
+            if live is not None:
+                live.update(status_table(st, rate), refresh=True)
+            else:
+                print(status_line(st, rate), flush=True)
+    finally:
+        if live is not None:
+            live.stop()
+
+
 def main(argv=None):
     """Run the matcher until SIGINT / SIGTERM; returns the exit status (2: bad arguments)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.interval <= 0:
+        print("kbstream-bridge: --interval must be > 0", file=sys.stderr)
+        return 2
     from .karabo import main_karabo, wants_broker
 
     if wants_broker(args):  # Karabo broker side
@@ -151,9 +183,6 @@ def main(argv=None):
     from ..errors import KbStreamError
     from .matcher import TrainMatcher, parse_output
 
-    if args.interval <= 0:
-        print("kbstream-bridge: --interval must be > 0", file=sys.stderr)
-        return 2
     try:
         outputs = [parse_output(p, args.sock) for p in (args.port or ["4545"])]
         outputs = [(ep, sock, {"report_missing": missing}) for ep, sock, missing in outputs]
@@ -171,33 +200,13 @@ def main(argv=None):
         done.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    live = None
     try:
         with matcher:
             outs = ", ".join(f"{ep} ({sock})" for ep, (_, sock, _) in zip(matcher.endpoints, outputs))
             print(f"kbstream-bridge: {len(matcher.specs)} sources, {args.mode} mode, serving on "
                   f"{outs}", flush=True)
-            tty = not args.quiet and sys.stdout.isatty()
-            previous, last = None, time.monotonic()
-            if tty:
-                from rich.console import Console
-                from rich.live import Live
-
-                live = Live(status_table(matcher.stats()), console=Console(), auto_refresh=False)
-                live.start()
-            while not done.wait(args.interval):
-                if args.quiet:
-                    continue
-                st, now = matcher.stats(), time.monotonic()
-                rate = _out_rate(st, previous, now - last)
-                previous, last = st, now
-                if live is not None:
-                    live.update(status_table(st, rate), refresh=True)
-                else:
-                    print(status_line(st, rate), flush=True)
+            watch(matcher, args, done)
     finally:
-        if live is not None:
-            live.stop()
         for s, h in old.items():
             signal.signal(s, h)
     stats = matcher.stats()

@@ -529,14 +529,9 @@ def main_karabo(args):
                   f"{args.mode} mode, serving on {km.endpoints[0]} ({args.sock}), Karabo "
                   f"instance {km.instance_id!r} on topic {km.instance.config.topic!r}",
                   flush=True)
-            from . import cli
+            from .cli import watch
 
-            status_line = getattr(cli, "status_line", None)
-            interval = getattr(args, "interval", 0.5)
-            quiet = getattr(args, "quiet", True) or status_line is None
-            while not done.wait(interval):
-                if not quiet:
-                    print(status_line(km.stats()), flush=True)
+            watch(km, args, done)
         finally:
             km.close()
     finally:
