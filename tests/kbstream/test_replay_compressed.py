@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import zlib
 
 import numpy as np
@@ -123,8 +124,8 @@ def test_deflate_chunks_spread_over_threads_and_unwritten_chunks(tmp_path, monke
            written=[np.s_[0:3, 0:2, 0:8, :], np.s_[6:9]], fillvalue=7)
     decodes = []
     real = dataset_mod._Dataset._decode
-    monkeypatch.setattr(dataset_mod._Dataset, "_decode",
-                        lambda self, loc: (decodes.append(loc[0]), real(self, loc))[1])
+    monkeypatch.setattr(dataset_mod._Dataset, "_decode", lambda self, loc: (
+        decodes.append((loc[0], threading.get_ident())), real(self, loc))[1])
     with h5py.File(path, "r") as h5:
         expect = h5["d"][:]
         assert (expect[3:6] == 7).all() and (expect[0:3, 2:] == 7).all()
@@ -137,6 +138,9 @@ def test_deflate_chunks_spread_over_threads_and_unwritten_chunks(tmp_path, monke
         rf.close()
     written_chunks = 2 + 8  # block 0: 2 chunks written, block 6: all 8
     assert len(decodes) == (written_chunks if keep else 3 * written_chunks)
+    # one thread, or the calling thread and the pool's sharing the chunks of a block
+    idents = {ident for _, ident in decodes}
+    assert len(idents) == 1 if threads == 1 else len(idents) >= 2
 
 
 def test_demo_run_gzip_layout_equals_h5py(tmp_path, monkeypatch):

@@ -90,14 +90,20 @@ _reported_filters = set()
 
 
 def _read_pool():
-    """The shared pool of ``READ_THREADS - 1`` reader threads (started on first use)."""
+    """The shared pool of ``READ_THREADS - 1`` reader threads (started on first use,
+    started anew when :data:`READ_THREADS` has grown)."""
     global _pool
-    if _pool is None:
+    want = max(1, READ_THREADS - 1)
+    pool = _pool
+    if pool is None or pool[0] < want:
         with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max(1, READ_THREADS - 1),
-                                           thread_name_prefix="kbstream-read")
-    return _pool
+            pool = _pool
+            if pool is None or pool[0] < want:
+                if pool is not None:
+                    pool[1].shutdown(wait=False)  # its threads end after their work
+                pool = _pool = (want, ThreadPoolExecutor(want,
+                                                         thread_name_prefix="kbstream-read"))
+    return pool[1]
 
 
 def _spread(fn, n):
