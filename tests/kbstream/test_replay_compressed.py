@@ -352,7 +352,7 @@ def test_server_skips_and_says_damaged_chunks(tmp_path, filters):
     for tid, value in got.items():
         np.testing.assert_array_equal(value, adc[tid - 10000])
     assert f"skipped train 10002: {src} data.adc: {path}" in err, err[-3000:]
-    assert "Skipped 1 train" in out
+    assert "Skipped 1 train" in out and "unreadable data: 1" in out, out
 
 
 # -- memory: bounded by the prefetch depth (RSS of a child process) ---------------------
