@@ -248,7 +248,7 @@ def test_replay(benchmark, run, case):
     benchmark.group = f"replay JF4M data.adc, {layout} chunks"
     res = benchmark.pedantic(CASES[case], args=(rundir,), rounds=1, iterations=1)
     _record(benchmark, res, case)
-    assert res["gb_per_s"] > 0 and res["cpu_ms_per_train"] > 0
+    assert res["gb_per_s"] > 0 and res["cpu_ms_per_train"] >= 0  # clock ticks: 0 for tiny runs
 
 
 def test_raw_pyzmq(benchmark):
@@ -256,7 +256,7 @@ def test_raw_pyzmq(benchmark):
     benchmark.group = "replay JF4M data.adc, raw pyzmq"
     res = benchmark.pedantic(case_raw_pyzmq, rounds=1, iterations=1)
     _record(benchmark, res, "pyzmq")
-    assert res["gb_per_s"] > 0 and res["cpu_ms_per_train"] > 0
+    assert res["gb_per_s"] > 0 and res["cpu_ms_per_train"] >= 0  # clock ticks: 0 for tiny runs
 
 
 def _median(xs, k):
