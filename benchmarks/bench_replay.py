@@ -27,9 +27,11 @@ at a time (only one run in the page cache), and prints a Markdown table::
 in the main environment (``.venv``, with the ``test`` extra: h5py, extra-data 1.25.0,
 karabo-bridge, pyzmq; build the compiled cores in place first).  kbstream is taken from
 this tree's ``src``.  ``bash scripts/bench.sh benchmarks/bench_replay.py`` runs the
-pytest form in ``.venv-bench``, which installs the same extra.  Environment: ``KB_BENCH_TRAINS`` (trains in
-the run, default 32; ``KB_BENCH_TRAINS - 12`` are received), ``KB_BENCH_FRAME``
-(``16,512,1024``), ``KB_BENCH_LAYOUTS`` (``small,train,gzip``),
+pytest form in ``.venv-bench``, which installs the same extra.
+
+Environment: ``KB_BENCH_TRAINS`` (trains in the run, default 32; ``KB_BENCH_TRAINS -
+12`` are received), ``KB_BENCH_FRAME`` (``16,512,1024``), ``KB_BENCH_LAYOUTS``
+(``small,train,gzip``),
 ``KB_BENCH_CLIENTS`` (``kbstream,karabo_bridge``: kbstream's server with which
 clients), ``KB_BENCH_DIR`` (default a new directory under /tmp, deleted afterwards).
 """
