@@ -25,6 +25,8 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=macros + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    Extension("kbstream.replay._chunkio", ["src/kbstream/replay/_chunkio.pyx"],
+              define_macros=macros),
 ]
 
 setup(

@@ -2,18 +2,38 @@
 
 Same JF4M run for every server (8 JUNGFRAU modules, ``data.adc`` uint16
 (16, 512, 1024) per train = 128 MiB), files in the page cache, server in its
-own process, REQ client in another process, ``tcp://127.0.0.1``.  Each case
-times trains ``WARMUP+1 .. N`` of one pass over the run.  kbstream's server is
-measured with kbstream's client (the product as users get it) and with
-karabo_bridge's client (the server alone); extra_data's with karabo_bridge's
-(what users run today); raw pyzmq with a bare REQ socket.
+own process, REQ client in another process, ``tcp://127.0.0.1``.  Three layouts
+of the same data: h5py's automatic chunks (``small``), one chunk per train
+(``train``) and one shuffled+deflated chunk per frame (``gzip``).  Each case
+times trains ``WARMUP+1 .. NRECV`` of one pass over the run and reports:
 
-Run with pytest (``pytest benchmarks/bench_replay.py``) or as a script
-(``python benchmarks/bench_replay.py``), which interleaves the cases over
-``KB_BENCH_REPEAT`` repetitions (default 3) and prints a Markdown table with
-ratios.  Environment: ``KB_BENCH_TRAINS`` (default 20), ``KB_BENCH_FRAME``
-(``16,512,1024``), ``KB_BENCH_DIR`` (default a new directory under /tmp,
-deleted afterwards).
+- ``trains_per_s`` seen by the client;
+- ``cpu_ms_per_train``: the server process's own CPU time (user + system, all its
+  threads, from ``/proc/<pid>/stat``) over the timed trains, per train.  The run
+  has more trains than are received, so the server's read-ahead is as deep at the
+  end of the window as at its start (every timed train was read inside it).
+
+The floor is raw pyzmq: a REP server sending the same 8 x 16 MiB from memory
+(the kernel's copy into the socket, nothing else).  kbstream's server is measured
+with kbstream's client (the product as users get it) and with karabo_bridge's
+(the server alone); extra_data's with karabo_bridge's (what users run today).
+
+Run with pytest (``pytest benchmarks/bench_replay.py``) or as a script, which
+interleaves the cases over ``KB_BENCH_REPEAT`` repetitions (default 3), one layout
+at a time (only one run in the page cache), and prints a Markdown table::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_replay.py
+
+in the main environment (``.venv``, with the ``test`` extra: h5py, extra-data 1.25.0,
+karabo-bridge, pyzmq; build the compiled cores in place first).  kbstream is taken from
+this tree's ``src``.  ``bash scripts/bench.sh benchmarks/bench_replay.py`` runs the
+pytest form in ``.venv-bench``, which installs the same extra.
+
+Environment: ``KB_BENCH_TRAINS`` (trains in the run, default 32; ``KB_BENCH_TRAINS -
+12`` are received), ``KB_BENCH_FRAME`` (``16,512,1024``), ``KB_BENCH_LAYOUTS``
+(``small,train,gzip``),
+``KB_BENCH_CLIENTS`` (``kbstream,karabo_bridge``: kbstream's server with which
+clients), ``KB_BENCH_DIR`` (default a new directory under /tmp, deleted afterwards).
 """
 
 import os
@@ -27,10 +47,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NTRAINS = int(os.environ.get("KB_BENCH_TRAINS", "20"))
+NTRAINS = int(os.environ.get("KB_BENCH_TRAINS", "32"))
 FRAME = tuple(int(x) for x in os.environ.get("KB_BENCH_FRAME", "16,512,1024").split(","))
-WARMUP = 3
+WARMUP = 4
 MODULES = 8
+#: Trains received: the last servers' read-ahead (extra_data queues 10 trains,
+#: kbstream reads ``--prefetch`` ahead) stays inside the run.
+NRECV = max(WARMUP + 2, NTRAINS - 12)
+LAYOUTS = [x for x in os.environ.get("KB_BENCH_LAYOUTS", "small,train,gzip").split(",") if x]
+KB_CLIENTS = [x for x in os.environ.get("KB_BENCH_CLIENTS", "kbstream,karabo_bridge").split(",")
+              if x]
 
 _SERVER_KBSTREAM = """
 import sys
@@ -45,13 +71,12 @@ ep, ntrains, modules, shape = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), t
 ctx = zmq.Context(); s = ctx.socket(zmq.REP); s.linger = 0; s.bind(ep)
 arrays = [np.full(shape, i, np.uint16) for i in range(modules)]
 header = b"x" * 100
-for _ in range(ntrains):
+while True:
     s.recv()
     frames = []
     for a in arrays:
         frames += [header, header, header, a]
     s.send_multipart(frames, copy=False)
-s.close(linger=-1); ctx.term()
 """
 
 
@@ -83,11 +108,18 @@ def make_run(directory, chunking):
 # The client runs in a process of its own too: process-wide settings of one client
 # (kbstream.Client keeps freed receive buffers, see kbstream.keep_large_buffers) must not
 # help another.  It prints one JSON line: trains/s and GB/s over the trains after the
-# warm-up ones, and the server's peak RSS (VmHWM, read after every train).
+# warm-up ones, the server's CPU time per timed train (user + system of the server
+# process, /proc/<pid>/stat) and its peak RSS (VmHWM, read after every train).
 _CLIENT = """
-import json, sys, time
+import json, os, sys, time
 kind, ep, nrecv, warmup, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, {src!r})
+TICK = os.sysconf("SC_CLK_TCK")
+
+def cpu_seconds():
+    with open(f"/proc/{{pid}}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime, all threads
 
 def peak_rss():
     try:
@@ -118,12 +150,16 @@ nbytes, peak = 0, None
 for i in range(nrecv):
     if i == warmup:
         t0 = time.perf_counter()
+        c0 = cpu_seconds()
         nbytes = 0
     nbytes += nxt()
-    peak = peak_rss() or peak
+    if i < warmup or i == nrecv - 1:
+        peak = peak_rss() or peak
+c1 = cpu_seconds()
 dt = time.perf_counter() - t0
-print(json.dumps({{"trains_per_s": (nrecv - warmup) / dt, "gb_per_s": nbytes / dt / 1e9,
-                  "peak_rss": peak}}))
+n = nrecv - warmup
+print(json.dumps({{"trains_per_s": n / dt, "gb_per_s": nbytes / dt / 1e9,
+                  "cpu_ms_per_train": (c1 - c0) * 1e3 / n, "peak_rss": peak}}))
 """
 
 
@@ -159,108 +195,121 @@ def case_kbstream(rundir, prefetch=4, client="kbstream"):
     script = _SERVER_KBSTREAM.format(src=str(ROOT / "src"))
     return measure([sys.executable, "-c", script, str(rundir), "{ep}", "--include",
                     "SPB_IRDA_JF4M/DET/JNGFR*:daqOutput[data.adc]", "--no-progress",
-                    "--prefetch", str(prefetch)], NTRAINS, client=client)
+                    "--prefetch", str(prefetch)], NRECV, client=client)
 
 
 def case_extra_data(rundir):
     # By module, not by console script: once kbstream is installed, the
     # karabo-bridge-serve-files script may be kbstream's own.
     return measure([sys.executable, "-m", "extra_data.cli.serve_files", str(rundir), "{ep}", "--source", "SPB_IRDA_JF4M/DET/JNGFR*",
-                    "--key", "data.adc"], NTRAINS, client="karabo_bridge")
+                    "--key", "data.adc"], NRECV, client="karabo_bridge")
 
 
 def case_raw_pyzmq():
     return measure([sys.executable, "-c", _SERVER_RAW, "{ep}", str(NTRAINS), str(MODULES),
-                    ",".join(map(str, FRAME))], NTRAINS, client="raw")
+                    ",".join(map(str, FRAME))], NRECV, client="raw")
 
 
 TRAIN_BYTES = MODULES * 2 * FRAME[0] * FRAME[1] * FRAME[2]
 
 
-@pytest.fixture(scope="module")
-def runs():
+@pytest.fixture(scope="module", params=LAYOUTS)
+def run(request):
+    """One layout's run at a time (each is NTRAINS x 128 MiB in the page cache)."""
     pytest.importorskip("karabo_bridge")
     pytest.importorskip("extra_data")
     base = os.environ.get("KB_BENCH_DIR") or tempfile.mkdtemp(prefix="kbbench-", dir="/tmp")
     try:
-        yield {c: make_run(base, c) for c in ("small", "train")}
+        yield request.param, make_run(base, request.param)
     finally:
         if not os.environ.get("KB_BENCH_DIR"):
             shutil.rmtree(base, ignore_errors=True)
 
 
-#: (label, function(rundir or None)) of every contender; kbstream's server is measured with
+#: (label, function(rundir)) of every contender; kbstream's server is measured with
 #: kbstream's client (the product) and with karabo_bridge's (the server alone).
-CASES = {
-    "extra_data + karabo_bridge.Client": lambda d: case_extra_data(d),
-    "kbstream + kbstream.Client": lambda d: case_kbstream(d, client="kbstream"),
-    "kbstream + karabo_bridge.Client": lambda d: case_kbstream(d, client="karabo_bridge"),
-}
+CASES = {"extra_data + karabo_bridge.Client": case_extra_data}
+for _c in KB_CLIENTS:
+    CASES[f"kbstream + {_c}.Client"] = (lambda c: lambda d: case_kbstream(d, client=c))(_c)
+FLOOR = "raw pyzmq (floor)"
+
+
+def _record(benchmark, res, library):
+    benchmark.extra_info.update(res, library=library, bytes_per_train=TRAIN_BYTES,
+                                metric="trains_per_s and cpu_ms_per_train (the time column "
+                                       "includes start-up)",
+                                correct=res["gb_per_s"] > 0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("chunking", ["small", "train"])
-def test_replay(benchmark, runs, case, chunking):
-    """One round per case.  The figure is the client's own ``trains_per_s`` (in
-    extra_info, as ``main()`` prints it): the time column also holds the start of the
-    server and client processes, which differ between cases."""
-    benchmark.group = f"replay JF4M data.adc, {chunking} chunks"
-    res = benchmark.pedantic(CASES[case], args=(runs[chunking],), rounds=1, iterations=1)
-    benchmark.extra_info.update(res, library=case, bytes_per_train=TRAIN_BYTES,
-                                metric="trains_per_s (the time column includes start-up)",
-                                correct=res["gb_per_s"] > 0)
-    assert res["gb_per_s"] > 0
+def test_replay(benchmark, run, case):
+    """One round per case.  The figures are the client's ``trains_per_s`` and the
+    server's ``cpu_ms_per_train`` (in extra_info, as ``main()`` prints them): the time
+    column also holds the start of the server and client processes."""
+    layout, rundir = run
+    benchmark.group = f"replay JF4M data.adc, {layout} chunks"
+    res = benchmark.pedantic(CASES[case], args=(rundir,), rounds=1, iterations=1)
+    _record(benchmark, res, case)
+    assert res["gb_per_s"] > 0 and res["cpu_ms_per_train"] >= 0  # clock ticks: 0 for tiny runs
 
 
 def test_raw_pyzmq(benchmark):
     pytest.importorskip("karabo_bridge")
     benchmark.group = "replay JF4M data.adc, raw pyzmq"
     res = benchmark.pedantic(case_raw_pyzmq, rounds=1, iterations=1)
-    benchmark.extra_info.update(res, library="pyzmq", bytes_per_train=TRAIN_BYTES,
-                                metric="trains_per_s (the time column includes start-up)",
-                                correct=True)
-    assert res["gb_per_s"] > 0
+    _record(benchmark, res, "pyzmq")
+    assert res["gb_per_s"] > 0 and res["cpu_ms_per_train"] >= 0  # clock ticks: 0 for tiny runs
+
+
+def _median(xs, k):
+    v = sorted(x[k] for x in xs if x.get(k) is not None)
+    if not v:
+        return float("nan")
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}" if b > 0 else "-"
 
 
 def main():
-    """Every case once per repetition, repetitions interleaved (the machine's load drifts);
-    prints medians and ratios as Markdown."""
+    """Per layout: every case once per repetition (the floor with each layout), the
+    order rotated from one repetition to the next (the machine's load drifts); prints
+    medians and ratios as Markdown."""
     base = os.environ.get("KB_BENCH_DIR") or tempfile.mkdtemp(prefix="kbbench-", dir="/tmp")
     reps = int(os.environ.get("KB_BENCH_REPEAT", "3"))
-    rows = {"raw pyzmq": []}
+    rows = {}
+    names = list(CASES) + [FLOOR]
     try:
-        dirs = {c: make_run(base, c) for c in ("small", "train")}
-        names = list(CASES)
-        for rep in range(reps):
-            rows["raw pyzmq"].append(case_raw_pyzmq())
-            for chunking, d in dirs.items():
-                # rotate the order: whoever runs right after another server (memory just
-                # freed, huge pages being compacted) changes from one repetition to the next
+        for layout in LAYOUTS:
+            d = make_run(base, layout)
+            for rep in range(reps):
                 for name in names[rep % len(names):] + names[:rep % len(names)]:
-                    rows.setdefault(f"{name}, {chunking} chunks", []).append(CASES[name](d))
+                    res = case_raw_pyzmq() if name == FLOOR else CASES[name](d)
+                    rows.setdefault((layout, name), []).append(res)
+            shutil.rmtree(d, ignore_errors=True)
     finally:
         if not os.environ.get("KB_BENCH_DIR"):
             shutil.rmtree(base, ignore_errors=True)
 
-    def med(xs, k):
-        v = sorted(x[k] for x in xs if x[k] is not None)
-        return v[len(v) // 2] if v else float("nan")
-
-    print(f"JF4M train = {TRAIN_BYTES / 2**20:.0f} MiB, {NTRAINS} trains per pass "
-          f"({WARMUP} not timed), {reps} interleaved repetitions, medians")
-    print("| server + client | trains/s | GB/s | server peak RSS / train | all trains/s |")
-    print("|---|---:|---:|---:|---|")
-    for name, xs in rows.items():
-        rss = med(xs, "peak_rss")
-        every = ", ".join(f"{x['trains_per_s']:.1f}" for x in xs)
-        print(f"| {name} | {med(xs, 'trains_per_s'):.1f} | {med(xs, 'gb_per_s'):.2f} | "
-              f"{rss / TRAIN_BYTES:.2f} | {every} |")
-    rawv = med(rows["raw pyzmq"], "trains_per_s")
-    for c in ("small", "train"):
-        e = med(rows[f"extra_data + karabo_bridge.Client, {c} chunks"], "trains_per_s")
-        for name in ("kbstream + kbstream.Client", "kbstream + karabo_bridge.Client"):
-            k = med(rows[f"{name}, {c} chunks"], "trains_per_s")
-            print(f"{c} chunks, {name}: {k / e:.2f}x extra_data, {k / rawv:.2f}x raw pyzmq")
+    print(f"JF4M train = {TRAIN_BYTES / 2**20:.0f} MiB, run of {NTRAINS} trains, "
+          f"{NRECV} received ({WARMUP} not timed), {reps} interleaved repetitions, medians "
+          f"(all values in brackets)")
+    print("| layout | server + client | server CPU ms / train | x floor | x extra_data "
+          "| trains/s | server peak RSS / train |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for layout in LAYOUTS:
+        floor = _median(rows[(layout, FLOOR)], "cpu_ms_per_train")
+        ed = _median(rows[(layout, "extra_data + karabo_bridge.Client")], "cpu_ms_per_train")
+        for name in names:
+            xs = rows[(layout, name)]
+            cpu = _median(xs, "cpu_ms_per_train")
+            every = ", ".join(f"{x['cpu_ms_per_train']:.0f}" for x in xs)
+            tps = ", ".join(f"{x['trains_per_s']:.1f}" for x in xs)
+            print(f"| {layout} | {name} | {cpu:.1f} ({every}) | {_ratio(cpu, floor)} | "
+                  f"{_ratio(cpu, ed)} | {_median(xs, 'trains_per_s'):.1f} ({tps}) | "
+                  f"{_median(xs, 'peak_rss') / TRAIN_BYTES:.2f} |")
 
 
 if __name__ == "__main__":

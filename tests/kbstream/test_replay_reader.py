@@ -328,21 +328,22 @@ class _FakeRunFile:
     ((5, 6, 64), (2, 6, 16)),             # 2-d entries
     ((9, 40), (4, 8)),                    # 1-d entries
 ])
-@pytest.mark.parametrize("staging", ["default", "one-row"])
-def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, staging):
-    """Small chunks read with one preadv per chunk (only the wanted rows) equal h5py,
-    for every row range, including ranges across row blocks and partial last blocks,
-    also when the staging buffer holds only one row per tile (rows read in passes)."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, threads):
+    """Small chunks read with one pread per chunk (only the wanted rows, in the compiled
+    core) equal h5py, for every row range, including ranges across row blocks and
+    partial last blocks, with the chunks of a block read by one thread or shared out
+    over three."""
     import h5py
     monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
-    if staging == "one-row":
-        monkeypatch.setattr(dataset_mod._Dataset, "STAGING_BYTES", 1)
+    monkeypatch.setattr(dataset_mod, "READ_THREADS", threads)
     data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     path = tmp_path / "f.h5"
     _tiled_file(path, shape, chunks, data)
     reads = []
-    real = os.preadv
-    monkeypatch.setattr(dataset_mod.os, "preadv", lambda *a: (reads.append(a[2]), real(*a))[1])
+    real = dataset_mod._chunkio.read_tiles
+    monkeypatch.setattr(dataset_mod._chunkio, "read_tiles",
+                        lambda *a: (reads.append(threading.get_ident()), real(*a))[1])
     with h5py.File(path, "r") as h5:
         dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
         assert dsr.mode == "tiles"
@@ -351,7 +352,9 @@ def test_pread_tile_reads_equal_h5py(tmp_path, monkeypatch, shape, chunks, stagi
             dsr.read(first, count, out)
             np.testing.assert_array_equal(out, data[first:first + count])
         os.close(dsr.rf._fd)
-    assert reads, "the pread path was not used"
+    assert reads, "the compiled pread path was not used"
+    # the chunks of a row block are shared out: by the calling thread and the pool's
+    assert len(set(reads)) == 1 if threads == 1 else len(set(reads)) >= 2
 
 
 def test_pread_tile_reads_fill_unwritten_chunks(tmp_path, monkeypatch):
@@ -383,7 +386,7 @@ def test_pread_tile_reads_truncated_file(tmp_path, monkeypatch):
     _tiled_file(path, shape, chunks, data)
     with h5py.File(path, "r") as h5:
         dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["d"])
-        last = max(addr for addr in dsr._block_addresses(3))
+        last = max(dsr._block_locations(3)[0])
         out = np.empty((1,) + shape[1:], np.int32)
         dsr.read(0, 1, out)
         os.truncate(path, last + 10)   # cut inside the last chunk of the second block

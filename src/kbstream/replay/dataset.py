@@ -15,12 +15,28 @@ Reading strategy per dataset (decided once, when first used):
     sender thread keeps running.
 ``tiles``
     Unfiltered chunked datasets with smaller chunks (h5py's automatic
-    chunking): the rows wanted from each chunk are read with ``os.preadv``
-    into a small staging buffer and put in place by numpy (GIL released
-    during the copy), without HDF5's chunk cache and selection machinery.
+    chunking): the rows wanted from each chunk of the row block are read with
+    ``pread`` into a small staging buffer and their crop put in place, all
+    chunks of the block in one call of the compiled core
+    (:mod:`kbstream.replay._chunkio`) without the GIL, the chunks shared out
+    over :data:`READ_THREADS` threads; no HDF5 chunk cache or selection
+    machinery.
+``filtered``
+    Chunked datasets compressed with deflate (gzip), with or without the
+    shuffle filter: the raw chunk bytes are read at their offsets, inflated
+    (``zlib``, which releases the GIL) and unshuffled and put in place by the
+    compiled core, the chunks of a row block shared out over
+    :data:`READ_THREADS` threads instead of HDF5's serial filter pipeline.
+    A row block whose chunks hold several rows is decoded once and kept for
+    the following rows (at most :data:`DECODED_BLOCK_BYTES` per dataset).
+    A chunk that does not decode is a :class:`RunFileError` naming the file,
+    dataset and chunk (the train is skipped by the server, never a crash).
 ``h5py``
-    Anything else (compressed, virtual, external, non-numeric, userblock):
-    ``Dataset.read_direct`` into the output buffer.
+    Anything else (other filters, e.g. bitshuffle/LZ4 or Blosc through
+    hdf5plugin; virtual, external, non-numeric, userblock):
+    ``Dataset.read_direct`` into the output buffer.  A dataset read this way
+    because of its filters is reported once per filter combination (a warning:
+    HDF5 decodes its chunks one after the other).
 
 Offsets come from HDF5 itself (``get_offset``, ``chunk_iter``) and every read
 is checked for its length, so a truncated file raises
@@ -32,18 +48,93 @@ descriptor comes from the :class:`~kbstream.replay.runfile.RunFile` the dataset
 belongs to.
 """
 
+import logging
 import os
 import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _chunkio
 from ._h5 import h5py as _h5py
-from .errors import TruncatedFileError
+from .errors import RunFileError, TruncatedFileError
 
-__all__ = ["SMALL_DATASET_BYTES"]
+__all__ = ["SMALL_DATASET_BYTES", "READ_THREADS", "DECODED_BLOCK_BYTES"]
+
+log = logging.getLogger(__name__)
 
 #: Datasets up to this size are read whole on first use and served from memory.
 SMALL_DATASET_BYTES = 8 << 20
+
+#: Threads that read (and decode) the chunks of one row block together: the calling
+#: thread plus ``READ_THREADS - 1`` of a pool shared by every dataset.  Each holds one
+#: staging buffer of one chunk's rows (``tiles``) or one decoded chunk (``filtered``)
+#: while it works, so the memory of a read stays bounded by the slots of the prefetch
+#: depth plus ``READ_THREADS`` chunks.
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+#: Largest decoded row block (all chunks of ``c0`` rows) a ``filtered`` dataset keeps
+#: for its next rows; larger blocks are decoded again for every read.
+DECODED_BLOCK_BYTES = 64 << 20
+
+#: HDF5 filter ids decoded here (H5Z_FILTER_DEFLATE, H5Z_FILTER_SHUFFLE).
+_DEFLATE, _SHUFFLE = 1, 2
+_FILTER_NAMES = {1: "deflate", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
+                 6: "scaleoffset", 32001: "blosc", 32004: "lz4", 32008: "bitshuffle",
+                 32015: "zstd", 32026: "blosc2"}
+
+_pool = None
+_pool_lock = threading.Lock()
+_reported_filters = set()
+
+
+def _read_pool():
+    """The shared pool of ``READ_THREADS - 1`` reader threads (started on first use,
+    started anew when :data:`READ_THREADS` has grown)."""
+    global _pool
+    want = max(1, READ_THREADS - 1)
+    pool = _pool
+    if pool is None or pool[0] < want:
+        with _pool_lock:
+            pool = _pool
+            if pool is None or pool[0] < want:
+                if pool is not None:
+                    pool[1].shutdown(wait=False)  # its threads end after their work
+                pool = _pool = (want, ThreadPoolExecutor(want,
+                                                         thread_name_prefix="kbstream-read"))
+    return pool[1]
+
+
+def _spread(fn, n):
+    """Run ``fn(start, stop)`` over ``range(n)`` in up to :data:`READ_THREADS` parts, the
+    first in the calling thread; re-raises the first part's error after all have ended
+    (no part keeps writing into the output after the call returns)."""
+    parts = min(READ_THREADS, n)
+    if parts <= 1:
+        return [fn(0, n)]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    pool = _read_pool()
+    futures = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    results = []
+    error = None
+    try:
+        results.append(fn(bounds[0], bounds[1]))
+    except BaseException as e:  # noqa: BLE001 - raised once every part has ended
+        error = e
+    for f in futures:
+        try:
+            results.append(f.result())
+        except BaseException as e:  # noqa: BLE001
+            if error is None:
+                error = e
+    if error is not None:
+        raise error
+    return results
+
+
+def _filter_names(codes):
+    return "+".join(_FILTER_NAMES.get(c, f"filter {c}") for c in codes)
 
 
 class _Dataset:
@@ -70,9 +161,30 @@ class _Dataset:
         if ds.dtype.kind not in "iufc" or rf.h5.userblock_size:
             return
         plist = ds.id.get_create_plist()
-        if plist.get_nfilters() or plist.get_external_count():
+        if plist.get_external_count():
             return
         layout = plist.get_layout()
+        nfilters = plist.get_nfilters()
+        if nfilters:
+            codes = [plist.get_filter(i)[0] for i in range(nfilters)]
+            if (layout == h5py.h5d.CHUNKED and ds.chunks is not None
+                    and set(codes) <= {_DEFLATE, _SHUFFLE}):
+                self.mode = "filtered"
+                self.chunks = ds.chunks
+                self.filters = codes
+                self._chunk_addr = None
+                self._block_addr_cache = {}
+                self._decoded = None
+                self._geometry()
+            else:
+                names = _filter_names(codes)
+                if names not in _reported_filters:
+                    _reported_filters.add(names)
+                    log.warning("%s (%s): filters %s are decoded by HDF5, one chunk after "
+                                "the other (kbstream decodes deflate and shuffle itself, in "
+                                "parallel); datasets with these filters are read more slowly",
+                                self.name, rf.path, names)
+            return
         if layout == h5py.h5d.CONTIGUOUS:
             off = ds.id.get_offset()
             if off is not None:
@@ -84,14 +196,16 @@ class _Dataset:
             self.mode = "rows" if tuple(ds.chunks[1:]) == self.entry_shape else "tiles"
             self._chunk_addr = None
             self._block_addr_cache = {}
-            self._staging_tls = threading.local()
+            if self.mode == "tiles":
+                self._geometry()
 
     def _chunk_map(self):
+        """{chunk offset: (file offset, stored size, filter mask)}."""
         if self._chunk_addr is None:
             addr = {}
 
             def cb(info):
-                addr[info.chunk_offset] = (info.byte_offset, info.size)
+                addr[info.chunk_offset] = (info.byte_offset, info.size, info.filter_mask)
 
             self.ds.id.chunk_iter(cb)
             self._chunk_addr = addr
@@ -114,7 +228,9 @@ class _Dataset:
         elif self.mode == "rows":
             self._read_rows(first, count, out)
         elif self.mode == "tiles":
-            self._read_tiles_pread(first, count, out)
+            self._read_tiles(first, count, out)
+        elif self.mode == "filtered":
+            self._read_filtered(first, count, out)
         else:
             self.ds.read_direct(out, np.s_[first:first + count])
         return out
@@ -167,139 +283,199 @@ class _Dataset:
                 self._pread(loc[0] + (r - k) * rb, (stop - r) * rb, dest)
             r = stop
 
-    def _tiles(self):
-        try:
-            return self._tile_list
-        except AttributeError:
-            pass
-        # One entry per chunk column of a row: (chunk offset suffix, crop
-        # of the chunk, destination slice within one row).
-        grid = []
-        for dim, c in zip(self.entry_shape, self.chunks[1:]):
-            grid.append([(s, min(c, dim - s)) for s in range(0, dim, c)])
+    def _geometry(self):
+        """The tiles of one row (chunk grid cells): their starts and crops, and the same as
+        arrays for the compiled core (byte offset of each crop in a row, crop sizes)."""
+        entry = self.entry_shape or (1,)  # rows of scalars: one-element entries
+        tile = tuple(self.chunks[1:]) or (1,)
+        grid = [[(s, min(c, dim - s)) for s in range(0, dim, c)] for dim, c in zip(entry, tile)]
+        estride = np.cumprod((1,) + entry[:0:-1])[::-1] * self.dtype.itemsize
         tiles = []
         for combo in np.ndindex(*[len(g) for g in grid]):
             starts = tuple(grid[d][i][0] for d, i in enumerate(combo))
             sizes = tuple(grid[d][i][1] for d, i in enumerate(combo))
-            crop = tuple(slice(0, n) for n in sizes)
-            dest = tuple(slice(s, s + n) for s, n in zip(starts, sizes))
-            tiles.append((starts, crop, dest))
+            tiles.append((starts, sizes))
         self._tile_list = tiles
-        return tiles
+        self._geo_tile = np.array(tile, np.int64)
+        self._geo_entry = np.array(entry, np.int64)
+        self._geo_off = np.array([int(np.dot(st, estride)) for st, _ in tiles], np.int64)
+        self._geo_crop = np.array([sz for _, sz in tiles], np.int64).reshape(len(tiles),
+                                                                               len(tile))
+        self._tile_bytes = int(np.prod(tile)) * self.dtype.itemsize
+        self._chunk_bytes = self.chunks[0] * self._tile_bytes
 
-    def _segments(self):
-        """The tiles in runs along the last grid axis: [(first tile index, run length)]."""
-        try:
-            return self._segment_list
-        except AttributeError:
-            pass
-        glast = -(-self.entry_shape[-1] // self.chunks[-1])
-        ntiles = len(self._tiles())
-        self._segment_list = [(i, min(glast, ntiles - i)) for i in range(0, ntiles, glast)]
-        return self._segment_list
-
-    def _block_addresses(self, k):
-        """File offsets of the chunks of row block ``k`` in tile order (-1: not written)."""
+    def _block_locations(self, k):
+        """``(file offsets, [(offset, size, filter mask) or None])`` of the chunks of row
+        block ``k`` in tile order (offset -1 / None: never written)."""
         cache = self._block_addr_cache
-        addrs = cache.get(k)
-        if addrs is None:
+        got = cache.get(k)
+        if got is None:
             cmap = self._chunk_map()
-            addrs = []
-            for starts, _, _ in self._tiles():
-                loc = cmap.get((k,) + starts)
-                addrs.append(-1 if loc is None else loc[0])
+            ndim = len(self.chunks) - 1
+            locs = [cmap.get((k,) + starts[:ndim]) for starts, _ in self._tile_list]
+            addrs = np.array([-1 if loc is None else loc[0] for loc in locs], np.int64)
             if len(cache) > 4096:
                 cache.clear()
-            cache[k] = addrs
-        return addrs
+            got = cache[k] = (addrs, locs)
+        return got
 
-    #: Upper bound of the staging buffer of the pread path (bytes); rows of a row block
-    #: beyond what fits are read in several passes.
-    STAGING_BYTES = 8 << 20
+    def _fill_tile(self, rows, i):
+        starts, sizes = self._tile_list[i]
+        if not self.entry_shape:
+            self.fill(rows)
+            return
+        self.fill(rows[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(starts, sizes))])
 
-    def _staging_rows(self, tile_bytes):
-        """How many rows of one chunk the staging buffer holds (1 .. c0)."""
-        glast = self._segments()[0][1]
-        return max(1, min(self.chunks[0], self.STAGING_BYTES // (glast * tile_bytes)))
+    def _truncated(self, addr, nbytes, got):
+        fd = self.rf.fd()
+        size = os.fstat(fd).st_size
+        if got < 0:
+            return RunFileError(f"{self.rf.path}: cannot read {self.name} at byte {addr}: "
+                                f"{os.strerror(-got)}", self.rf.path)
+        if addr + nbytes > size:
+            return TruncatedFileError(
+                f"{self.rf.path}: {self.name} data at byte {addr}+{nbytes} lies beyond the "
+                f"end of the file ({size} bytes); the file is truncated", self.rf.path)
+        return TruncatedFileError(
+            f"{self.rf.path}: short read of {self.name} ({got} of {nbytes} bytes)",
+            self.rf.path)
 
-    def _staging(self, nrows, tile_bytes):
-        """(array (G, nrows) + chunk tile, [memoryview of tile j]), views on one buffer of
-        :meth:`_staging_rows` rows per tile, owned by the calling thread (so that reads of
-        one dataset from several threads need no lock around the I/O)."""
-        tls = self._staging_tls
-        cache = getattr(tls, "cache", None)
-        if cache is None:
-            cache = tls.cache = {}
-        st = cache.get(nrows)
-        if st is None:
-            glast = self._segments()[0][1]
-            tile = tuple(self.chunks[1:])
-            base = cache.get("buffer")
-            if base is None:
-                base = cache["buffer"] = np.empty(
-                    (glast, self._staging_rows(tile_bytes)) + tile, self.dtype)
-            arr = base[:, :nrows]
-            views = []
-            for j in range(glast):
-                tile_rows = arr[j]
-                if not tile_rows.flags.c_contiguous:  # pragma: no cover - by construction
-                    raise AssertionError("staging rows of a tile must be contiguous")
-                views.append(memoryview(tile_rows.reshape(-1).view(np.uint8)))
-            st = cache[nrows] = (arr, views)
-        return st
-
-    def _read_tiles_pread(self, first, count, out):
-        """Small chunks without mapping the file.
+    def _read_tiles(self, first, count, out):
+        """Small chunks, without mapping the file.
 
         A chunk holds ``c0`` consecutive rows (trains) of one tile; the rows wanted from it
-        are contiguous bytes in the chunk, so one ``os.preadv`` per chunk reads exactly
-        them (the kernel copies from the page cache: no page faults, no other trains'
-        bytes) into a staging buffer that holds one run of chunks along the last grid
-        axis, and one strided copy puts the run in place (or one copy per tile where the
-        chunks do not tile the entry evenly).
+        are contiguous bytes in the chunk, so one ``pread`` per chunk reads exactly them
+        (the kernel copies from the page cache: no page faults, no other trains' bytes)
+        into a staging buffer of one chunk, and the crop is copied in place while the
+        staging buffer is still in the CPU's cache.  All chunks of the row block go to
+        :func:`kbstream.replay._chunkio.read_tiles` in :data:`READ_THREADS` parts, each
+        without the GIL.
         """
-        chunks = self.chunks
-        c0 = chunks[0]
-        tile_bytes = int(np.prod(chunks[1:], dtype=np.int64)) * self.dtype.itemsize
-        tiles = self._tiles()
-        nd = len(chunks) - 1
-        last_e, last_c = self.entry_shape[-1], chunks[-1]
-        even = all(e % c == 0 for e, c in zip(self.entry_shape, chunks[1:]))
-        # staging axes (G, rows, C1 .. C_{nd-1}, C_nd) -> (rows, C1 .. C_{nd-1}, G, C_nd)
-        order = (1,) + tuple(range(2, nd + 1)) + (0, nd + 1)
+        if not out.flags.c_contiguous:  # pragma: no cover - slots are always contiguous
+            self.ds.read_direct(out, np.s_[first:first + count])
+            return
+        c0 = self.chunks[0]
+        rb = self.row_bytes
+        flat = out.reshape(-1).view(np.uint8)
+        fd = self.rf.fd()
+        tile, entry, item = self._geo_tile, self._geo_entry, self.dtype.itemsize
+        off, crop = self._geo_off, self._geo_crop
+        ntiles = len(self._tile_list)
         r = first
         end = first + count
-        batch = self._staging_rows(tile_bytes)
         while r < end:
             k = (r // c0) * c0
-            stop = min(end, k + c0, r + batch)
+            stop = min(end, k + c0)
             nr = stop - r
-            skip = (r - k) * tile_bytes
-            want = nr * tile_bytes
-            dst_rows = out[r - first:stop - first]
-            addrs = self._block_addresses(k)
-            staging, views = self._staging(nr, tile_bytes)
-            for t0, n in self._segments():
-                missing = None
-                for j in range(n):
-                    a = addrs[t0 + j]
-                    if a < 0:
-                        if missing is None:
-                            missing = []
-                        missing.append(j)
-                    else:
-                        self._pread(a + skip, want, views[j])
-                for j in missing or ():  # never written: the fill value
-                    self.fill(staging[j, :nr])
-                src = staging[:n, :nr]
-                if even and n * last_c == last_e:
-                    dest = tiles[t0][2]
-                    dst = dst_rows[(slice(None),) + dest[:-1] + (slice(None),)]
-                    dst = dst.reshape(dst.shape[:-1] + (n, last_c))
-                    np.copyto(dst, src.transpose(order))
-                else:
-                    for j in range(n):
-                        _, crop, dest = tiles[t0 + j]
-                        np.copyto(dst_rows[(slice(None),) + dest],
-                                  src[j][(slice(None),) + crop])
+            skip = r - k
+            dest = flat[(r - first) * rb:(stop - first) * rb]
+            addrs, _ = self._block_locations(k)
+
+            def part(a, b, addrs=addrs, skip=skip, nr=nr, dest=dest):
+                i, want, got = _chunkio.read_tiles(fd, addrs[a:b], skip, nr, dest, tile,
+                                                   entry, item, off[a:b], crop[a:b])
+                return None if i < 0 else (a + i, want, got)
+
+            for bad in _spread(part, ntiles):
+                if bad is not None:
+                    i, want, got = bad
+                    raise self._truncated(int(addrs[i]) + skip * self._tile_bytes, want, got)
+            if (addrs < 0).any():  # never written: the fill value
+                rows = out[r - first:stop - first]
+                for i in np.flatnonzero(addrs < 0):
+                    self._fill_tile(rows, int(i))
+            r = stop
+
+    def _decode(self, loc):
+        """The decoded bytes of one chunk (``(offset, size, filter mask)``): exactly
+        ``c0`` rows of one tile, or RunFileError naming the chunk."""
+        addr, size, mask = loc
+        expect = self._chunk_bytes
+        fd = self.rf.fd()
+        if size > max(2 * expect, expect + (1 << 20)):
+            # deflate never grows data by more than a few bytes per 16 KiB
+            raise RunFileError(f"{self.rf.path}: {self.name}: the chunk at byte {addr} "
+                               f"claims {size} stored bytes for {expect} decoded ones; the "
+                               f"chunk index is damaged", self.rf.path)
+        data = os.pread(fd, size, addr)
+        if len(data) != size:
+            raise self._truncated(addr, size, len(data))
+        for j in range(len(self.filters) - 1, -1, -1):
+            if mask >> j & 1:
+                continue  # this filter was skipped when the chunk was written
+            code = self.filters[j]
+            if code == _DEFLATE:
+                d = zlib.decompressobj()
+                try:
+                    out = d.decompress(data, expect + 1)  # never more than one chunk + 1
+                except zlib.error as e:
+                    raise RunFileError(f"{self.rf.path}: {self.name}: the deflated chunk at "
+                                       f"byte {addr} ({size} bytes) does not decode: {e}",
+                                       self.rf.path) from e
+                if len(out) != expect or not d.eof:
+                    raise RunFileError(f"{self.rf.path}: {self.name}: the deflated chunk at "
+                                       f"byte {addr} ({size} bytes) decodes to "
+                                       f"{'more than ' if len(out) > expect else ''}"
+                                       f"{len(out)} bytes{'' if d.eof else ' (incomplete)'}, "
+                                       f"not {expect}", self.rf.path)
+                data = out
+            else:  # _SHUFFLE
+                if len(data) != expect:
+                    raise RunFileError(f"{self.rf.path}: {self.name}: the chunk at byte "
+                                       f"{addr} holds {len(data)} bytes, not {expect}",
+                                       self.rf.path)
+                out = np.empty(expect, np.uint8)
+                _chunkio.unshuffle(data, out, self.dtype.itemsize)
+                data = out
+        if len(data) != expect:
+            raise RunFileError(f"{self.rf.path}: {self.name}: the chunk at byte {addr} holds "
+                               f"{len(data)} bytes, not {expect}", self.rf.path)
+        return data
+
+    def _read_filtered(self, first, count, out):
+        """Deflate (+ shuffle) chunks decoded by :data:`READ_THREADS` threads at once, each
+        decoded chunk's rows and crop put in place by the compiled core."""
+        if not out.flags.c_contiguous:  # pragma: no cover - slots are always contiguous
+            self.ds.read_direct(out, np.s_[first:first + count])
+            return
+        c0 = self.chunks[0]
+        rb = self.row_bytes
+        flat = out.reshape(-1).view(np.uint8)
+        tile, entry, item = self._geo_tile, self._geo_entry, self.dtype.itemsize
+        off, crop = self._geo_off, self._geo_crop
+        ntiles = len(self._tile_list)
+        keep = c0 > 1 and c0 * rb <= DECODED_BLOCK_BYTES
+        r = first
+        end = first + count
+        while r < end:
+            k = (r // c0) * c0
+            stop = min(end, k + c0)
+            nr = stop - r
+            skip = r - k
+            rows = out[r - first:stop - first]
+            dest = flat[(r - first) * rb:(stop - first) * rb]
+            _, locs = self._block_locations(k)
+            cached = self._decoded
+            decoded = cached[1] if cached is not None and cached[0] == k else None
+            fresh = [None] * ntiles if decoded is None and keep else None
+
+            def part(a, b, locs=locs, skip=skip, nr=nr, dest=dest, rows=rows,
+                     decoded=decoded, fresh=fresh):
+                for i in range(a, b):
+                    if locs[i] is None:
+                        self._fill_tile(rows, i)
+                        continue
+                    buf = decoded[i] if decoded is not None else self._decode(locs[i])
+                    if fresh is not None:
+                        fresh[i] = buf
+                    _chunkio.scatter(buf, skip, nr, dest, tile, entry, item, int(off[i]),
+                                     crop[i])
+
+            if fresh is not None:
+                self._decoded = None  # the previous block's rows are done with
+            _spread(part, ntiles)
+            if fresh is not None and stop < k + c0:
+                self._decoded = (k, fresh)
+            elif decoded is not None and stop >= k + c0:
+                self._decoded = None
             r = stop

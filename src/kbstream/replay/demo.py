@@ -39,7 +39,7 @@ JF4M_SOURCES = [f"{DETECTOR}/DET/JNGFR{n:02d}:daqOutput" for n in range(1, 9)]
 MOTORS = [f"{DETECTOR}/MOTOR/X", f"{DETECTOR}/MOTOR/Y"]
 XGM = "SPB_XTD9_XGM/DOOCS/MAIN"
 XGM_OUTPUT = XGM + ":output"
-CHUNKINGS = ("train", "small", "contiguous")
+CHUNKINGS = ("train", "small", "contiguous", "gzip")
 _T0_NS = 1_700_000_000_000_000_000  # 2023-11-14, any fixed epoch will do
 
 
@@ -111,6 +111,11 @@ def _create(group, name, shape, dtype, chunking):
     if chunking == "contiguous":
         return group.create_dataset(name, shape, dtype)
     maxshape = (None,) + tuple(shape[1:])
+    if chunking == "gzip" and len(shape) > 2:
+        # one chunk per frame, shuffled and deflated (as corrected detector data often are)
+        return group.create_dataset(name, shape, dtype, chunks=(1, 1) + tuple(shape[2:]),
+                                    maxshape=maxshape, compression="gzip",
+                                    compression_opts=1, shuffle=True)
     if chunking == "train" and len(shape) > 1:
         chunks = (1,) + tuple(shape[1:])
     else:
@@ -243,9 +248,10 @@ def make_demo_run(directory, ntrains=10, *, frame_shape=(16, 512, 1024), modules
         real JUNGFRAU module (16 MiB of uint16 per train).
     modules : int
         Number of JUNGFRAU modules, 1..8.
-    chunking : {'train', 'small', 'contiguous'}
+    chunking : {'train', 'small', 'contiguous', 'gzip'}
         HDF5 layout of the frame datasets: one chunk per train, h5py's
-        automatic (small) chunks, or contiguous storage.
+        automatic (small) chunks, contiguous storage, or one chunk per frame
+        with the shuffle filter and deflate (gzip level 1).
     trains_per_file : int, optional
         Trains per sequence file of the module files (default: about a third
         of the run, so there are several sequence files); DA01 files split
@@ -352,7 +358,8 @@ def main(argv=None):
                     help="CELLS,SLOW,FAST of a module-train (default 16,512,1024)")
     ap.add_argument("--modules", type=int, default=8, choices=range(1, 9), metavar="1..8")
     ap.add_argument("--chunking", choices=CHUNKINGS, default="train",
-                    help="one chunk per train (default), h5py's small chunks, or contiguous")
+                    help="one chunk per train (default), h5py's small chunks, contiguous, "
+                         "or one shuffled+deflated chunk per frame (gzip)")
     ap.add_argument("--trains-per-file", type=int, default=None)
     ap.add_argument("--no-gain-mask", action="store_true", help="write data.adc frames only")
     ap.add_argument("--format-version", default="1.0", choices=["0.5", "1.0", "1.1", "1.2"])
