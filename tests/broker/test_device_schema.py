@@ -84,10 +84,10 @@ class _Input:
     def connection_status(self):
         return {}
 
-    def disconnect(self, oid):
-        self.calls.append(("disconnect", oid))
+    def remove_output(self, oid):
+        self.calls.append(("remove", oid))
 
-    def add_output(self, oid, info):
+    def add_output(self, oid):
         self.calls.append(("add", oid))
 
 
@@ -300,7 +300,7 @@ def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
     before = inst.configuration().get_timestamp("input.connectedOutputChannels")
     inp.calls.clear()
     view._slot_reconfigure(Hash("input.connectedOutputChannels", ["b:out", "c:out"]))
-    assert inp.calls == [("disconnect", "a:out"), ("add", "c:out")]  # b:out untouched
+    assert inp.calls == [("remove", "a:out"), ("add", "c:out")]  # b:out untouched
     conf = inst.configuration()
     assert list(conf["input.connectedOutputChannels"]) == ["b:out", "c:out"]
     assert conf.get_timestamp("input.connectedOutputChannels").time >= before.time
@@ -399,8 +399,10 @@ def test_devices_naming_one_server_id_share_one_server_instance():
     srvmod.release(b, 1)
     assert a.state == "stopped"       # the last user closed it
     srvmod.release(other_topic, 1)
-    assert srvmod.use("kbShared", config) is not a   # a fresh one after the last release
-    srvmod.release(srvmod._shared[("kbShare", "kbShared")][0], 1)
+    again = srvmod.use("kbShared", config)
+    assert again is not a   # a fresh one after the last release
+    srvmod.release(again, 1)
+    assert again.state == "stopped" and not srvmod._shared
 
 
 def test_middle_layer_builds_its_proxy_from_the_information_reply(published, karabo_python):
