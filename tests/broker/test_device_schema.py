@@ -430,3 +430,62 @@ def test_middle_layer_builds_its_proxy_from_the_information_reply(published, kar
                          text=True, timeout=120)
     assert got.returncode == 0, got.stderr[-3000:]
     assert got.stdout.split() == sorted(k.split(".")[1] for k in DATA.spec)
+
+
+def test_default_server_id_and_who_gets_a_server():
+    import os
+
+    from kbstream.broker import validate_instance_id
+    from kbstream.broker.config import BrokerConfig
+    from kbstream.broker.errors import BrokerConfigError, InvalidInstanceId
+    from kbstream.broker.server import default_server_id
+
+    sid = default_server_id()
+    assert validate_instance_id(sid) == sid
+    assert sid.endswith(f"_kbstream_{os.getpid()}") and "." not in sid
+    config = BrokerConfig.resolve("amqp://guest:guest@127.0.0.1:1", "kbWho")
+    dev = BrokerInstance("kbWhoDev", broker=config)
+    twin = BrokerInstance("kbWhoTwin", broker=config)
+    other = BrokerInstance("kbWhoOther", broker=config, server="kbWhoSrv")
+    client = BrokerInstance("kbWhoClient", broker=config, instance_type="client")
+    none = BrokerInstance("kbWhoNone", broker=config, server=False)
+    try:
+        assert dev.server is twin.server and dev.server.instance_id == sid
+        assert dev.instance_info["serverId"] == sid and dev.configuration()["serverId"] == sid
+        assert other.server is not dev.server and other.instance_info["serverId"] == "kbWhoSrv"
+        assert client.server is None and "serverId" not in client.instance_info  # as DeviceClient
+        assert none.server is None and none.instance_info["serverId"] == "__none__"
+        with pytest.raises(BrokerConfigError, match="server must be"):
+            BrokerInstance("kbWhoBad", broker=config, server=3)
+        with pytest.raises(InvalidInstanceId):
+            BrokerInstance("kbWhoBad", broker=config, server="bad id")
+        server = dev.server
+        dev.close()
+        assert server.state == "new"         # the twin still names it
+        twin.close()
+        assert server.state == "stopped"     # closed with its last device
+    finally:
+        for inst in (dev, twin, other, client, none):
+            inst.close()
+    # with a transport of the caller's there is no default server (no second connection)
+    t = MemoryTransport(MemoryBroker())
+    mem = BrokerInstance("kbWhoMem", transport=t, topic="t")
+    assert mem.server is None and mem.instance_info["serverId"] == "__none__"
+    mem.close()
+    t.close()
+
+
+def test_a_shared_server_whose_start_failed_is_renewed_for_its_users():
+    from kbstream.broker import server as srvmod
+    from kbstream.broker.config import BrokerConfig
+
+    config = BrokerConfig.resolve("amqp://guest:guest@127.0.0.1:1", "kbRenew")
+    a = srvmod.use("kbRenewSrv", config)
+    a.add_device_class("KbA")
+    a.close()                         # what a failed start leaves
+    b = srvmod.use("kbRenewSrv", config)
+    assert b is not a and b.state == "new" and b.device_classes == ["KbA"]
+    srvmod.release(a, 1)              # the first user leaves: the second still uses it
+    assert b.state == "new"
+    srvmod.release(b, 1)
+    assert b.state == "stopped" and not srvmod._shared
