@@ -489,3 +489,41 @@ def test_a_shared_server_whose_start_failed_is_renewed_for_its_users():
     assert b.state == "new"
     srvmod.release(b, 1)
     assert b.state == "stopped" and not srvmod._shared
+
+
+def test_output_connections_table_and_byte_counters_come_from_the_output():
+    from broker_stack import wait_until
+    from kbstream.pipeline import InputChannel, OutputChannel
+
+    transport = MemoryTransport(MemoryBroker())
+    inst = BrokerInstance("kbTable", transport=transport, topic="t")
+    out = OutputChannel("kbTable:output", hostname="127.0.0.1").start()
+    inp = InputChannel("kbReader:input", onSlowness="wait", use_shm=False)
+    got = []
+    inp.register_data_handler(lambda data, meta: got.append(int(data["i"])))
+    try:
+        inst.add_output_channel("output", out)
+        empty = inst.configuration()
+        assert list(empty["output.connections"]) == []
+        assert len(empty["output.bytesWritten"]) == 0
+        inp.connect(out.info, "kbTable:output")
+        inp.start()
+        out.wait_for_inputs(copy=["kbReader:input"])
+        for i in range(3):
+            out.write({"i": i, "a": np.zeros(1000, np.uint8)})
+            out.update()
+        wait_until(lambda: len(got) == 3, 20, what="3 items")
+        conf = inst.configuration()
+        (row,) = conf["output.connections"]
+        assert row["remoteId"] == "kbReader:input" and row["dataDistribution"] == "copy"
+        assert row["onSlowness"] == "wait" and row["memoryLocation"] == "remote"
+        assert row["remoteAddress"] == "127.0.0.1" and row["localPort"] == out.port
+        assert row.get_type("remotePort") == HashType.UINT16 and row["remotePort"] > 0
+        assert conf.get_type("output.bytesWritten") == HashType.VECTOR_UINT64
+        assert list(conf["output.bytesWritten"]) == [out.stats()["kbReader:input"]["bytes_written"]]
+        assert conf["output.bytesWritten"][0] > 3000 and conf["output.bytesRead"][0] > 0
+    finally:
+        inp.close()
+        out.close()
+        inst.close()
+        transport.close()

@@ -229,7 +229,8 @@ class InputChannel(Lifecycle):
         if not isinstance(output_id, str) or not output_id:
             raise PipelineConfigError(
                 f"{self.channel_id}: an output id is a non-empty string, not {output_id!r}")
-        self._check_open(f"add_output({output_id!r})")
+        if self.closed:
+            raise ChannelClosed(f"add_output() on {self.channel_id}, which is closed")
         if output_id not in self.connected_output_channels:
             self.connected_output_channels.append(output_id)
         with self._cond:
