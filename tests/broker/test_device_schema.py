@@ -527,3 +527,23 @@ def test_output_connections_table_and_byte_counters_come_from_the_output():
         out.close()
         inst.close()
         transport.close()
+
+
+def test_at_exit_devices_say_goodbye_before_their_servers(monkeypatch):
+    import weakref
+
+    from kbstream.broker import shutdown
+
+    closed = []
+
+    class Live:
+        def __init__(self, iid, kind):
+            self.iid, self.instance_info = iid, Hash("type", kind)
+
+        def close(self, timeout=None):
+            closed.append(self.iid)
+
+    live = [Live("srv", "server"), Live("dev1", "device"), Live("dev2", "device")]
+    monkeypatch.setattr(shutdown, "_live_instances", weakref.WeakSet(live))
+    shutdown._close_all_at_exit()
+    assert sorted(closed[:2]) == ["dev1", "dev2"] and closed[2] == "srv"
