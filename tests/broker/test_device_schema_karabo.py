@@ -187,9 +187,11 @@ def test_devices_name_the_process_default_server_shared_and_gone_with_the_last(
 
     def listed():
         topo = client.command({"cmd": "topology"})
+        full = all("serverId" in topo.get("instances", {}).get(iid, {}).get("attrs", {})
+                   for iid in ("kbDefA", "kbDefB", "kbNoServer"))
         return topo if (sid in topo.get("servers", [])
                         and topo["devices_by_server"].get(sid) == ["kbDefA", "kbDefB"]
-                        and "kbNoServer" in topo["devices"]) else None
+                        and "kbNoServer" in topo["devices"] and full) else None
 
     topo = wait_until(listed, 60, interval=0.5, what=f"{sid} listed with its devices")
     assert topo["instances"][sid]["kind"] == "server"
