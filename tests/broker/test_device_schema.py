@@ -84,10 +84,10 @@ class _Input:
     def connection_status(self):
         return {}
 
-    def disconnect(self, oid):
-        self.calls.append(("disconnect", oid))
+    def remove_output(self, oid):
+        self.calls.append(("remove", oid))
 
-    def add_output(self, oid, info):
+    def add_output(self, oid):
         self.calls.append(("add", oid))
 
 
@@ -300,7 +300,7 @@ def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
     before = inst.configuration().get_timestamp("input.connectedOutputChannels")
     inp.calls.clear()
     view._slot_reconfigure(Hash("input.connectedOutputChannels", ["b:out", "c:out"]))
-    assert inp.calls == [("disconnect", "a:out"), ("add", "c:out")]  # b:out untouched
+    assert inp.calls == [("remove", "a:out"), ("add", "c:out")]  # b:out untouched
     conf = inst.configuration()
     assert list(conf["input.connectedOutputChannels"]) == ["b:out", "c:out"]
     assert conf.get_timestamp("input.connectedOutputChannels").time >= before.time
@@ -399,8 +399,10 @@ def test_devices_naming_one_server_id_share_one_server_instance():
     srvmod.release(b, 1)
     assert a.state == "stopped"       # the last user closed it
     srvmod.release(other_topic, 1)
-    assert srvmod.use("kbShared", config) is not a   # a fresh one after the last release
-    srvmod.release(srvmod._shared[("kbShare", "kbShared")][0], 1)
+    again = srvmod.use("kbShared", config)
+    assert again is not a   # a fresh one after the last release
+    srvmod.release(again, 1)
+    assert again.state == "stopped" and not srvmod._shared
 
 
 def test_middle_layer_builds_its_proxy_from_the_information_reply(published, karabo_python):
@@ -428,3 +430,120 @@ def test_middle_layer_builds_its_proxy_from_the_information_reply(published, kar
                          text=True, timeout=120)
     assert got.returncode == 0, got.stderr[-3000:]
     assert got.stdout.split() == sorted(k.split(".")[1] for k in DATA.spec)
+
+
+def test_default_server_id_and_who_gets_a_server():
+    import os
+
+    from kbstream.broker import validate_instance_id
+    from kbstream.broker.config import BrokerConfig
+    from kbstream.broker.errors import BrokerConfigError, InvalidInstanceId
+    from kbstream.broker.server import default_server_id
+
+    sid = default_server_id()
+    assert validate_instance_id(sid) == sid
+    assert sid.endswith(f"_kbstream_{os.getpid()}") and "." not in sid
+    config = BrokerConfig.resolve("amqp://guest:guest@127.0.0.1:1", "kbWho")
+    dev = BrokerInstance("kbWhoDev", broker=config)
+    twin = BrokerInstance("kbWhoTwin", broker=config)
+    other = BrokerInstance("kbWhoOther", broker=config, server="kbWhoSrv")
+    client = BrokerInstance("kbWhoClient", broker=config, instance_type="client")
+    none = BrokerInstance("kbWhoNone", broker=config, server=False)
+    try:
+        assert dev.server is twin.server and dev.server.instance_id == sid
+        assert dev.instance_info["serverId"] == sid and dev.configuration()["serverId"] == sid
+        assert other.server is not dev.server and other.instance_info["serverId"] == "kbWhoSrv"
+        assert client.server is None and "serverId" not in client.instance_info  # as DeviceClient
+        assert none.server is None and none.instance_info["serverId"] == "__none__"
+        with pytest.raises(BrokerConfigError, match="server must be"):
+            BrokerInstance("kbWhoBad", broker=config, server=3)
+        with pytest.raises(InvalidInstanceId):
+            BrokerInstance("kbWhoBad", broker=config, server="bad id")
+        server = dev.server
+        dev.close()
+        assert server.state == "new"         # the twin still names it
+        twin.close()
+        assert server.state == "stopped"     # closed with its last device
+    finally:
+        for inst in (dev, twin, other, client, none):
+            inst.close()
+    # with a transport of the caller's there is no default server (no second connection)
+    t = MemoryTransport(MemoryBroker())
+    mem = BrokerInstance("kbWhoMem", transport=t, topic="t")
+    assert mem.server is None and mem.instance_info["serverId"] == "__none__"
+    mem.close()
+    t.close()
+
+
+def test_a_shared_server_whose_start_failed_is_renewed_for_its_users():
+    from kbstream.broker import server as srvmod
+    from kbstream.broker.config import BrokerConfig
+
+    config = BrokerConfig.resolve("amqp://guest:guest@127.0.0.1:1", "kbRenew")
+    a = srvmod.use("kbRenewSrv", config)
+    a.add_device_class("KbA")
+    a.close()                         # what a failed start leaves
+    b = srvmod.use("kbRenewSrv", config)
+    assert b is not a and b.state == "new" and b.device_classes == ["KbA"]
+    srvmod.release(a, 1)              # the first user leaves: the second still uses it
+    assert b.state == "new"
+    srvmod.release(b, 1)
+    assert b.state == "stopped" and not srvmod._shared
+
+
+def test_output_connections_table_and_byte_counters_come_from_the_output():
+    from broker_stack import wait_until
+    from kbstream.pipeline import InputChannel, OutputChannel
+
+    transport = MemoryTransport(MemoryBroker())
+    inst = BrokerInstance("kbTable", transport=transport, topic="t")
+    out = OutputChannel("kbTable:output", hostname="127.0.0.1").start()
+    inp = InputChannel("kbReader:input", onSlowness="wait", use_shm=False)
+    got = []
+    inp.register_data_handler(lambda data, meta: got.append(int(data["i"])))
+    try:
+        inst.add_output_channel("output", out)
+        empty = inst.configuration()
+        assert list(empty["output.connections"]) == []
+        assert len(empty["output.bytesWritten"]) == 0
+        inp.connect(out.info, "kbTable:output")
+        inp.start()
+        out.wait_for_inputs(copy=["kbReader:input"])
+        for i in range(3):
+            out.write({"i": i, "a": np.zeros(1000, np.uint8)})
+            out.update()
+        wait_until(lambda: len(got) == 3, 20, what="3 items")
+        conf = inst.configuration()
+        (row,) = conf["output.connections"]
+        assert row["remoteId"] == "kbReader:input" and row["dataDistribution"] == "copy"
+        assert row["onSlowness"] == "wait" and row["memoryLocation"] == "remote"
+        assert row["remoteAddress"] == "127.0.0.1" and row["localPort"] == out.port
+        assert row.get_type("remotePort") == HashType.UINT16 and row["remotePort"] > 0
+        assert conf.get_type("output.bytesWritten") == HashType.VECTOR_UINT64
+        assert list(conf["output.bytesWritten"]) == [out.stats()["kbReader:input"]["bytes_written"]]
+        assert conf["output.bytesWritten"][0] > 3000 and conf["output.bytesRead"][0] > 0
+    finally:
+        inp.close()
+        out.close()
+        inst.close()
+        transport.close()
+
+
+def test_at_exit_devices_say_goodbye_before_their_servers(monkeypatch):
+    import weakref
+
+    from kbstream.broker import shutdown
+
+    closed = []
+
+    class Live:
+        def __init__(self, iid, kind):
+            self.iid, self.instance_info = iid, Hash("type", kind)
+
+        def close(self, timeout=None):
+            closed.append(self.iid)
+
+    live = [Live("srv", "server"), Live("dev1", "device"), Live("dev2", "device")]
+    monkeypatch.setattr(shutdown, "_live_instances", weakref.WeakSet(live))
+    shutdown._close_all_at_exit()
+    assert sorted(closed[:2]) == ["dev1", "dev2"] and closed[2] == "srv"

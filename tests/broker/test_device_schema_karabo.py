@@ -163,3 +163,52 @@ def test_device_client_set_rewires_an_input_and_gets_the_error_reply(instances, 
             ["kbDev:node.output"]
     finally:
         inp.close()
+
+
+def test_devices_name_the_process_default_server_shared_and_gone_with_the_last(
+        instances, karabind_client):
+    """Without ``server=`` a device names the process's server (``<host>_kbstream_<pid>``):
+    a DeviceClient lists it with both devices of the process under it; it says goodbye
+    after the last of them; ``server=False`` names none."""
+    from kbstream.broker.server import default_server_id
+
+    sid = default_server_id()
+    client = karabind_client()
+    a = instances("kbDefA", heartbeat_interval=10, info_extra={"classId": "KbProbeA"})
+    b = instances("kbDefB", heartbeat_interval=10, info_extra={"classId": "KbProbeB"})
+    lone = instances("kbNoServer", heartbeat_interval=10, server=False)
+    a.start()
+    b.start()
+    lone.start()
+    assert a.server is b.server and a.server.instance_id == sid
+    assert a.server.state == "up"
+    assert lone.server is None and lone.instance_info["serverId"] == "__none__"
+    assert a.instance_info["serverId"] == b.instance_info["serverId"] == sid
+
+    def listed():
+        topo = client.command({"cmd": "topology"})
+        full = all("serverId" in topo.get("instances", {}).get(iid, {}).get("attrs", {})
+                   for iid in ("kbDefA", "kbDefB", "kbNoServer"))
+        return topo if (sid in topo.get("servers", [])
+                        and topo["devices_by_server"].get(sid) == ["kbDefA", "kbDefB"]
+                        and "kbNoServer" in topo["devices"] and full) else None
+
+    topo = wait_until(listed, 60, interval=0.5, what=f"{sid} listed with its devices")
+    assert topo["instances"][sid]["kind"] == "server"
+    assert topo["instances"][sid]["attrs"]["host"] == a.hostname
+    classes = topo["instances"][sid]["attrs"]["deviceClasses"]   # str() of the vector
+    assert "KbProbeA" in classes and "KbProbeB" in classes, classes
+    assert topo["instances"]["kbNoServer"]["attrs"]["serverId"] == "__none__"
+    assert client.command({"cmd": "get", "id": "kbDefA", "key": "serverId"})["value"] == sid
+
+    server = a.server
+    since = len(client.events)
+    a.close()
+    client.wait_for(lambda m: m.get("event") == "gone" and m.get("id") == "kbDefA", 30, since)
+    assert server.state == "up"        # kbDefB still names it
+    b.close()
+    client.wait_for(lambda m: m.get("event") == "gone" and m.get("id") == sid, 30, since)
+    assert server.state == "stopped"
+    gone_ids = [m["id"] for m in client.events[since:] if m.get("event") == "gone"]
+    assert gone_ids.index("kbDefB") < gone_ids.index(sid)   # the devices first
+    assert "kbNoServer" not in gone_ids and lone.state == "up"

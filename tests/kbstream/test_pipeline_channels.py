@@ -1115,3 +1115,68 @@ def test_stats_count_every_message_once(channels):
         assert (st["sent"], st["dropped"], st["queued"], st["queued_bytes"]) == (3, 3, 0, 0)
     finally:
         raw.close()
+
+
+def test_add_and_remove_outputs_by_name_while_running(channels):
+    """add_output / remove_output change one connection and keep the others as they are;
+    a removed output's connection is closed (the output sees its input go)."""
+    make_output, make_input = channels
+    outs = {f"s{k}:output": make_output(f"s{k}:output") for k in range(3)}
+    mapping = {oid: out.info for oid, out in outs.items()}
+    inp = make_input(connectedOutputChannels=["s0:output", "s1:output"], onSlowness="wait",
+                     resolver=mapping)
+    col = Collector(inp)
+    inp.wait_connected(["s0:output", "s1:output"], timeout=TIMEOUT)
+    kept = dict(inp._conns)
+    inp.add_output("s2:output")
+    inp.add_output("s2:output")  # listed once, connected once
+    inp.wait_connected(["s2:output"], timeout=TIMEOUT)
+    assert inp.connected_output_channels == ["s0:output", "s1:output", "s2:output"]
+    assert all(inp._conns[oid] is conn for oid, conn in kept.items())  # untouched
+    outs["s2:output"].wait_for_inputs(copy=["receiver:input"])
+    third = inp._conns["s2:output"]
+    assert inp.remove_output("s0:output") is True
+    assert "s0:output" not in inp.connection_status()
+    assert inp.connected_output_channels == ["s1:output", "s2:output"]
+    assert not kept["s0:output"].thread.is_alive()
+    deadline = time.monotonic() + TIMEOUT
+    while outs["s0:output"].input_ids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outs["s0:output"].input_ids() == []  # the connection was closed
+    assert inp._conns["s1:output"] is kept["s1:output"] and inp._conns["s2:output"] is third
+    assert inp.remove_output("s0:output") is False  # nothing left to remove
+    send(outs["s1:output"], 2)
+    send(outs["s2:output"], 2, start=10)
+    for oid in ("s1:output", "s2:output"):
+        outs[oid].signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    assert sorted(col.indices()) == [0, 1, 10, 11]
+    with pytest.raises(PipelineConfigError):
+        inp.add_output("")
+    inp.close()
+    with pytest.raises(ChannelClosed):
+        inp.add_output("s0:output")
+
+
+def test_outputs_added_before_start_connect_at_start(channels):
+    make_output, make_input = channels
+    out = make_output()
+    inp = make_input(resolver={"sender:output": out.info}, start=False)
+    inp.add_output("sender:output")
+    assert inp.connection_status() == {}  # nothing before start()
+    inp.start()
+    inp.wait_connected(["sender:output"], timeout=TIMEOUT)
+    out.wait_for_inputs(copy=["receiver:input"])
+
+
+def test_output_counts_the_bytes_of_each_input(channels):
+    out, inp, col = copy_pair(channels, onSlowness="wait", use_shm=False)
+    first = out.stats()["receiver:input"]
+    assert first["bytes_read"] > 0 and first["bytes_written"] == 0  # the hello came
+    send(out, 3, shape=(64, 64))
+    out.signal_end_of_stream(timeout=TIMEOUT)
+    col.wait_eos()
+    st = out.stats()["receiver:input"]
+    assert st["bytes_written"] > 3 * 64 * 64 * 2  # the arrays and their headers
+    assert st["bytes_read"] > first["bytes_read"]  # the inputs' updates
+    assert st["address"][0] == "127.0.0.1"

@@ -16,6 +16,8 @@ import point one way, down this list:
 
 * :mod:`~kbstream.broker.instance` - :class:`BrokerInstance`: the life cycle (self-check,
   announcement, heartbeats, goodbye, reconnects) and the composition of the rooms below.
+* :mod:`~kbstream.broker.server` - :class:`ServerInstance`: the Karabo server instance the
+  devices of a process name (by default one per process, broker and topic).
 * :mod:`~kbstream.broker.device_view` - the read-only configuration and schema a device
   shows (``slotGetConfiguration`` / ``slotGetSchema``), built from extendable sections.
 * :mod:`~kbstream.broker.monitors` - channel monitors: an output watched by name
@@ -47,11 +49,13 @@ from .errors import (BrokerConfigError, BrokerConnectionError, BrokerError, Inst
 from .instance import BrokerInstance
 from .protocol import split_output_id, validate_instance_id
 from .resolver import OutputResolver, resolve_host
+from .server import ServerInstance
 from .shutdown import install_sigterm_exit
 from .tracking import InstanceRecord
 
 __all__ = [
     "BrokerInstance",
+    "ServerInstance",
     "install_sigterm_exit",
     "InstanceRecord",
     "OutputResolver",

@@ -200,16 +200,12 @@ class Channels:
             entry[2] = list(dict.fromkeys(outputs))
         channel = entry[1]
         new = entry[2]
-        listed = getattr(channel, "connected_output_channels", None)
-        if isinstance(listed, list):
-            listed[:] = new
         for out in old:
             if out not in new:
-                channel.disconnect(out)
+                channel.remove_output(out)
         for out in new:
             if out not in old:
-                add = getattr(channel, "add_output", None) or getattr(channel, "_add")
-                add(out, None)
+                channel.add_output(out)
 
     @property
     def resolver(self) -> OutputResolver:

@@ -102,13 +102,19 @@ class BrokerInstance(_lifecycle.Lifecycle):
         main thread and when SIGTERM has Python's default disposition.
     close_timeout : float
         Seconds :meth:`close` waits in all for the transport and the threads to end.
-    server : str or ServerInstance, optional
-        The Karabo server instance a ``device`` belongs to (its ``serverId``; GUIs list
-        devices under their server): a :class:`~kbstream.broker.server.ServerInstance`
-        (started and closed by the caller), or a server id: the devices of the process
-        naming it share one server instance, started before the first of them and closed
-        after the last (:mod:`kbstream.broker.server`). Without it the ``serverId`` is
-        ``__none__``.
+    server : str, ServerInstance, bool or None
+        The Karabo server instance a ``device`` belongs to (its ``serverId``; GUIs and
+        ``DeviceClient``\\ s list devices under their server). Default (None or True): the
+        process's server, id :func:`~kbstream.broker.server.default_server_id`
+        (``<host>_kbstream_<pid>``). A server id: the server of that id. Either way the
+        devices of the process naming one server id on one broker and topic share one
+        server instance, started before the first of them and closed (``slotInstanceGone``)
+        after the last (:mod:`kbstream.broker.server`). A
+        :class:`~kbstream.broker.server.ServerInstance`: that one (started and closed by
+        the caller). False: no server, the ``serverId`` is ``__none__``. Like Karabo's
+        ``DeviceClient``, instances of another ``instance_type`` (``client``, ...) have no
+        server. With a ``transport`` of the caller's there is no default server (it would
+        need a connection of its own): pass a ServerInstance.
     """
 
     _state_error = NotStartedError
@@ -145,7 +151,7 @@ class BrokerInstance(_lifecycle.Lifecycle):
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self._server, self._own_server = None, False
-        if server is not None and instance_type == "device":
+        if instance_type == "device" and server is not False:
             self._server, self._own_server = self._make_server(server, transport)
         self._info = self._make_info(instance_type, info_extra)
         if self._server is not None:
@@ -175,12 +181,25 @@ class BrokerInstance(_lifecycle.Lifecycle):
             self._register_slots(self._view.slots())
 
     def _make_server(self, server, transport):
-        if not isinstance(server, str):
+        from .server import ServerInstance, default_server_id, use
+
+        if isinstance(server, ServerInstance):
             return server, False
+        if server is None or server is True:
+            if transport is not None:
+                # the default server is a second connection to the broker: with a
+                # transport of the caller's there is none to make (pass a ServerInstance)
+                return None, False
+            server = default_server_id()
+        elif not isinstance(server, str):
+            raise BrokerConfigError(
+                f"server must be a server id, a ServerInstance, True/None (the process's "
+                f"default server) or False (none), not {type(server).__name__}")
+        else:
+            validate_instance_id(server)
         if transport is not None:
             raise BrokerConfigError("a server id needs a broker to connect to; with a "
                                     "transport pass a started ServerInstance instead")
-        from .server import use
 
         return use(server, self.config, heartbeat_interval=max(10, self.heartbeat_interval),
                    connect_timeout=self.connect_timeout,
@@ -267,7 +286,8 @@ class BrokerInstance(_lifecycle.Lifecycle):
         if self._own_server:
             from .server import start_used
 
-            start_used(self._server)  # first, so that the device's server is known
+            # first, so that the device's server is known
+            self._server = start_used(self._server)
         with self._lock:
             if self._state != "starting":
                 raise NotStartedError(f"{self!r} was closed while starting")

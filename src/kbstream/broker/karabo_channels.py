@@ -145,6 +145,43 @@ def _details(source):
     return info if isinstance(info, Hash) else Hash()
 
 
+def _connection_rows(source, local_host, local_port):
+    """The ``connections`` table and the ``bytesRead`` / ``bytesWritten`` vectors (one
+    entry per row, in its order), from one ``stats()`` snapshot of a kbstream output
+    (counters it keeps anyway), else from ``input_ids()`` alone."""
+    rows, read, written = [], [], []
+    try:
+        stats = source.stats() if callable(getattr(source, "stats", None)) else None
+        if stats is None:
+            ids = getattr(source, "input_ids", None)
+            if not callable(ids):
+                return rows, read, written
+            shared = set(ids(True))
+            stats = {rid: {"shared": rid in shared} for rid in ids()}
+        for rid, st in stats.items():
+            if not isinstance(st, dict) or "shared" not in st:
+                continue  # the shared pool's counters
+            row = Hash()
+            row.set("remoteId", rid, type=_S)
+            row.set("dataDistribution", "shared" if st["shared"] else "copy", type=_S)
+            if "onSlowness" in st:
+                row.set("onSlowness", str(st["onSlowness"]), type=_S)
+            # another process, also through shared memory (docs/wire/karabo-broker-amqp.md)
+            row.set("memoryLocation", "remote", type=_S)
+            addr = st.get("address")
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                row.set("remoteAddress", str(addr[0]), type=_S)
+                row.set("remotePort", int(addr[1]) & 0xFFFF, type=HashType.UINT16)
+            row.set("localAddress", local_host, type=_S)
+            row.set("localPort", local_port & 0xFFFF, type=HashType.UINT16)
+            rows.append(row)
+            read.append(int(st.get("bytes_read", 0)))
+            written.append(int(st.get("bytes_written", 0)))
+    except Exception:  # the channel is closing
+        return [], [], []
+    return rows, read, written
+
+
 def output_configuration(source, host=None) -> Hash:
     """Current values of an output channel's options (``source`` as
     :meth:`~kbstream.broker.instance.BrokerInstance.add_output_channel` takes it)."""
@@ -160,23 +197,12 @@ def output_configuration(source, host=None) -> Hash:
     c.set("hostname", advertised, type=_S)
     c.set("address", advertised, type=_S)
     c.set("port", int(info.get("port") or 0), type=_U32)
-    rows = []
-    ids = getattr(source, "input_ids", None)
-    if callable(ids):
-        try:
-            shared = set(ids(True))
-            for rid in ids():
-                row = Hash()
-                row.set("remoteId", rid, type=_S)
-                row.set("dataDistribution", "shared" if rid in shared else "copy", type=_S)
-                rows.append(row)
-        except Exception:  # the channel is closing
-            rows = []
+    rows, read, written = _connection_rows(source, advertised, int(info.get("port") or 0))
     c.set("connections", rows, type=HashType.VECTOR_HASH)
     c.set("updatePeriod", 10, type=_I32)
     c.set("validateSchema", str(getattr(source, "validate_schema", "always")), type=_S)
-    c.set("bytesRead", np.zeros(0, np.uint64), type=HashType.VECTOR_UINT64)
-    c.set("bytesWritten", np.zeros(0, np.uint64), type=HashType.VECTOR_UINT64)
+    c.set("bytesRead", np.array(read, np.uint64), type=HashType.VECTOR_UINT64)
+    c.set("bytesWritten", np.array(written, np.uint64), type=HashType.VECTOR_UINT64)
     c.set("schema", Hash())
     return c
 

@@ -7,10 +7,12 @@ with ``serverId``, ``version``, ``host``, ``user``, ``lang``, ``log``, ``serverF
 GUIs and ``DeviceClient``\\ s list the process's device instances under it: each device
 names the server in its ``serverId``, and the server lists the devices' classes.
 
-Usage: ``BrokerInstance("myDevice", server="myServer")``: the devices of a process that
-name one server id (on one topic) share one server instance, started before the first of
-them and stopped after the last (:func:`use`, :func:`start_used`, :func:`release`);
-``server=ServerInstance(...)`` uses a server the caller starts and stops.
+Every ``BrokerInstance("myDevice")`` (a ``device``) names the process's server,
+:func:`default_server_id`; ``server="myServer"`` names another. The devices of a process
+that name one server id (on one broker and topic) share one server instance, started
+before the first of them and stopped after the last (:func:`use`, :func:`start_used`,
+:func:`release`); ``server=ServerInstance(...)`` uses a server the caller starts and
+stops; ``server=False`` names none (``serverId`` ``__none__``).
 
 Threads: those of a :class:`~kbstream.broker.instance.BrokerInstance`.
 """
@@ -18,6 +20,8 @@ Threads: those of a :class:`~kbstream.broker.instance.BrokerInstance`.
 from __future__ import annotations
 
 import getpass
+import os
+import socket
 import threading
 
 from kbhash import Hash, HashType
@@ -25,10 +29,11 @@ from kbhash import Hash, HashType
 from .instance import BrokerInstance
 from .protocol import KARABO_VERSION
 
-__all__ = ["ServerInstance", "use", "start_used", "release"]
+__all__ = ["ServerInstance", "default_server_id", "use", "start_used", "release"]
 
 _lock = threading.Lock()
-_shared = {}  # (topic, server id) -> [ServerInstance, number of devices using it]
+# (broker urls, topic, server id) -> [ServerInstance, number of devices using it, maker]
+_shared = {}
 
 
 def _user():
@@ -96,34 +101,71 @@ class ServerInstance(BrokerInstance):
         self.update_info(deviceClasses=Typed(list(self._classes), HashType.VECTOR_STRING))
 
 
+def default_server_id() -> str:
+    """The id of a process's default server: ``<host>_kbstream_<pid>``.
+
+    Karabo's device servers without a configured ``serverId`` take
+    ``<host>_Server_<pid>`` (host name up to its first dot); kbstream keeps that form with
+    ``kbstream`` in the middle, so the id is unique per host and process and tells what
+    runs there. Characters an instance id may not hold become ``_``.
+    """
+    host = socket.gethostname().partition(".")[0] or "localhost"
+    host = "".join(c if c.isalnum() or c in "_-" else "_" for c in host)
+    return f"{host}_kbstream_{os.getpid()}"
+
+
 def use(server_id, config, **kw) -> ServerInstance:
-    """The process's server instance ``server_id`` on ``config``'s topic, made (not
-    started) on first use; every call must be matched by a :func:`release`."""
-    key = (config.topic, server_id)
+    """The process's server instance ``server_id`` on ``config``'s broker and topic, made
+    (not started) on first use; every call must be matched by a :func:`release`."""
+    key = (config.urls, config.topic, server_id)
+
+    def make():
+        s = ServerInstance(server_id, broker=config, **kw)
+        s._shared_key = key
+        return s
+
     with _lock:
         entry = _shared.get(key)
-        if entry is None or entry[0].state == "stopped":
-            entry = _shared[key] = [ServerInstance(server_id, broker=config, **kw), 0]
+        if entry is None:
+            entry = _shared[key] = [make(), 0, make]
+        elif entry[0].state == "stopped":
+            _renew(entry)
         entry[1] += 1
         return entry[0]
 
 
-def start_used(server):
-    """Start ``server`` unless a device using it did already (one start, also when
-    several devices start at once)."""
+def _renew(entry):
+    # a server whose start failed is closed: a fresh one of the same id and classes
+    old = entry[0]
+    entry[0] = entry[2]()
+    entry[0]._classes = old.device_classes
+
+
+def start_used(server) -> ServerInstance:
+    """Start the shared server ``server`` unless a device using it did already (one start,
+    also when several devices start at once); returns the server to name. A server whose
+    start failed (it is closed then) is replaced by a fresh one of the same id."""
+    with _lock:
+        entry = _shared.get(getattr(server, "_shared_key", None))
+        if entry is not None:
+            if entry[0].state == "stopped":
+                _renew(entry)
+            server = entry[0]
     with server._start_lock:
         if server.state == "new":
             server.start()
+    return server
 
 
 def release(server, timeout=None):
     """One device stopped using ``server``; the last one closes it."""
+    key = getattr(server, "_shared_key", None)
     with _lock:
-        for key, entry in list(_shared.items()):
-            if entry[0] is server:
-                entry[1] -= 1
-                if entry[1] > 0:
-                    return
-                del _shared[key]
-                break
+        entry = _shared.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del _shared[key]
+            server = entry[0]
     server.close(timeout)

@@ -34,7 +34,9 @@ def unregister(instance):
 
 @atexit.register
 def _close_all_at_exit():  # slotInstanceGone also when the program just ends
-    for inst in list(_live_instances):
+    # the devices first, then their servers (the order of Karabo's servers)
+    live = sorted(_live_instances, key=lambda i: i.instance_info.get("type") == "server")
+    for inst in live:
         try:
             inst.close(timeout=EXIT_CLOSE_TIMEOUT)
         except Exception:  # pragma: no cover - interpreter shutdown

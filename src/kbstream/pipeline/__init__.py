@@ -38,7 +38,7 @@ from .errors import (
 )
 from .input import ConnectionStatus, InputChannel
 from .output import OutputChannel
-from .schema import DataSchema
+from .schema import DataSchema, Image, Vector
 from .wire import ChannelMetaData
 
 __all__ = [
@@ -47,6 +47,8 @@ __all__ = [
     "ChannelMetaData",
     "ConnectionStatus",
     "DataSchema",
+    "Vector",
+    "Image",
     "PipelineError",
     "PipelineProtocolError",
     "SchemaError",

@@ -42,7 +42,7 @@ class _Connection:
     """
 
     __slots__ = ("sock", "addr", "id", "ring", "shm_sent", "gone", "rbuf", "rlen", "hello_deadline", "tx",
-                 "events", "poller", "paused")
+                 "events", "poller", "paused", "bytes_read", "bytes_written")
 
     def __init__(self, sock, addr, hello_deadline):
         self.sock = sock
@@ -50,6 +50,8 @@ class _Connection:
         self.id = None
         self.ring = None  # shared-memory slots when the input runs on this machine
         self.shm_sent = 0
+        self.bytes_read = 0  # control frames received (I/O thread)
+        self.bytes_written = 0  # of the messages sent, counted when each send ends (under the lock)
         self.gone = False
         self.rbuf = bytearray(_RECV_START)  # control frames received, not yet parsed
         self.rlen = 0
@@ -268,6 +270,7 @@ class ConnectionsMixin:
             self._drop(conn, "connection closed by the peer")
             return
         conn.rlen += n
+        conn.bytes_read += n
         self._handle_frames(conn)
 
     def _handle_frames(self, conn):

@@ -213,6 +213,44 @@ class InputChannel(Lifecycle):
         self._add(oid, dict(info))
         return oid
 
+    def add_output(self, output_id):
+        """Also read from the output ``output_id`` (``"<instanceId>:<channel>"``), found
+        through the resolver; the other connections stay as they are. Listed in
+        ``connected_output_channels``; before :meth:`start` the connection is made when
+        it starts. Adding an output already listed changes nothing.
+
+        Raises
+        ------
+        PipelineConfigError
+            ``output_id`` is not a non-empty string.
+        ChannelClosed
+            The channel is closed.
+        """
+        if not isinstance(output_id, str) or not output_id:
+            raise PipelineConfigError(
+                f"{self.channel_id}: an output id is a non-empty string, not {output_id!r}")
+        if self.closed:
+            raise ChannelClosed(f"add_output() on {self.channel_id}, which is closed")
+        if output_id not in self.connected_output_channels:
+            self.connected_output_channels.append(output_id)
+        with self._cond:
+            known = output_id in self._conns
+            run = self._running
+        if run and not known:
+            self._add(output_id, None)
+
+    def remove_output(self, output_id):
+        """Stop reading from the output ``output_id``: its connection is closed (its thread
+        ended) and it leaves ``connected_output_channels``; the other connections stay.
+        Returns whether the output was listed or connected."""
+        listed = output_id in self.connected_output_channels
+        if listed:
+            self.connected_output_channels.remove(output_id)
+        with self._cond:
+            known = output_id in self._conns
+        self.disconnect(output_id)
+        return listed or known
+
     def _add(self, oid, info):
         with self._cond:
             if self.closed:

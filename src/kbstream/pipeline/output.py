@@ -249,7 +249,8 @@ class OutputChannel(ConnectionsMixin, Lifecycle):
         #                          bookkeeping of start() and close().
         #   2. _lock (Condition)   the delivery policy (every queue, credit and counter),
         #                          _inputs, _conns, _kick, _closing, _io_running, and each
-        #                          connection's ring, shm_sent, tx and gone.  Held for
+        #                          connection's ring, shm_sent, bytes_written, tx and
+        #                          gone.  Held for
         #                          decisions only: never across a send, a receive, a join
         #                          or a log call; what it does cover besides bookkeeping is
         #                          the copy of a message queued for (or detached from) a
@@ -302,12 +303,18 @@ class OutputChannel(ConnectionsMixin, Lifecycle):
 
     def stats(self):
         """Counters per input (sent, dropped, queued, sending, queued_bytes, shm, shared,
-        onSlowness, maxQueueLength, credit_window, background) and of the shared pool
-        (key ``"__shared__"``: dropped, queued, queued_bytes)."""
+        onSlowness, maxQueueLength, credit_window, background, bytes_written: TCP bytes of
+        the messages whose send ended, bytes_read: TCP bytes received from the input,
+        address: the input's ``(host, port)``) and of the shared pool (key
+        ``"__shared__"``: dropped, queued, queued_bytes)."""
         with self._lock:
             out = self._policy.counters()
             for iid, conn in self._inputs.items():
-                out[iid]["shm"] = conn.shm_sent
+                c = out[iid]
+                c["shm"] = conn.shm_sent
+                c["bytes_written"] = conn.bytes_written
+                c["bytes_read"] = conn.bytes_read
+                c["address"] = conn.addr
         return out
 
     def connection_count(self):
@@ -380,6 +387,7 @@ class OutputChannel(ConnectionsMixin, Lifecycle):
             if conn.tx is tx:
                 conn.tx = None
             gone = self._policy.end_send(conn, tx.entry, ok=error is None)
+            conn.bytes_written += tx.sent
             if error is None and tx.slot is not None:
                 conn.shm_sent += 1
             kick = not gone and error is None and self._dispatch([conn])
