@@ -294,5 +294,27 @@ def wait_until(pred, timeout, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
-__all__ = ["wait_until", "RabbitMQ", "CppServer", "KarabindClient", "free_port", "stop_process",
+def wait_ready(inst, iid, timeout=30):
+    """Until ``iid`` answers ``slotPing`` and its ``state`` is no longer ``INIT``: a C++
+    device answers pings ~2 s after its server starts but refuses commands such as
+    ``writeOutput`` ("not allowed in current state INIT") a moment longer."""
+    def ping():
+        try:
+            return inst.request(iid, "slotPing", 1, timeout=1.0)
+        except Exception:
+            return None
+
+    def ready():
+        try:
+            config = inst.request(iid, "slotGetConfiguration", timeout=2.0)[0]
+        except Exception:
+            return None
+        return "state" not in config or config["state"] != "INIT"
+
+    answer = wait_until(ping, timeout, interval=0.2, what=f"{iid} online")
+    wait_until(ready, timeout, interval=0.2, what=f"{iid} out of state INIT")
+    return answer
+
+
+__all__ = ["wait_until", "wait_ready", "RabbitMQ", "CppServer", "KarabindClient", "free_port", "stop_process",
            "rabbitmq_available", "karabo_bin", "run_json", "sys"]

@@ -22,7 +22,7 @@ from kbhash import Hash, HashType
 from kbstream.broker import (BrokerConnectionError, BrokerInstance, RemoteError, codec)
 from kbstream.broker.cli import main as status_main
 
-from broker_stack import RabbitMQ, free_port, wait_until
+from broker_stack import RabbitMQ, free_port, wait_until, wait_ready
 
 pytestmark = pytest.mark.karabo
 
@@ -65,13 +65,8 @@ def start_all(*instances):
 
 
 def wait_online(inst, iid, timeout=30):
-    """Until ``iid`` answers ``slotPing`` (C++ devices need ~2 s after the server starts)."""
-    def ping():
-        try:
-            return inst.request(iid, "slotPing", 1, timeout=1.0)
-        except Exception:
-            return None
-    return wait_until(ping, timeout, interval=0.2, what=f"{iid} online")
+    """Until ``iid`` answers ``slotPing`` and has left state INIT (broker_stack.wait_ready)."""
+    return wait_ready(inst, iid, timeout)
 
 
 @pytest.fixture

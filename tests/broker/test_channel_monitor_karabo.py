@@ -25,7 +25,7 @@ import pytest
 from kbhash import Hash, HashType
 
 import broker_stack
-from broker_stack import KarabindClient, stop_process, wait_until
+from broker_stack import KarabindClient, stop_process, wait_until, wait_ready
 from kbstream.broker import BrokerInstance, RemoteError
 from kbstream.pipeline import ConnectionStatus, OutputChannel
 
@@ -92,12 +92,8 @@ def instance(broker_env):
 
 
 def wait_online(inst, iid, timeout=30):
-    def ping():
-        try:
-            return inst.request(iid, "slotPing", 1, timeout=1.0)
-        except Exception:
-            return None
-    wait_until(ping, timeout, interval=0.2, what=f"{iid} online")
+    """Until ``iid`` answers ``slotPing`` and has left state INIT (broker_stack.wait_ready)."""
+    return wait_ready(inst, iid, timeout)
 
 
 def kill_hard(server):
