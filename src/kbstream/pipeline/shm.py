@@ -64,6 +64,12 @@ MIN_SHM_MESSAGE = 256 * 1024
 OUTPUT_MAX_SLOTS = 64
 #: ...of at most this many bytes (a message that does not fit goes over TCP).
 OUTPUT_MAX_BYTES = 2 << 30
+#: Slots one input may hold beyond its credit window: the items its queue and its
+#: handlers still reference (a train matcher keeps each source's items in its input
+#: queue, in trains waiting for other sources, in its output queue and in the send of
+#: a train: about 16 with the default depths).  A ring grows only while every slot is
+#: referenced, and never beyond the output's budget; past this, messages go over TCP.
+INPUT_EXTRA_SLOTS = 24
 #: Seconds the handshake on the Unix socket may take (the output connects before it
 #: sends any data, so in practice everything is there already).
 HANDSHAKE_TIMEOUT = 5.0
@@ -75,6 +81,24 @@ _KEY = re.compile(r"[0-9a-f]{32}\Z")
 _FD_MSG = struct.Struct("<IQQ")
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a closed peer is an OSError, never SIGPIPE
+#: madvise advice that fault a whole range in one call (Linux 5.14+; the values of
+#: <linux/mman.h>, which Python's mmap module lacks before 3.13).  Older kernels answer
+#: EINVAL: the pages are then faulted in one by one on first use, as before.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_populate_ok = sys.platform.startswith("linux")
+
+
+def _populate(mm, advice):
+    """Fault all pages of ``mm`` in at once (one system call instead of a page fault per
+    4 KiB, or per 64 KiB for reads).  Best effort: nothing happens where it is not
+    supported, and the first refusal turns it off for the process."""
+    global _populate_ok
+    if _populate_ok:
+        try:
+            mm.madvise(advice)
+        except (OSError, ValueError):
+            _populate_ok = False
 
 
 def available():
@@ -187,6 +211,9 @@ class _Segment:
         except BaseException:
             os.close(fd)
             raise
+        # the mapping lives as long as the slot: its page table entries are set up
+        # here once, not by a write fault per page during the first message's copy
+        _populate(self.mm, _POPULATE_WRITE)
         self.fd = fd  # open until it has been passed to the input
         self.gen = gen
         self.size = size
@@ -500,6 +527,10 @@ class SlotMapper:
                 raise PipelineProtocolError(f"cannot map shared memory: {e}") from None
         finally:
             os.close(fd)
+        # map the output's pages (read-only, still copy on write) in one call rather than
+        # by a fault per 64 KiB on first use; the mapping then serves every later message
+        # in this slot without faults (see _Mapping.discard)
+        _populate(mm, _POPULATE_READ)
         have = self.maps[slot] = _Mapping(gen, mm, fsize)  # an old mapping lives on while arrays view it
         return have
 
