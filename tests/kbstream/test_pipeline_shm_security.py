@@ -705,6 +705,39 @@ def test_inputs_that_never_release_pin_a_bounded_number_of_slots_per_output():
         out.close()
 
 
+def test_one_input_that_never_releases_holds_window_plus_extra_slots_then_gets_tcp():
+    """The per-input bound: credit window + INPUT_EXTRA_SLOTS slots, then TCP (a consumer
+    such as the train matcher holds many items; beyond that bound they still arrive)."""
+    out = OutputChannel("cap1:output", hostname="127.0.0.1").start()
+    raw = RawInput(out.port, "raw:input", window=4)
+    n = 4 + pshm.INPUT_EXTRA_SLOTS + 6
+    got = []
+
+    def reader():
+        for _ in range(n):
+            got.append(raw.read_message())
+            raw.update()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        out.wait_for_inputs(copy=[raw.iid], timeout=TIMEOUT)
+        frame = np.zeros(300 * 1024, np.uint8)
+        for i in range(n):
+            frame[:] = i % 256
+            out.write({"index": i, "a": frame})
+            out.update(timeout=TIMEOUT)
+        t.join(TIMEOUT)
+        assert len(got) == n
+        with out._lock:
+            slots = len(out._inputs[raw.iid].ring.slots)
+        assert slots == 4 + pshm.INPUT_EXTRA_SLOTS
+        assert (raw.shm, raw.tcp) == (slots, n - slots) and got == [True] * slots + [False] * (n - slots)
+    finally:
+        raw.close()
+        out.close()
+
+
 def test_the_output_never_hands_its_key_to_a_socket_of_another_user():
     """The hello names a socket another user listens on: the output sees it is not its own
     user's (SO_PEERCRED), sends it nothing and serves this input over TCP."""
