@@ -876,12 +876,15 @@ def test_the_page_map_tells_which_pages_a_handler_wrote():
     m.mm.close()
 
 
-def test_populated_mappings_keep_the_outputs_pages_and_handler_writes_private():
+@pytest.mark.parametrize("populate", [True, False], ids=["populate", "kernel-without-populate"])
+def test_populated_mappings_keep_the_outputs_pages_and_handler_writes_private(populate, monkeypatch):
     """Both sides fault a slot in at once (MADV_POPULATE_WRITE / _READ where the kernel has
     them): the input's populated mapping still shows the output's pages, sees what the
     output writes into the slot later, and a handler's write stays a private copy."""
     import mmap
 
+    if not populate:
+        monkeypatch.setattr(pshm, "_populate_ok", False)
     seg = pshm._Segment(1 << 20, 1)
     try:
         seg.view[:] = b"\1" * (1 << 20)
@@ -902,6 +905,29 @@ def test_populated_mappings_keep_the_outputs_pages_and_handler_writes_private():
         m.mm.close()
     finally:
         seg.close()
+
+
+def test_populate_is_turned_off_only_by_a_kernel_without_it(monkeypatch):
+    import errno
+
+    class Refusing:
+        def __init__(self, code):
+            self.code = code
+            self.calls = 0
+
+        def madvise(self, advice):
+            self.calls += 1
+            raise OSError(self.code, os.strerror(self.code))
+
+    monkeypatch.setattr(pshm, "_populate_ok", True)
+    busy = Refusing(errno.ENOMEM)
+    pshm._populate(busy, pshm._POPULATE_READ)          # a passing failure: tried again next time
+    assert pshm._populate_ok is True
+    old = Refusing(errno.EINVAL)
+    pshm._populate(old, pshm._POPULATE_READ)           # the kernel has no such advice: off
+    assert pshm._populate_ok is False
+    pshm._populate(old, pshm._POPULATE_WRITE)
+    assert (busy.calls, old.calls) == (1, 1)
 
 
 _FORKED_PAGE_MAP = r"""

@@ -37,6 +37,7 @@ A Karabo peer never sees any of this: its hello has no ``kbShmFd``, so it gets p
 TCP messages.
 """
 
+import errno
 import fcntl
 import hmac
 import ipaddress
@@ -91,14 +92,18 @@ _populate_ok = sys.platform.startswith("linux")
 
 def _populate(mm, advice):
     """Fault all pages of ``mm`` in at once (one system call instead of a page fault per
-    4 KiB, or per 64 KiB for reads).  Best effort: nothing happens where it is not
-    supported, and the first refusal turns it off for the process."""
+    4 KiB, or per 64 KiB for reads).  Best effort: a kernel without the advice (EINVAL)
+    turns it off for the process; any other failure (ENOMEM, EFAULT) leaves the pages to
+    be faulted in on first use, where the same failure is handled as without it."""
     global _populate_ok
     if _populate_ok:
         try:
             mm.madvise(advice)
-        except (OSError, ValueError):
-            _populate_ok = False
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                _populate_ok = False
+        except ValueError:  # closed meanwhile
+            pass
 
 
 def available():
