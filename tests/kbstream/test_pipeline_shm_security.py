@@ -878,18 +878,18 @@ def test_the_page_map_tells_which_pages_a_handler_wrote():
 
 @pytest.mark.parametrize("populate", [True, False], ids=["populate", "kernel-without-populate"])
 def test_populated_mappings_keep_the_outputs_pages_and_handler_writes_private(populate, monkeypatch):
-    """Both sides fault a slot in at once (MADV_POPULATE_WRITE / _READ where the kernel has
-    them): the input's populated mapping still shows the output's pages, sees what the
-    output writes into the slot later, and a handler's write stays a private copy."""
+    """The output faults a slot in at once (MADV_POPULATE_WRITE where the kernel has it):
+    the input's mapping shows the output's pages, sees what the output writes into the
+    slot later, and a handler's write stays a private copy."""
     import mmap
 
     if not populate:
         monkeypatch.setattr(pshm, "_populate_ok", False)
     seg = pshm._Segment(1 << 20, 1)
     try:
+        pshm._populate(seg.mm, pshm._POPULATE_WRITE)             # as SlotRing.place on first use
         seg.view[:] = b"\1" * (1 << 20)
         m = pshm._Mapping(1, mmap.mmap(seg.fd, 1 << 20, access=mmap.ACCESS_COPY), 1 << 20)
-        pshm._populate(m.mm, pshm._POPULATE_READ)
         pages = (1 << 20) // mmap.PAGESIZE
         if pshm._has_private_pages(m.addr, pages) is None:
             pytest.skip("LOUD SKIP: /proc/self/pagemap cannot be read here")
@@ -921,10 +921,10 @@ def test_populate_is_turned_off_only_by_a_kernel_without_it(monkeypatch):
 
     monkeypatch.setattr(pshm, "_populate_ok", True)
     busy = Refusing(errno.ENOMEM)
-    pshm._populate(busy, pshm._POPULATE_READ)          # a passing failure: tried again next time
+    pshm._populate(busy, pshm._POPULATE_WRITE)         # a passing failure: tried again next time
     assert pshm._populate_ok is True
     old = Refusing(errno.EINVAL)
-    pshm._populate(old, pshm._POPULATE_READ)           # the kernel has no such advice: off
+    pshm._populate(old, pshm._POPULATE_WRITE)          # the kernel has no such advice: off
     assert pshm._populate_ok is False
     pshm._populate(old, pshm._POPULATE_WRITE)
     assert (busy.calls, old.calls) == (1, 1)

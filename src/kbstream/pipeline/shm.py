@@ -82,17 +82,18 @@ _KEY = re.compile(r"[0-9a-f]{32}\Z")
 _FD_MSG = struct.Struct("<IQQ")
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a closed peer is an OSError, never SIGPIPE
-#: madvise advice that fault a whole range in one call (Linux 5.14+; the values of
-#: <linux/mman.h>, which Python's mmap module lacks before 3.13).  Older kernels answer
-#: EINVAL: the pages are then faulted in one by one on first use, as before.
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+#: madvise advice that faults a whole range in for writing in one call (Linux 5.14+; the
+#: value of <linux/mman.h>, which Python's mmap module lacks before 3.13).  Older kernels
+#: answer EINVAL: the pages are then faulted in one by one on first use, as before.  (The
+#: input does not need its read counterpart: read faults on its mapping already map 64 KiB
+#: at a time, and its mapping of a slot serves every later message in that slot.)
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _populate_ok = sys.platform.startswith("linux")
 
 
 def _populate(mm, advice):
     """Fault all pages of ``mm`` in at once (one system call instead of a page fault per
-    4 KiB, or per 64 KiB for reads).  Best effort: a kernel without the advice (EINVAL)
+    4 KiB).  Best effort: a kernel without the advice (EINVAL)
     turns it off for the process; any other failure (ENOMEM, EFAULT) leaves the pages to
     be faulted in on first use, where the same failure is handled as without it."""
     global _populate_ok
@@ -216,9 +217,6 @@ class _Segment:
         except BaseException:
             os.close(fd)
             raise
-        # the mapping lives as long as the slot: its page table entries are set up
-        # here once, not by a write fault per page during the first message's copy
-        _populate(self.mm, _POPULATE_WRITE)
         self.fd = fd  # open until it has been passed to the input
         self.gen = gen
         self.size = size
@@ -305,6 +303,11 @@ class SlotRing:
         Raises OSError when the Unix socket fails (the connection is then dropped).
         """
         index, seg = slot
+        if seg.fd >= 0:
+            # first use of this segment (its mapping lives as long as the slot): set up
+            # its page table entries in one call, not by a write fault per 4 KiB during
+            # the copy; here rather than in acquire(), which runs under the output's lock
+            _populate(seg.mm, _POPULATE_WRITE)
         fill(seg, msg.body)  # the one copy of this message
         if seg.fd >= 0:
             socket.send_fds(self.peer, [_FD_MSG.pack(index, seg.gen, seg.size)], [seg.fd], _NOSIGNAL)
@@ -532,10 +535,6 @@ class SlotMapper:
                 raise PipelineProtocolError(f"cannot map shared memory: {e}") from None
         finally:
             os.close(fd)
-        # map the output's pages (read-only, still copy on write) in one call rather than
-        # by a fault per 64 KiB on first use; the mapping then serves every later message
-        # in this slot without faults (see _Mapping.discard)
-        _populate(mm, _POPULATE_READ)
         have = self.maps[slot] = _Mapping(gen, mm, fsize)  # an old mapping lives on while arrays view it
         return have
 
