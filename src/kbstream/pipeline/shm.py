@@ -93,9 +93,9 @@ _populate_ok = sys.platform.startswith("linux")
 
 def _populate(mm, advice):
     """Fault all pages of ``mm`` in at once (one system call instead of a page fault per
-    4 KiB).  Best effort: a kernel without the advice (EINVAL)
-    turns it off for the process; any other failure (ENOMEM, EFAULT) leaves the pages to
-    be faulted in on first use, where the same failure is handled as without it."""
+    4 KiB).  Best effort: a kernel without the advice (EINVAL) turns it off for the
+    process; any other failure (ENOMEM, EFAULT) leaves the pages to be faulted in on
+    first use, where the same failure is handled as without it."""
     global _populate_ok
     if _populate_ok:
         try:
