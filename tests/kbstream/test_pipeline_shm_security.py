@@ -705,6 +705,39 @@ def test_inputs_that_never_release_pin_a_bounded_number_of_slots_per_output():
         out.close()
 
 
+def test_one_input_that_never_releases_holds_window_plus_extra_slots_then_gets_tcp():
+    """The per-input bound: credit window + INPUT_EXTRA_SLOTS slots, then TCP (a consumer
+    such as the train matcher holds many items; beyond that bound they still arrive)."""
+    out = OutputChannel("cap1:output", hostname="127.0.0.1").start()
+    raw = RawInput(out.port, "raw:input", window=4)
+    n = 4 + pshm.INPUT_EXTRA_SLOTS + 6
+    got = []
+
+    def reader():
+        for _ in range(n):
+            got.append(raw.read_message())
+            raw.update()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        out.wait_for_inputs(copy=[raw.iid], timeout=TIMEOUT)
+        frame = np.zeros(300 * 1024, np.uint8)
+        for i in range(n):
+            frame[:] = i % 256
+            out.write({"index": i, "a": frame})
+            out.update(timeout=TIMEOUT)
+        t.join(TIMEOUT)
+        assert len(got) == n
+        with out._lock:
+            slots = len(out._inputs[raw.iid].ring.slots)
+        assert slots == 4 + pshm.INPUT_EXTRA_SLOTS
+        assert (raw.shm, raw.tcp) == (slots, n - slots) and got == [True] * slots + [False] * (n - slots)
+    finally:
+        raw.close()
+        out.close()
+
+
 def test_the_output_never_hands_its_key_to_a_socket_of_another_user():
     """The hello names a socket another user listens on: the output sees it is not its own
     user's (SO_PEERCRED), sends it nothing and serves this input over TCP."""
@@ -841,6 +874,60 @@ def test_the_page_map_tells_which_pages_a_handler_wrote():
     assert pshm._has_private_pages(m.addr, pages) is False and m.arr[5000] == 1
     m.arr = None
     m.mm.close()
+
+
+@pytest.mark.parametrize("populate", [True, False], ids=["populate", "kernel-without-populate"])
+def test_populated_mappings_keep_the_outputs_pages_and_handler_writes_private(populate, monkeypatch):
+    """The output faults a slot in at once (MADV_POPULATE_WRITE where the kernel has it):
+    the input's mapping shows the output's pages, sees what the output writes into the
+    slot later, and a handler's write stays a private copy."""
+    import mmap
+
+    if not populate:
+        monkeypatch.setattr(pshm, "_populate_ok", False)
+    seg = pshm._Segment(1 << 20, 1)
+    try:
+        pshm._populate(seg.mm, pshm._POPULATE_WRITE)             # as SlotRing.place on first use
+        seg.view[:] = b"\1" * (1 << 20)
+        m = pshm._Mapping(1, mmap.mmap(seg.fd, 1 << 20, access=mmap.ACCESS_COPY), 1 << 20)
+        pages = (1 << 20) // mmap.PAGESIZE
+        if pshm._has_private_pages(m.addr, pages) is None:
+            pytest.skip("LOUD SKIP: /proc/self/pagemap cannot be read here")
+        assert pshm._has_private_pages(m.addr, pages) is False   # no private copy made
+        assert int(m.arr.sum()) == 1 << 20
+        seg.view[:] = b"\2" * (1 << 20)                           # the next message in the slot
+        assert int(m.arr.sum()) == 2 << 20
+        m.arr[100] = 9                                            # a handler writes
+        assert seg.view[100] == 2 and pshm._has_private_pages(m.addr, pages) is True
+        m.discard(1 << 20)
+        assert m.arr[100] == 2 and pshm._has_private_pages(m.addr, pages) is False
+        m.arr = None
+        m.mm.close()
+    finally:
+        seg.close()
+
+
+def test_populate_is_turned_off_only_by_a_kernel_without_it(monkeypatch):
+    import errno
+
+    class Refusing:
+        def __init__(self, code):
+            self.code = code
+            self.calls = 0
+
+        def madvise(self, advice):
+            self.calls += 1
+            raise OSError(self.code, os.strerror(self.code))
+
+    monkeypatch.setattr(pshm, "_populate_ok", True)
+    busy = Refusing(errno.ENOMEM)
+    pshm._populate(busy, pshm._POPULATE_WRITE)         # a passing failure: tried again next time
+    assert pshm._populate_ok is True
+    old = Refusing(errno.EINVAL)
+    pshm._populate(old, pshm._POPULATE_WRITE)          # the kernel has no such advice: off
+    assert pshm._populate_ok is False
+    pshm._populate(old, pshm._POPULATE_WRITE)
+    assert (busy.calls, old.calls) == (1, 1)
 
 
 _FORKED_PAGE_MAP = r"""

@@ -423,7 +423,7 @@ class ConnectionsMixin:
         if peer is None:
             log.debug("%s: %s gets TCP (shared memory offered but not usable)", self.channel_id, conn.addr)
             return None
-        return shm.SlotRing(peer, self._shm_budget, max_slots=window + 8)
+        return shm.SlotRing(peer, self._shm_budget, max_slots=window + shm.INPUT_EXTRA_SLOTS)
 
     def _unregister(self, conn):
         """Take ``conn`` out of the policy and the registry (``_lock`` held).
