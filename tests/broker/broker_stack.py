@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 RMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 HERE = Path(__file__).resolve().parent
 CLIENT_SCRIPT = HERE / "karabind_client.py"
@@ -316,5 +318,14 @@ def wait_ready(inst, iid, timeout=30):
     return answer
 
 
-__all__ = ["wait_until", "wait_ready", "RabbitMQ", "CppServer", "KarabindClient", "free_port", "stop_process",
+def require(ok: bool, reason: str):
+    """Fail under CI, skip (with the reason, listed by ``-ra``) otherwise."""
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: the broker interop tests must run)", pytrace=False)
+    pytest.skip(f"SKIPPED LOUDLY: {reason}")
+
+
+__all__ = ["wait_until", "wait_ready", "require", "RabbitMQ", "CppServer", "KarabindClient", "free_port", "stop_process",
            "rabbitmq_available", "karabo_bin", "run_json", "sys"]

@@ -22,18 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from broker_stack import require  # noqa: F401  (tests and fixtures call it)
 from broker_stack import CppServer, KarabindClient, RabbitMQ, karabo_bin, rabbitmq_available
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def require(ok: bool, reason: str):
-    """Fail under CI, skip (with the reason, listed by ``-ra``) otherwise."""
-    if ok:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the broker interop tests must run)", pytrace=False)
-    pytest.skip(f"SKIPPED LOUDLY: {reason}")
 
 
 def _karabo_python():

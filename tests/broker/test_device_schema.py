@@ -408,7 +408,7 @@ def test_devices_naming_one_server_id_share_one_server_instance():
 def test_middle_layer_builds_its_proxy_from_the_information_reply(published, karabo_python):
     """What a middle-layer InputChannel(raw=False) does with the reply: build a proxy
     class from info["schema"].hash[<channel>]["schema"] (karabo.middlelayer 3.1.2)."""
-    from conftest import require
+    from broker_stack import require
 
     probe = subprocess.run([karabo_python, "-c", "import karabo.middlelayer"],
                            capture_output=True, text=True, timeout=120)
