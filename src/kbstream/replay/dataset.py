@@ -81,8 +81,10 @@ READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 #: ``tiles``: the largest span of the file read by one ``pread`` for several chunks
 #: (the staging buffer of each reader thread; 0: one ``pread`` per chunk).  A span
-#: holds at most twice the bytes wanted from its chunks.
-COALESCE_SPAN_BYTES = 1 << 20
+#: holds at most twice the bytes wanted from its chunks.  Small enough for the span to
+#: stay in the CPU's cache until its chunks are put in place (measured on 16 MiB of
+#: 32 KiB chunks: 256 KiB cost less than 64 KiB, 1 MiB or 4 MiB spans).
+COALESCE_SPAN_BYTES = 256 << 10
 
 #: ``tiles``: the largest gap between the wanted bytes of two chunks read in one span.
 #: Reading a gap costs the kernel's copy of its bytes; a ``pread`` call costs about as
