@@ -311,3 +311,23 @@ def test_read_tiles_refuses_absurd_tile_sizes(tmp_path):
                                 _i64(0), _i64(2, 4).reshape(1, 2), 1 << 20, 0)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("inner", [64, 128, 192, 256, 1024, 1088, 4096, 100])
+def test_scatter_pieces_of_every_width(inner):
+    """Rows of a tile whose width is a multiple of 64 bytes up to 1 KiB take the inlined
+    copy, others the library's: both equal numpy, with edge crops, nothing outside."""
+    rng = np.random.default_rng(inner)
+    width = inner // 2                      # uint16 elements per tile row
+    tile, entry = (3, 5, width), (7, 11, 2 * width + 3)
+    chunk = rng.integers(0, 1 << 16, (2,) + tile, dtype=np.uint16)
+    for starts in [(0, 0, 0), (3, 5, width), (6, 10, 2 * width)]:
+        crop = tuple(min(t, e - s) for t, e, s in zip(tile, entry, starts))
+        estride = np.cumprod((1,) + entry[:0:-1])[::-1] * 2
+        off = int(np.dot(starts, estride))
+        expect = np.full((2,) + entry, 0xABCD, np.uint16)
+        _reference(chunk, 0, 2, entry, starts, crop, expect)
+        out = np.full((2,) + entry, 0xABCD, np.uint16)
+        _chunkio.scatter(chunk.tobytes(), 0, 2, out.reshape(-1).view(np.uint8), _i64(*tile),
+                         _i64(*entry), 2, off, _i64(*crop))
+        np.testing.assert_array_equal(out, expect)
