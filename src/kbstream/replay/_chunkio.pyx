@@ -158,6 +158,32 @@ cdef inline void _put_tile(const char* src, char* dst, int nd, int64_t nr, int64
     _copy_crop(src, dst, nd + 1, size, sstr, dstr, crop[i, nd - 1] * itemsize)
 
 
+cdef Py_ssize_t _span(const int64_t[::1] addrs, Py_ssize_t i, int64_t lead, int64_t want,
+                     int64_t limit, int64_t cap, int64_t gap_bytes,
+                     int64_t* end_out) noexcept nogil:
+    """The end (exclusive) ``j`` of the run of chunks from ``i`` (``addrs[i]`` written and
+    readable) read as one span, and the span's end in the file (``*end_out``)."""
+    cdef Py_ssize_t n = addrs.shape[0], j = i + 1
+    cdef int64_t start = addrs[i] + lead, end = start + want, wanted = want, s, e
+    while j < n and cap > want and wanted < cap:
+        if addrs[j] < 0:
+            j += 1
+            continue
+        if addrs[j] > limit:
+            break
+        s = addrs[j] + lead
+        if s < start or s - end > gap_bytes:
+            break
+        e = s + want if s + want > end else end
+        if e - start > cap or e - start > 2 * (wanted + want):
+            break
+        end = e
+        wanted += want
+        j += 1
+    end_out[0] = end
+    return j
+
+
 def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
                const int64_t[::1] tile, const int64_t[::1] entry, int64_t itemsize,
                const int64_t[::1] dst_off, const int64_t[:, ::1] crop,
@@ -177,8 +203,8 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
     chunk by chunk, which finds the first chunk that is short.
 
     The reads run without the GIL: other Python threads (the sender, other readers of
-    the same pool) run meanwhile.  The staging buffer holds ``max(span_bytes, rows of
-    one chunk)`` bytes.  ``counts`` (optional, 3 int64): reads made (one
+    the same pool) run meanwhile.  The staging buffer is as large as the largest span
+    formed (at most ``span_bytes``), or one chunk's rows when none is.  ``counts`` (optional, 3 int64): reads made (one
     ``pread``, repeated only if the kernel returns less), bytes asked for and the
     largest single read are added to it.
 
@@ -204,7 +230,7 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
     cdef Py_ssize_t n = addrs.shape[0], i, j, k
     cdef int d
     cdef int64_t tile_bytes, row_bytes, want, got = 0, bad = -1, cap, lead
-    cdef int64_t start, end, s, e, wanted, limit
+    cdef int64_t start, end, limit, size_staging
     cdef int64_t ncalls = 0, nbytes = 0, largest = 0
     cdef char* staging
     cdef unsigned char[::1] o = out
@@ -234,7 +260,21 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
     cap = span_bytes if span_bytes // (2 * want) < n else 2 * n * want
     if cap < want:
         cap = want
-    staging = <char*>malloc(<size_t>cap)
+    # the staging buffer: as large as the largest span these chunks make (one chunk's
+    # rows when nothing is coalesced)
+    size_staging = want
+    if cap > want:
+        with nogil:
+            i = 0
+            while i < n:
+                if addrs[i] < 0 or addrs[i] > limit:
+                    i += 1
+                    continue
+                j = _span(addrs, i, lead, want, limit, cap, gap_bytes, &end)
+                if j > i + 1 and end - (addrs[i] + lead) > size_staging:
+                    size_staging = end - (addrs[i] + lead)
+                i = j
+    staging = <char*>malloc(<size_t>size_staging)
     if staging == NULL:
         raise MemoryError()
     dst = <char*>&o[0]
@@ -256,24 +296,7 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
                     got = 0
                     break
                 start = addrs[i] + lead
-                end = start + want
-                wanted = want
-                j = i + 1
-                while j < n and cap > want and wanted < cap:
-                    if addrs[j] < 0:
-                        j += 1
-                        continue
-                    if addrs[j] > limit:
-                        break
-                    s = addrs[j] + lead
-                    if s < start or s - end > gap_bytes:
-                        break
-                    e = s + want if s + want > end else end
-                    if e - start > cap or e - start > 2 * (wanted + want):
-                        break
-                    end = e
-                    wanted += want
-                    j += 1
+                j = _span(addrs, i, lead, want, limit, cap, gap_bytes, &end)
                 if j > i + 1:
                     ncalls += 1
                     nbytes += end - start
