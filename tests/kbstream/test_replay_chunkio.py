@@ -315,8 +315,8 @@ def test_read_tiles_refuses_absurd_tile_sizes(tmp_path):
 
 @pytest.mark.parametrize("inner", [64, 128, 192, 256, 1024, 1088, 4096, 100])
 def test_scatter_pieces_of_every_width(inner):
-    """Rows of a tile whose width is a multiple of 64 bytes up to 1 KiB take the inlined
-    copy, others the library's: both equal numpy, with edge crops, nothing outside."""
+    """Tile rows of many widths (pieces of the copy), with edge crops: equal to numpy,
+    nothing written outside the crop."""
     rng = np.random.default_rng(inner)
     width = inner // 2                      # uint16 elements per tile row
     tile, entry = (3, 5, width), (7, 11, 2 * width + 3)

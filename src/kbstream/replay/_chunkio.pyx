@@ -53,23 +53,14 @@ cdef int64_t _read_full(int fd, char* buf, int64_t n, int64_t off) noexcept nogi
 
 cdef inline void _copy_pieces(char* t, const char* s, int64_t m, int64_t sstride,
                               int64_t dstride, int64_t inner) noexcept nogil:
-    """``m`` pieces of ``inner`` contiguous bytes, ``sstride`` / ``dstride`` apart.  Pieces
-    of a few multiples of 64 bytes (the rows of small tiles: 256 bytes for h5py's chunks
-    of JUNGFRAU frames) are copied with fixed-size copies the compiler inlines, instead
-    of a call of the library's ``memcpy`` per piece."""
-    cdef int64_t j, b, nb
-    if inner & 63 == 0 and inner <= 1024:
-        nb = inner >> 6
-        for j in range(m):
-            for b in range(nb):
-                memcpy(t + (b << 6), s + (b << 6), 64)
-            s += sstride
-            t += dstride
-    else:
-        for j in range(m):
-            memcpy(t, s, <size_t>inner)
-            s += sstride
-            t += dstride
+    """``m`` pieces of ``inner`` contiguous bytes, ``sstride`` / ``dstride`` apart.  (Fixed
+    64-byte copies the compiler inlines were tried for rows of 64..1024 bytes: faster
+    from a chunk in the cache, slower end to end; the library's ``memcpy`` is kept.)"""
+    cdef int64_t j
+    for j in range(m):
+        memcpy(t, s, <size_t>inner)
+        s += sstride
+        t += dstride
 
 
 cdef void _copy_crop(const char* src, char* dst, int nd, const int64_t* size,
