@@ -195,8 +195,9 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
 
     The reads run without the GIL: other Python threads (the sender, other readers of
     the same pool) run meanwhile.  The staging buffer is as large as the largest span
-    formed (at most ``span_bytes``), or one chunk's rows when none is.  ``counts`` (optional, 3 int64): reads made (one
-    ``pread``, repeated only if the kernel returns less), bytes asked for and the
+    formed (at most ``span_bytes``), or one chunk's rows when none is.  ``counts``
+    (optional, 3 int64): reads made (one ``pread``, repeated only if the kernel returns
+    less), bytes asked for and the
     largest single read are added to it.
 
     Returns
