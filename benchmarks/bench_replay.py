@@ -31,7 +31,8 @@ pytest form in ``.venv-bench``, which installs the same extra.
 
 Environment: ``KB_BENCH_TRAINS`` (trains in the run, default 32; ``KB_BENCH_TRAINS -
 12`` are received), ``KB_BENCH_FRAME`` (``16,512,1024``), ``KB_BENCH_LAYOUTS``
-(``small,train,gzip``),
+(``small,train,gzip``; also ``small1``: h5py's automatic chunk shape with one train per
+chunk, (1, 2, 64, 128), whose chunks of a train lie side by side in the file),
 ``KB_BENCH_CLIENTS`` (``kbstream,karabo_bridge``: kbstream's server with which
 clients), ``KB_BENCH_DIR`` (default a new directory under /tmp, deleted afterwards).
 """
@@ -96,8 +97,16 @@ def make_run(directory, chunking):
         pkg.__path__ = [str(ROOT / "src" / "kbstream")]
         sys.modules["kbstream"] = pkg
         from kbstream.replay.demo import make_demo_run
-    d = make_demo_run(Path(directory) / chunking, NTRAINS, frame_shape=FRAME, modules=MODULES,
-                      chunking=chunking, gain_mask=False, trains_per_file=NTRAINS)
+    import h5py._hl.filters as h5filters
+    guess = h5filters.guess_chunk
+    if chunking == "small1":   # h5py's chunk shape, one train per chunk
+        h5filters.guess_chunk = lambda *a: (1,) + tuple(guess(*a)[1:])
+    try:
+        d = make_demo_run(Path(directory) / chunking, NTRAINS, frame_shape=FRAME,
+                          modules=MODULES, chunking=chunking.rstrip("1"), gain_mask=False,
+                          trains_per_file=NTRAINS)
+    finally:
+        h5filters.guess_chunk = guess
     for p in Path(d).glob("*.h5"):  # into the page cache
         with open(p, "rb") as f:
             while f.read(1 << 24):

@@ -428,3 +428,106 @@ def test_pread_tile_reads_from_two_threads_at_once(tmp_path, monkeypatch):
             t.join(60)
         os.close(dsr.rf._fd)
     assert errors == []
+
+
+def _write_layout(path, layout, shape, chunks, data):
+    """Two datasets ``a`` and ``b`` (``b`` = ``a`` + 1) with the same chunks, written so
+    that the chunks of a train lie in one span of the file (``train-order``), alternate
+    between the datasets (``interleaved``: every other chunk of the file is ``b``'s),
+    or lie in reverse train order with each row's tiles written last to first
+    (``reverse``: descending offsets, 4-d shapes only)."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        a = f.create_dataset("a", shape, data.dtype, chunks=chunks)
+        b = f.create_dataset("b", shape, data.dtype, chunks=chunks)
+        if layout == "train-order":
+            for r in range(shape[0]):
+                a[r] = data[r]
+                b[r] = data[r] + 1
+            return
+        tiles = [(c, y, x) for c in range(shape[1]) for y in range(0, shape[2], chunks[2])
+                 for x in range(0, shape[3], chunks[3])]
+        rows = range(shape[0])
+        if layout == "reverse":
+            rows, tiles = reversed(rows), tiles[::-1]
+        for r in rows:
+            for c, y, x in tiles:   # stored at once (no chunk cache deciding the order)
+                tile = np.ascontiguousarray(data[r, c, y:y + chunks[2], x:x + chunks[3]])
+                a.id.write_direct_chunk((r, c, y, x), tile.tobytes())
+                if layout == "interleaved":
+                    b.id.write_direct_chunk((r, c, y, x), (tile + 1).tobytes())
+        if layout == "reverse":
+            b[:] = data + 1
+
+
+@pytest.mark.parametrize("layout", ["train-order", "interleaved", "reverse"])
+@pytest.mark.parametrize("chunk_kib", [2, 16])
+def test_tile_reads_coalesce_adjacent_chunks(tmp_path, monkeypatch, layout, chunk_kib):
+    """One chunk per train and tile: chunks adjacent in the file are read by one pread
+    of their span, also when stored in reverse order (read in the order of their
+    offsets); chunks apart (another dataset's chunk between, larger than the gap limit)
+    one by one; every value equals h5py either way."""
+    import h5py
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
+    monkeypatch.setattr(dataset_mod, "READ_THREADS", 1)
+    ty, tx = (32, 32) if chunk_kib == 2 else (64, 128)     # tile of int16
+    shape, chunks = (5, 2, 128, 256), (1, 1, ty, tx)
+    data = np.random.default_rng(5).integers(-999, 999, shape).astype(np.int16)
+    path = tmp_path / "f.h5"
+    _write_layout(path, layout, shape, chunks, data)
+    counts = np.zeros(3, np.int64)
+    real = dataset_mod._chunkio.read_tiles
+    monkeypatch.setattr(dataset_mod._chunkio, "read_tiles",
+                        lambda *a: real(*a, counts=counts))
+    ntiles = 2 * (128 // ty) * (256 // tx)
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(h5["a"][:], data)
+        for name, expect in (("a", data), ("b", data + 1)):
+            dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5[name])
+            assert dsr.mode == "tiles"
+            for first in (0, 3, 4):
+                counts[:] = 0
+                out = np.zeros((1,) + shape[1:], np.int16)
+                dsr.read(first, 1, out)
+                np.testing.assert_array_equal(out, expect[first:first + 1])
+                assert counts[2] <= max(dataset_mod.COALESCE_SPAN_BYTES, chunk_kib << 10)
+                gap = chunk_kib << 10        # interleaved: one chunk of the other dataset
+                if layout == "reverse" and name == "a":
+                    assert dsr._block_locations(first)[2] is not None   # reordered
+                if layout != "interleaved" or gap <= dataset_mod.COALESCE_GAP_BYTES:
+                    assert counts[0] < ntiles          # spans
+                    assert counts[1] <= 2 * ntiles * (chunk_kib << 10)
+                elif name == "a":                      # apart: one read per chunk
+                    assert counts[0] == ntiles
+            os.close(dsr.rf._fd)
+            dsr.rf._fd = None
+        # the same reads with coalescing off: one read per chunk, same values
+        monkeypatch.setattr(dataset_mod, "COALESCE_SPAN_BYTES", 0)
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["a"])
+        counts[:] = 0
+        out = np.zeros((1,) + shape[1:], np.int16)
+        dsr.read(2, 1, out)
+        np.testing.assert_array_equal(out, data[2:3])
+        assert counts[0] == ntiles
+        os.close(dsr.rf._fd)
+
+
+def test_tile_reads_coalesced_truncated_file(tmp_path, monkeypatch):
+    """A file cut inside a span of adjacent chunks: the typed error, naming the file."""
+    import h5py
+    monkeypatch.setattr(dataset_mod, "SMALL_DATASET_BYTES", 0)
+    shape, chunks = (4, 2, 128, 256), (1, 1, 32, 32)
+    data = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    path = tmp_path / "f.h5"
+    _write_layout(path, "train-order", shape, chunks, data)
+    with h5py.File(path, "r") as h5:
+        dsr = dataset_mod._Dataset(_FakeRunFile(h5, path), h5["a"])
+        addrs = np.sort(dsr._block_locations(3)[0])
+        out = np.empty((1,) + shape[1:], np.int32)
+        dsr.read(3, 1, out)
+        np.testing.assert_array_equal(out, data[3:4])
+        os.truncate(path, int(addrs[len(addrs) // 2]) + 100)   # mid-span
+        with pytest.raises(TruncatedFileError, match="the file is truncated") as info:
+            dsr.read(3, 1, out)
+        assert str(path) in str(info.value)
+        os.close(dsr.rf._fd)

@@ -20,7 +20,7 @@ mistake can never write outside them.
 """
 
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t
+from libc.stdint cimport INT64_MAX, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.types cimport off_t
@@ -29,6 +29,9 @@ from posix.unistd cimport pread
 __all__ = ["read_tiles", "unshuffle", "scatter"]
 
 DEF MAXDIM = 32
+
+#: Largest tile or entry (bytes): products of sizes stay far from int64 overflow.
+cdef int64_t _MAX_BYTES = 1LL << 46
 
 
 cdef int64_t _read_full(int fd, char* buf, int64_t n, int64_t off) noexcept nogil:
@@ -48,6 +51,18 @@ cdef int64_t _read_full(int fd, char* buf, int64_t n, int64_t off) noexcept nogi
     return got
 
 
+cdef inline void _copy_pieces(char* t, const char* s, int64_t m, int64_t sstride,
+                              int64_t dstride, int64_t inner) noexcept nogil:
+    """``m`` pieces of ``inner`` contiguous bytes, ``sstride`` / ``dstride`` apart.  (Fixed
+    64-byte copies the compiler inlines were tried for rows of 64..1024 bytes: faster
+    from a chunk in the cache, slower end to end; the library's ``memcpy`` is kept.)"""
+    cdef int64_t j
+    for j in range(m):
+        memcpy(t, s, <size_t>inner)
+        s += sstride
+        t += dstride
+
+
 cdef void _copy_crop(const char* src, char* dst, int nd, const int64_t* size,
                      const int64_t* sstride, const int64_t* dstride,
                      int64_t inner) noexcept nogil:
@@ -65,8 +80,9 @@ cdef void _copy_crop(const char* src, char* dst, int nd, const int64_t* size,
         if d < nd - 1 and size[d] <= 0:
             return
     while True:
-        memcpy(t, s, <size_t>inner)
-        d = nd - 2
+        # the pieces of the innermost dimension but the contiguous one, then the rest
+        _copy_pieces(t, s, size[nd - 2], sstride[nd - 2], dstride[nd - 2], inner)
+        d = nd - 3
         while d >= 0:
             idx[d] += 1
             s += sstride[d]
@@ -94,10 +110,14 @@ cdef int _geometry(int nd, const int64_t[::1] tile, const int64_t[::1] entry, in
     for d in range(nd - 1, 0, -1):
         if tile[d] < 1 or entry[d] < 1:
             raise ValueError("tile and entry sizes must be positive")
+        if tstride[d] > _MAX_BYTES // tile[d] or estride[d] > _MAX_BYTES // entry[d]:
+            raise ValueError("tile or entry too large")
         tstride[d - 1] = tstride[d] * tile[d]
         estride[d - 1] = estride[d] * entry[d]
     if tile[0] < 1 or entry[0] < 1:
         raise ValueError("tile and entry sizes must be positive")
+    if tstride[0] > _MAX_BYTES // tile[0] or estride[0] > _MAX_BYTES // entry[0]:
+        raise ValueError("tile or entry too large")
     return 0
 
 
@@ -118,22 +138,75 @@ cdef int _check_crop(int nd, const int64_t[::1] tile, const int64_t[::1] entry,
     return 0
 
 
+cdef inline void _put_tile(const char* src, char* dst, int nd, int64_t nr, int64_t itemsize,
+                           const int64_t[:, ::1] crop, Py_ssize_t i, int64_t* size,
+                           const int64_t* sstr, const int64_t* dstr) noexcept nogil:
+    """Copy the crop of tile ``i`` (``nr`` rows at ``src``) to ``dst``."""
+    cdef int d
+    size[0] = nr
+    for d in range(nd - 1):
+        size[d + 1] = crop[i, d]
+    _copy_crop(src, dst, nd + 1, size, sstr, dstr, crop[i, nd - 1] * itemsize)
+
+
+cdef Py_ssize_t _span(const int64_t[::1] addrs, Py_ssize_t i, int64_t lead, int64_t want,
+                     int64_t limit, int64_t cap, int64_t gap_bytes,
+                     int64_t* end_out) noexcept nogil:
+    """The end (exclusive) ``j`` of the run of chunks from ``i`` (``addrs[i]`` written and
+    readable) read as one span, and the span's end in the file (``*end_out``)."""
+    cdef Py_ssize_t n = addrs.shape[0], j = i + 1
+    cdef int64_t start = addrs[i] + lead, end = start + want, wanted = want, s, e
+    while j < n and cap > want and wanted < cap:
+        if addrs[j] < 0:
+            j += 1
+            continue
+        if addrs[j] > limit:
+            break
+        s = addrs[j] + lead
+        if s < start or s - end > gap_bytes:
+            break
+        e = s + want if s + want > end else end
+        if e - start > cap or e - start > 2 * (wanted + want):
+            break
+        end = e
+        wanted += want
+        j += 1
+    end_out[0] = end
+    return j
+
+
 def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
                const int64_t[::1] tile, const int64_t[::1] entry, int64_t itemsize,
-               const int64_t[::1] dst_off, const int64_t[:, ::1] crop):
+               const int64_t[::1] dst_off, const int64_t[:, ::1] crop,
+               int64_t span_bytes=0, int64_t gap_bytes=0, int64_t[::1] counts=None):
     """Read rows ``skip .. skip + nr`` of each chunk at file offset ``addrs[i]`` (chunks
     of ``tile`` elements per row; -1: not written, left alone) and put each chunk's crop
     in place in ``out`` (``nr`` rows of ``entry`` elements, writable, contiguous).
 
+    Coalescing: consecutive chunks (in the order given) whose wanted bytes lie in
+    ascending, near-adjacent file ranges are read with one ``pread`` of the whole span
+    and put in place from it.  A span grows by the next chunk only while its start is
+    not before the span's start, it begins at most ``gap_bytes`` after the span's end
+    (overlaps allowed), the span stays within ``span_bytes`` and within twice the bytes
+    wanted from its chunks; so a sparse or hostile chunk index never makes a read much
+    larger than what it needs.  ``span_bytes`` <= the bytes of one chunk's rows: one
+    ``pread`` per chunk.  A span read short (the file ends inside it) is read again
+    chunk by chunk, which finds the first chunk that is short.
+
     The reads run without the GIL: other Python threads (the sender, other readers of
-    the same pool) run meanwhile.
+    the same pool) run meanwhile.  The staging buffer is as large as the largest span
+    formed (at most ``span_bytes``), or one chunk's rows when none is.  ``counts``
+    (optional, 3 int64): reads made (one ``pread``, repeated only if the kernel returns
+    less), bytes asked for and the
+    largest single read are added to it.
 
     Returns
     -------
     (int, int, int)
         ``(-1, 0, 0)`` when every chunk was read in full; else ``(i, wanted, got)`` for
-        the first chunk ``i`` that was read short (``got`` >= 0: the file ends early) or
-        failed (``got`` = -errno).
+        the first chunk ``i`` (in the order of reading) that was read short (``got`` >=
+        0: the file ends early; an offset too large for a file offset reads 0 bytes)
+        or failed (``got`` = -errno).
 
     Raises
     ------
@@ -146,9 +219,11 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
     cdef int64_t size[MAXDIM]
     cdef int64_t sstr[MAXDIM]
     cdef int64_t dstr[MAXDIM]
-    cdef Py_ssize_t n = addrs.shape[0], i
+    cdef Py_ssize_t n = addrs.shape[0], i, j, k
     cdef int d
-    cdef int64_t tile_bytes, row_bytes, want, got = 0, bad = -1, inner
+    cdef int64_t tile_bytes, row_bytes, want, got = 0, bad = -1, cap, lead
+    cdef int64_t start, end, limit, size_staging
+    cdef int64_t ncalls = 0, nbytes = 0, largest = 0
     cdef char* staging
     cdef unsigned char[::1] o = out
     cdef char* dst
@@ -161,10 +236,37 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
     row_bytes = estride[0] * entry[0]
     if nr < 1 or skip < 0 or o.shape[0] < nr * row_bytes:
         raise ValueError("out is smaller than nr rows of the entry")
+    if skip > _MAX_BYTES // tile_bytes or nr > _MAX_BYTES // tile_bytes:
+        raise ValueError("rows beyond any chunk")
+    if gap_bytes < 0:
+        gap_bytes = 0
     want = nr * tile_bytes
+    lead = skip * tile_bytes
+    # a chunk whose wanted bytes would end past this offset cannot be read (off_t)
+    limit = INT64_MAX - want - lead
+    if counts is not None and counts.shape[0] < 3:
+        raise ValueError("counts needs 3 entries")
     if n == 0:
         return (-1, 0, 0)
-    staging = <char*>malloc(<size_t>want)
+    # a span holds at most twice the bytes wanted from its chunks: no larger buffer
+    cap = span_bytes if span_bytes // (2 * want) < n else 2 * n * want
+    if cap < want:
+        cap = want
+    # the staging buffer: as large as the largest span these chunks make (one chunk's
+    # rows when nothing is coalesced)
+    size_staging = want
+    if cap > want:
+        with nogil:
+            i = 0
+            while i < n:
+                if addrs[i] < 0 or addrs[i] > limit:
+                    i += 1
+                    continue
+                j = _span(addrs, i, lead, want, limit, cap, gap_bytes, &end)
+                if j > i + 1 and end - (addrs[i] + lead) > size_staging:
+                    size_staging = end - (addrs[i] + lead)
+                i = j
+    staging = <char*>malloc(<size_t>size_staging)
     if staging == NULL:
         raise MemoryError()
     dst = <char*>&o[0]
@@ -176,20 +278,54 @@ def read_tiles(int fd, const int64_t[::1] addrs, int64_t skip, int nr, out,
         dstr[d + 1] = estride[d]
     try:
         with nogil:
-            for i in range(n):
+            i = 0
+            while i < n:
                 if addrs[i] < 0:
+                    i += 1
                     continue
-                got = _read_full(fd, staging, want, addrs[i] + skip * tile_bytes)
-                if got != want:
+                if addrs[i] > limit:
                     bad = i
+                    got = 0
                     break
-                size[0] = nr
-                for d in range(nd - 1):
-                    size[d + 1] = crop[i, d]
-                inner = crop[i, nd - 1] * itemsize
-                _copy_crop(staging, dst + dst_off[i], nd + 1, size, sstr, dstr, inner)
+                start = addrs[i] + lead
+                j = _span(addrs, i, lead, want, limit, cap, gap_bytes, &end)
+                if j > i + 1:
+                    ncalls += 1
+                    nbytes += end - start
+                    if end - start > largest:
+                        largest = end - start
+                    got = _read_full(fd, staging, end - start, start)
+                    if got == end - start:
+                        for k in range(i, j):
+                            if addrs[k] >= 0:
+                                _put_tile(staging + (addrs[k] + lead - start), dst + dst_off[k],
+                                          nd, nr, itemsize, crop, k, size, sstr, dstr)
+                        i = j
+                        continue
+                # one chunk, or a span read short: chunk by chunk
+                for k in range(i, j):
+                    if addrs[k] < 0:
+                        continue
+                    ncalls += 1
+                    nbytes += want
+                    if want > largest:
+                        largest = want
+                    got = _read_full(fd, staging, want, addrs[k] + lead)
+                    if got != want:
+                        bad = k
+                        break
+                    _put_tile(staging, dst + dst_off[k], nd, nr, itemsize, crop, k, size,
+                              sstr, dstr)
+                if bad >= 0:
+                    break
+                i = j
     finally:
         free(staging)
+        if counts is not None:
+            counts[0] += ncalls
+            counts[1] += nbytes
+            if largest > counts[2]:
+                counts[2] = largest
     if bad >= 0:
         return (int(bad), int(want), int(got))
     return (-1, 0, 0)

@@ -20,7 +20,11 @@ Reading strategy per dataset (decided once, when first used):
     chunks of the block in one call of the compiled core
     (:mod:`kbstream.replay._chunkio`) without the GIL, the chunks shared out
     over :data:`READ_THREADS` threads; no HDF5 chunk cache or selection
-    machinery.
+    machinery.  Chunks whose wanted bytes lie next to each other in the file
+    (HDF5 allocates chunks in the order they are first written, so the chunks
+    of a row block usually follow each other) are read together, one
+    ``pread`` per span of up to :data:`COALESCE_SPAN_BYTES` with gaps of at
+    most :data:`COALESCE_GAP_BYTES`.
 ``filtered``
     Chunked datasets compressed with deflate (gzip), with or without the
     shuffle filter: the raw chunk bytes are read at their offsets, inflated
@@ -60,7 +64,8 @@ from . import _chunkio
 from ._h5 import h5py as _h5py
 from .errors import RunFileError, TruncatedFileError
 
-__all__ = ["SMALL_DATASET_BYTES", "READ_THREADS", "DECODED_BLOCK_BYTES"]
+__all__ = ["SMALL_DATASET_BYTES", "READ_THREADS", "DECODED_BLOCK_BYTES", "COALESCE_SPAN_BYTES",
+           "COALESCE_GAP_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +74,22 @@ SMALL_DATASET_BYTES = 8 << 20
 
 #: Threads that read (and decode) the chunks of one row block together: the calling
 #: thread plus ``READ_THREADS - 1`` of a pool shared by every dataset.  Each holds one
-#: staging buffer of one chunk's rows (``tiles``) or one decoded chunk (``filtered``)
-#: while it works, so the memory of a read stays bounded by the slots of the prefetch
-#: depth plus ``READ_THREADS`` chunks.
+#: staging buffer of one chunk's rows or :data:`COALESCE_SPAN_BYTES` (``tiles``) or one
+#: decoded chunk (``filtered``) while it works, so the memory of a read stays bounded by
+#: the slots of the prefetch depth plus ``READ_THREADS`` such buffers.
 READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+#: ``tiles``: the largest span of the file read by one ``pread`` for several chunks
+#: (the staging buffer of each reader thread; 0: one ``pread`` per chunk).  A span
+#: holds at most twice the bytes wanted from its chunks.  Small enough for the span to
+#: stay in the CPU's cache until its chunks are put in place (measured on 16 MiB of
+#: 32 KiB chunks: 256 KiB cost less than 64 KiB, 1 MiB or 4 MiB spans).
+COALESCE_SPAN_BYTES = 256 << 10
+
+#: ``tiles``: the largest gap between the wanted bytes of two chunks read in one span.
+#: Reading a gap costs the kernel's copy of its bytes; a ``pread`` call costs about as
+#: much as copying 8-16 KiB, so larger gaps are cheaper read apart.
+COALESCE_GAP_BYTES = 8 << 10
 
 #: Largest decoded row block (all chunks of ``c0`` rows) a ``filtered`` dataset keeps
 #: for its next rows; larger blocks are decoded again for every read.
@@ -305,8 +322,9 @@ class _Dataset:
         self._chunk_bytes = self.chunks[0] * self._tile_bytes
 
     def _block_locations(self, k):
-        """``(file offsets, [(offset, size, filter mask) or None])`` of the chunks of row
-        block ``k`` in tile order (offset -1 / None: never written)."""
+        """``(file offsets, [(offset, size, filter mask) or None], order)`` of the chunks
+        of row block ``k`` in tile order (offset -1 / None: never written); ``order``
+        puts the tiles in the order of their offsets (None: they are in it already)."""
         cache = self._block_addr_cache
         got = cache.get(k)
         if got is None:
@@ -314,9 +332,12 @@ class _Dataset:
             ndim = len(self.chunks) - 1
             locs = [cmap.get((k,) + starts[:ndim]) for starts, _ in self._tile_list]
             addrs = np.array([-1 if loc is None else loc[0] for loc in locs], np.int64)
+            order = None
+            if len(addrs) > 1 and (addrs[1:] < addrs[:-1]).any():
+                order = np.argsort(addrs, kind="stable")
             if len(cache) > 4096:
                 cache.clear()
-            got = cache[k] = (addrs, locs)
+            got = cache[k] = (addrs, locs, order)
         return got
 
     def _fill_tile(self, rows, i):
@@ -346,10 +367,12 @@ class _Dataset:
         A chunk holds ``c0`` consecutive rows (trains) of one tile; the rows wanted from it
         are contiguous bytes in the chunk, so one ``pread`` per chunk reads exactly them
         (the kernel copies from the page cache: no page faults, no other trains' bytes)
-        into a staging buffer of one chunk, and the crop is copied in place while the
-        staging buffer is still in the CPU's cache.  All chunks of the row block go to
-        :func:`kbstream.replay._chunkio.read_tiles` in :data:`READ_THREADS` parts, each
-        without the GIL.
+        into a staging buffer, and the crop is copied in place while the staging buffer
+        is still in the CPU's cache.  Chunks whose wanted bytes are (nearly) adjacent in
+        the file are read by one ``pread`` of their span (see :data:`COALESCE_SPAN_BYTES`).
+        All chunks of the row block, in the order of their file offsets, go to
+        :func:`kbstream.replay._chunkio.read_tiles` in :data:`READ_THREADS` parts (each a
+        stretch of the file), each without the GIL.
         """
         if not out.flags.c_contiguous:  # pragma: no cover - slots are always contiguous
             self.ds.read_direct(out, np.s_[first:first + count])
@@ -369,17 +392,23 @@ class _Dataset:
             nr = stop - r
             skip = r - k
             dest = flat[(r - first) * rb:(stop - first) * rb]
-            addrs, _ = self._block_locations(k)
+            addrs, _, order = self._block_locations(k)
+            if order is None:
+                saddrs, soff, scrop = addrs, off, crop
+            else:
+                saddrs, soff, scrop = addrs[order], off[order], crop[order]
 
-            def part(a, b, addrs=addrs, skip=skip, nr=nr, dest=dest):
-                i, want, got = _chunkio.read_tiles(fd, addrs[a:b], skip, nr, dest, tile,
-                                                   entry, item, off[a:b], crop[a:b])
+            def part(a, b, saddrs=saddrs, soff=soff, scrop=scrop, skip=skip, nr=nr,
+                     dest=dest):
+                i, want, got = _chunkio.read_tiles(fd, saddrs[a:b], skip, nr, dest, tile,
+                                                   entry, item, soff[a:b], scrop[a:b],
+                                                   COALESCE_SPAN_BYTES, COALESCE_GAP_BYTES)
                 return None if i < 0 else (a + i, want, got)
 
             for bad in _spread(part, ntiles):
                 if bad is not None:
                     i, want, got = bad
-                    raise self._truncated(int(addrs[i]) + skip * self._tile_bytes, want, got)
+                    raise self._truncated(int(saddrs[i]) + skip * self._tile_bytes, want, got)
             if (addrs < 0).any():  # never written: the fill value
                 rows = out[r - first:stop - first]
                 for i in np.flatnonzero(addrs < 0):
@@ -454,7 +483,7 @@ class _Dataset:
             skip = r - k
             rows = out[r - first:stop - first]
             dest = flat[(r - first) * rb:(stop - first) * rb]
-            _, locs = self._block_locations(k)
+            _, locs, _ = self._block_locations(k)
             cached = self._decoded
             decoded = cached[1] if cached is not None and cached[0] == k else None
             fresh = [None] * ntiles if decoded is None and keep else None
