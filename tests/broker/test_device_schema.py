@@ -293,6 +293,8 @@ def test_output_information_carries_the_data_schema(published):
 
 
 def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
+    from kbstream.broker.device_view import MAX_CONNECTED_OUTPUTS
+
     inst, inp = published
     view = inst.device_view
     view._slot_reconfigure(Hash("input.connectedOutputChannels", ["a:out", "b:out"]))
@@ -311,7 +313,13 @@ def test_reconfigure_rewires_an_input_and_refuses_the_rest(published):
                        (Hash("input.connectedOutputChannels", ["no-colon"]),
                         "not '<instanceId>:<channel>'"),
                        (Hash("input.connectedOutputChannels", ["x:y"], "deviceId", "z"),
-                        "not reconfigurable")):
+                        "not reconfigurable"),
+                       # a scalar instead of a list, and a list that would open a
+                       # connection (and a thread) per entry without a bound
+                       (Hash("input.connectedOutputChannels", 7), "must be a list of strings"),
+                       (Hash("input.connectedOutputChannels",
+                             [f"d{i}:out" for i in range(MAX_CONNECTED_OUTPUTS + 1)]),
+                        f"at most {MAX_CONNECTED_OUTPUTS}")):
         with pytest.raises(ReconfigureError, match=match):
             view._slot_reconfigure(bad)
     assert inp.calls == []  # a refused request changes nothing

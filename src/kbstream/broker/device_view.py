@@ -42,6 +42,10 @@ log = logging.getLogger("kbstream.broker")
 #: Karabo's ``accessMode`` of a read-only property.
 READ_ONLY = 2
 
+#: Most outputs one ``slotReconfigure`` may connect an input to: every output is a
+#: connection with its own thread, and any peer on the broker may send the request.
+MAX_CONNECTED_OUTPUTS = 256
+
 
 class Leaf(NamedTuple):
     """A property: its ``path`` in the configuration, ``value`` and Karabo ``type``, the
@@ -202,9 +206,13 @@ class DeviceView:
             head, _, key = path.rpartition(".")
             if head in inputs and key == "connectedOutputChannels":
                 value = changes[path]
-                if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                     raise ReconfigureError(f'"{path}" must be a list of strings '
                                            f'"<instanceId>:<channel>"')
+                if len(value) > MAX_CONNECTED_OUTPUTS:
+                    raise ReconfigureError(f'"{path}" lists {len(value)} outputs; at most '
+                                           f"{MAX_CONNECTED_OUTPUTS} (each is a connection "
+                                           f"and a thread)")
                 plan.append((head, path, [str(v) for v in value]))
                 continue
             if path in self.configuration():
