@@ -287,3 +287,44 @@ def test_slow_values_take_the_bridge_form():
     assert d["image.data"].shape == (3, 4)
     assert (d["vec"] == np.arange(5)).all()
     assert d["vec.timestamp.tid"] == 7 and back_meta["DEV"]["timestamp.tid"] == 8
+
+
+def test_karabo_output_counts_every_train_pushed_even_at_close():
+    """The matcher's Karabo output drops the oldest queued train when the channel is slow
+    and counts it; trains still queued when it closes are counted too: written +
+    dropped == pushed, nothing vanishes."""
+    import threading
+
+    from kbstream.matcher.karabo import KaraboOutput
+
+    class SlowChannel:
+        channel_id = "kbMatcher:output"
+
+        def __init__(self):
+            self.entered = threading.Event()
+            self.items = []
+
+        def start(self):
+            return self
+
+        def close(self):
+            pass
+
+        def write(self, data, meta):
+            self.items.append(data)
+
+        def update(self, timeout=None):
+            self.entered.set()
+            # slow until the output is told to stop: then train 1 completes
+            wait_until(lambda: out._stop, 30, what="close() called")
+
+    channel = SlowChannel()
+    out = KaraboOutput(channel, queue_length=2).start()
+    out.push(1, {"A": {"x": 1}}, {"A": {}})
+    assert channel.entered.wait(30)  # train 1 is in the slow update
+    for tid in range(2, 7):           # 2..6: only two fit in the queue
+        out.push(tid, {"A": {"x": tid}}, {"A": {}})
+    assert out.dropped == 3           # 2, 3, 4 pushed out by 5 and 6
+    out.close()                       # 1 finishes; 5 and 6 are still queued
+    assert out.written == 1
+    assert out.written + out.dropped == 6

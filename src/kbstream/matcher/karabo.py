@@ -137,6 +137,9 @@ class KaraboOutput:
                 while not self._queue and not self._stop:
                     self._cond.wait()
                 if self._stop:
+                    # trains still queued at close are never written: counted, not lost
+                    self.dropped += len(self._queue)
+                    self._queue.clear()
                     return
                 tid, data, metadata = self._queue.popleft()
             try:
@@ -147,13 +150,15 @@ class KaraboOutput:
                                    int(meta.get("timestamp.frac", 0)), int(tid))
                     self.channel.write(h, _meta(name, ts))
                 self.channel.update(timeout=self.update_timeout)
-                self.written += 1
+                outcome = "written"
             except KbStreamError as e:
-                self.dropped += 1
+                outcome = "dropped"
                 log.warning("%s: train %d not written: %s", self.channel.channel_id, tid, e)
             except Exception:
-                self.dropped += 1
+                outcome = "dropped"
                 log.exception("%s: train %d not written", self.channel.channel_id, tid)
+            with self._cond:  # push() counts under the same lock
+                setattr(self, outcome, getattr(self, outcome) + 1)
 
 
 _TS_FIELDS = (".timestamp", ".timestamp.sec", ".timestamp.frac", ".timestamp.tid")
