@@ -20,7 +20,7 @@ DEFAULT_BYTES_PER_OBJECT)`` -- :func:`object_limit`, :func:`set_object_limit`,
 docs/safety-kbhash.md.
 """
 
-from ._types import Encoding, HashType
+from ._types import NDARRAY_DTYPE, Encoding, HashType, dtype_type
 from ._infer import infer_type
 from ._values import (
     DEFAULT_BYTES_PER_OBJECT,
@@ -78,6 +78,8 @@ __all__ = [
     "decode_prefix",
     "bufferset_layout",
     "infer_type",
+    "NDARRAY_DTYPE",
+    "dtype_type",
     "MAX_DEPTH",
     "object_limit",
     "set_object_limit",

@@ -12,8 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kbhash import Hash, HashType, ImageData
-from kbhash._types import NDARRAY_DTYPE, dtype_type
+from kbhash import NDARRAY_DTYPE, Hash, HashType, ImageData, dtype_type
 
 from .errors import SchemaError
 
