@@ -28,16 +28,6 @@ from broker_stack import stop_process, wait_until
 REPO = Path(__file__).resolve().parents[2]
 
 
-def require(ok: bool, reason: str):
-    """Fail under CI, skip (with the reason, listed by ``-ra``) otherwise (as the broker
-    tests' conftest does)."""
-    if ok:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the interop tests must run)", pytrace=False)
-    pytest.skip(f"SKIPPED LOUDLY: {reason}")
-
-
 def side_bin(python: str, program: str) -> str:
     """``program`` next to the side interpreter (the venv's console scripts)."""
     return str(Path(python).parent / program)

@@ -21,7 +21,7 @@ from kbstream.broker import BrokerInstance, RemoteError
 from kbstream.pipeline import DataSchema, InputChannel, OutputChannel
 from kbstream.pipeline.schema import Image, Vector
 
-from broker_stack import wait_until
+from broker_stack import wait_until, wait_ready
 
 pytestmark = pytest.mark.karabo
 
@@ -56,12 +56,8 @@ def instances(broker_env):
 
 
 def wait_online(inst, iid, timeout=60):
-    def ping():
-        try:
-            return inst.request(iid, "slotPing", 1, timeout=1.0)
-        except Exception:
-            return None
-    return wait_until(ping, timeout, interval=0.2, what=f"{iid} online")
+    """Until ``iid`` answers and has left state INIT (broker_stack.wait_ready)."""
+    return wait_ready(inst, iid, timeout)
 
 
 def test_device_client_sees_kbstream_output_and_server_like_cpp(instances, cpp_server,

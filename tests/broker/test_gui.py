@@ -26,7 +26,8 @@ import pytest
 from kbhash import ImageData, Timestamp
 
 from broker_stack import free_port, stop_process, wait_port
-from mdl_stack import REPO, require
+from broker_stack import require
+from mdl_stack import REPO
 
 pytestmark = pytest.mark.karabo
 
