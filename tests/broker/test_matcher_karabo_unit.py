@@ -12,7 +12,8 @@ from kbhash import Hash, HashType, Timestamp
 
 from kbstream.broker import BrokerInstance
 from kbstream.matcher import SourceSpecError
-from kbstream.matcher.karabo import KaraboMatcher, property_key, split_sources, wants_broker
+from kbstream.matcher.cli import wants_broker
+from kbstream.matcher.karabo import KaraboMatcher, property_key, split_sources
 from kbstream.matcher.slow import HISTORY, SlowData, is_slow_source, parse_slow_source
 
 from broker_stack import wait_until

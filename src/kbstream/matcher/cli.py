@@ -169,28 +169,65 @@ def watch(matcher, args, done):
             live.stop()
 
 
+def wants_broker(args):
+    """True when ``kbstream-bridge`` needs the broker: a broker option, a slow source, or
+    a fast source without ``=HOST:PORT``."""
+    from .slow import is_slow_source
+
+    if args.broker or args.topic or args.instance_id or args.karabo_output:
+        return True
+    return any(is_slow_source(s) or "=" not in s for s in args.sources)
+
+
+def _build(args):
+    """``(matcher, outputs)`` from the command line: a :class:`TrainMatcher`, or a
+    :class:`KaraboMatcher` when the broker is needed (:func:`wants_broker`)."""
+    from .matcher import TrainMatcher, parse_output
+
+    outputs = [(ep, sock, {"report_missing": missing})
+               for ep, sock, missing in (parse_output(p, args.sock) for p in (args.port or ["4545"]))]
+    options = dict(mode=args.mode, buffer=args.buffer, max_wait=args.max_wait,
+                   protocol_version=args.protocol_version, offsets=dict(args.offset),
+                   use_infiniband=args.use_infiniband,
+                   append_detector_modules=args.append_detector_modules,
+                   input_options={"onSlowness": args.on_slowness}, when_full=args.when_full)
+    if not wants_broker(args):
+        return TrainMatcher(args.sources, outputs, **options), outputs
+    from .karabo import KaraboMatcher, default_instance_id
+
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    return KaraboMatcher(args.sources, outputs, instance_id=args.instance_id or default_instance_id(),
+                         broker=args.broker, topic=args.topic, karabo_output=args.karabo_output,
+                         broker_options={"exit_on_sigterm": False}, **options), outputs
+
+
+def _start_error(matcher, e):
+    """The message for a matcher that could not start; a broker that cannot be reached
+    names the sources that needed it."""
+    from ..broker import BrokerConnectionError
+
+    text = f"kbstream-bridge: {e}"
+    if isinstance(e, BrokerConnectionError):
+        unresolved = [s.name for s in matcher.specs if s.host is None] + matcher.slow.names()
+        if unresolved:
+            text += (f"; {'each of ' if len(unresolved) > 1 else ''}"
+                     f"{', '.join(map(repr, unresolved))} has no endpoint (=HOST:PORT) and is "
+                     "found through the broker")
+    return text
+
+
 def main(argv=None):
-    """Run the matcher until SIGINT / SIGTERM; returns the exit status (2: bad arguments)."""
+    """Run the matcher until SIGINT / SIGTERM; returns the exit status (2: bad arguments,
+    or a matcher that cannot start, e.g. no broker reachable)."""
+    from ..errors import KbStreamError
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.interval <= 0:
         print("kbstream-bridge: --interval must be > 0", file=sys.stderr)
         return 2
-    from .karabo import main_karabo, wants_broker
-
-    if wants_broker(args):  # Karabo broker side
-        return main_karabo(args)
-    from ..errors import KbStreamError
-    from .matcher import TrainMatcher, parse_output
-
     try:
-        outputs = [parse_output(p, args.sock) for p in (args.port or ["4545"])]
-        outputs = [(ep, sock, {"report_missing": missing}) for ep, sock, missing in outputs]
-        matcher = TrainMatcher(args.sources, outputs, mode=args.mode, buffer=args.buffer,
-                               max_wait=args.max_wait, protocol_version=args.protocol_version,
-                               offsets=dict(args.offset), use_infiniband=args.use_infiniband,
-                               append_detector_modules=args.append_detector_modules,
-                               input_options={"onSlowness": args.on_slowness}, when_full=args.when_full)
+        matcher, outputs = _build(args)
     except (MatcherError, KbStreamError) as e:
         print(f"kbstream-bridge: {e}", file=sys.stderr)
         return 2
@@ -201,11 +238,23 @@ def main(argv=None):
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with matcher:
+        try:
+            matcher.start()
+        except KbStreamError as e:
+            print(_start_error(matcher, e), file=sys.stderr)
+            matcher.close()
+            return 2
+        try:
             outs = ", ".join(f"{ep} ({sock})" for ep, (_, sock, _) in zip(matcher.endpoints, outputs))
+            where = ""
+            if hasattr(matcher, "instance_id"):
+                where = (f", {len(matcher.slow.names())} slow; Karabo instance "
+                         f"{matcher.instance_id!r} on topic {matcher.instance.config.topic!r}")
             print(f"kbstream-bridge: {len(matcher.specs)} sources, {args.mode} mode, serving on "
-                  f"{outs}", flush=True)
+                  f"{outs}{where}", flush=True)
             watch(matcher, args, done)
+        finally:
+            matcher.close()
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -39,7 +39,7 @@ from collections import deque
 from kbhash import Hash, HashType, Timestamp
 
 from .._lifecycle import Lifecycle
-from ..broker import BrokerConnectionError, BrokerInstance
+from ..broker import BrokerInstance
 from ..broker.device_view import Leaf
 from ..errors import KbStreamError
 from ..pipeline import ConnectionStatus, OutputChannel
@@ -449,102 +449,7 @@ class KaraboMatcher(Lifecycle):
 # ---------------------------------------------------------------- command line
 
 
-def wants_broker(args):
-    """True when ``kbstream-bridge`` needs the broker: a broker option, a slow source, or
-    a fast source without ``=HOST:PORT``."""
-    if args.broker or args.topic or args.instance_id or args.karabo_output:
-        return True
-    return any(is_slow_source(s) or "=" not in s for s in args.sources)
-
-
 def default_instance_id():
     """``kbstream-bridge-<host>-<pid>``, with only the characters Karabo allows."""
     text = f"kbstream-bridge-{socket.gethostname().split('.')[0]}-{os.getpid()}"
     return "".join(c if c.isalnum() or c in "_-/" else "_" for c in text)
-
-
-def _matcher_options(args):
-    """``(outputs, TrainMatcher options)`` from the command line: the bridge outputs
-    (one ``--port``, or several with their socket types when the command takes
-    ``--port`` more than once) and the options of the command that the matcher has."""
-    from . import matcher as m
-
-    ports = args.port if isinstance(args.port, list) else [args.port or "4545"]
-    parse_output = getattr(m, "parse_output", None)
-    if parse_output is None:
-        outputs = [(p, args.sock) for p in ports]
-    else:
-        outputs = [(ep, sock, {"report_missing": missing})
-                   for ep, sock, missing in (parse_output(p, args.sock) for p in ports)]
-    options = {}
-    if getattr(args, "offset", None):
-        options["offsets"] = dict(args.offset)
-    if getattr(args, "on_slowness", None):
-        options["input_options"] = {"onSlowness": args.on_slowness}
-    for name in ("use_infiniband", "append_detector_modules", "when_full"):
-        if hasattr(args, name):
-            options[name] = getattr(args, name)
-    return outputs, options
-
-
-def main_karabo(args):
-    """``kbstream-bridge`` with the broker (called by :func:`kbstream.matcher.cli.main`):
-    run until SIGINT / SIGTERM, then close the inputs, publish the last statistics, leave
-    the broker, write ``--stats`` and print the summary.  Returns the exit status."""
-    import json
-    import signal
-    import sys
-
-    from .cli import summary
-
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
-    try:
-        outputs, options = _matcher_options(args)
-        km = KaraboMatcher(args.sources, outputs, mode=args.mode,
-                           buffer=args.buffer, max_wait=args.max_wait,
-                           protocol_version=args.protocol_version,
-                           instance_id=args.instance_id or default_instance_id(),
-                           broker=args.broker, topic=args.topic,
-                           karabo_output=args.karabo_output,
-                           broker_options={"exit_on_sigterm": False}, **options)
-    except KbStreamError as e:
-        print(f"kbstream-bridge: {e}", file=sys.stderr)
-        return 2
-    done = threading.Event()
-
-    def on_signal(signum, frame):
-        done.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            km.start()
-        except BrokerConnectionError as e:
-            unresolved = [s.name for s in km.specs if s.host is None] + km.slow.names()
-            print(f"kbstream-bridge: {e}" + (
-                f"; {'each of ' if len(unresolved) > 1 else ''}{', '.join(map(repr, unresolved))} "
-                "has no endpoint (=HOST:PORT) and is found through the broker"
-                if unresolved else ""), file=sys.stderr)
-            return 2
-        except KbStreamError as e:
-            print(f"kbstream-bridge: {e}", file=sys.stderr)
-            return 2
-        try:
-            print(f"kbstream-bridge: {len(km.specs)} sources, {len(km.slow.names())} slow, "
-                  f"{args.mode} mode, serving on {km.endpoints[0]} ({args.sock}), Karabo "
-                  f"instance {km.instance_id!r} on topic {km.instance.config.topic!r}",
-                  flush=True)
-            from .cli import watch
-
-            watch(km, args, done)
-        finally:
-            km.close()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    stats = km.stats()
-    if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(stats, f, indent=1)
-    print(summary(stats), flush=True)
-    return 0
