@@ -262,7 +262,7 @@ def kbpeer_output(instance):
     out.close()
 
 
-@pytest.mark.parametrize("end", ["ntrains", "sigint"])
+@pytest.mark.parametrize("end", ["ntrains", "sigint", "sigterm"])
 def test_kbstream_monitor_cli_prints_items_of_an_output_found_by_name(
         rabbitmq, topic, broker_env, kbpeer_output, instance, end):
     out = kbpeer_output
@@ -279,16 +279,17 @@ def test_kbstream_monitor_cli_prints_items_of_an_output_found_by_name(
         out.wait_for_inputs(copy=["kbCliMon:kbPeer:output"], timeout=30)
         for i in (1, 2, 3):
             _send(out, "kbCliMon:kbPeer:output", i)
-        if end == "sigint":
+        if end in ("sigint", "sigterm"):
             wait_until(lambda: out.stats()["kbCliMon:kbPeer:output"]["sent"] >= 3, 10,
                        what="3 items sent")
             early = _wait_line(proc.stdout, "tid 1003", 30)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT if end == "sigint" else signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, stderr
-    # with SIGINT the first lines were read while waiting for the third item
+    # with a signal the first lines were read while waiting for the third item;
+    # the summary comes last for SIGTERM as for Ctrl-C
     lines = [ln for ln in "".join(early + [stdout]).splitlines() if ln]
     assert len(lines) == 4, lines
     tids = [int(LINE.match(ln).group(1)) for ln in lines[:3]]

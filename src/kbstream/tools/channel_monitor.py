@@ -22,6 +22,7 @@ import collections
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -224,13 +225,18 @@ def _run(args, out):
               flush=True)
 
     try:
+        # SIGTERM ends the loop below as Ctrl-C does (the summary still comes last)
         inst = BrokerInstance(own_id, broker=args.broker, topic=args.topic,
-                              instance_type="client", heartbeat_interval=120)
+                              instance_type="client", heartbeat_interval=120,
+                              exit_on_sigterm=False)
         inst.start()
     except KbStreamError as e:
         print(f"kbstream monitor: {e}", file=sys.stderr)
         return 2
     rc = 0
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: printer.done.set())
     try:
         inst.register_channel_monitor(args.channel, data_handler=printer.item,
                                       status_tracker=status)
@@ -260,6 +266,8 @@ def _run(args, out):
     finally:
         printer.done.set()  # no line after the summary
         inst.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(printer.summary(args.channel), file=out, flush=True)
     return rc
 
