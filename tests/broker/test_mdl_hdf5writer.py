@@ -39,9 +39,14 @@ class TimeServer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def current_tid(self, now=None):
+        """The train id of the time ``now`` (default: this moment), as the ticks count."""
+        now = time.time() if now is None else now
+        return self.first_tid + int((now - self.t0) * 1e6 // PERIOD_US)
+
     def tick(self):
         now = time.time()
-        tid = self.first_tid + int((now - self.t0) * 1e6 // PERIOD_US)
+        tid = self.current_tid(now)
         sec = int(now)
         frac = int(round((now - sec) * 1e18))
         u64 = HashType.UINT64
@@ -125,12 +130,18 @@ def test_hdf5writer_records_kbstream_ndarray_and_extra_data_reads_it(broker_env,
                    what="Hdf5Writer acquiring")
         assert config(probe, w, "state") == "ACQUIRING", config(probe, w, "status")
 
-        # one item every 3 train periods: each lands in a train of its own
+        # each item in a train of its own: after an item went out, wait until the clock
+        # is two trains further before the next (its timestamp then falls in a later
+        # train however slow the machine is)
         n = 5
+
+        def next_train_after(tid):
+            wait_until(lambda: clock.current_tid() >= tid + 2, 60, interval=0.01,
+                       what=f"train {tid + 2}")
+
         for i in range(1, n + 1):
             _send(out, input_id, item(i))
-            time.sleep(3 * PERIOD_US / 1e6)
-        time.sleep(3 * PERIOD_US / 1e6)
+            next_train_after(clock.current_tid())
 
         probe.request(w, "monitor", timeout=60)  # ends the run at the current train
         wait_until(state_is(probe, w, "MONITORING", "ERROR"), 60, interval=0.5,
