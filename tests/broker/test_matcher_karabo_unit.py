@@ -294,7 +294,6 @@ def test_karabo_output_counts_every_train_pushed_even_at_close():
     """The matcher's Karabo output drops the oldest queued train when the channel is slow
     and counts it; trains still queued when it closes are counted too: written +
     dropped == pushed, nothing vanishes."""
-    import threading
 
     from kbstream.matcher.karabo import KaraboOutput
 

@@ -30,17 +30,15 @@ import logging
 import threading
 import time
 
-from kbhash import Hash, HashType
+from kbhash import Hash
 
-from .errors import BrokerError, MessageError, NotStartedError, RemoteError, RequestTimeout
+from .errors import BrokerError, NotStartedError, RequestTimeout
 from .protocol import split_output_id, validate_instance_id
-from .resolver import resolve_host
+from .resolver import SLOT, connection_details, info_request
 
 __all__ = ["ChannelMonitor", "ChannelMonitors", "monitor_name", "DEFAULT_CONFIG"]
 
 log = logging.getLogger("kbstream.broker.monitors")
-
-SLOT = "slotGetOutputChannelInformation"
 
 #: Karabo's defaults for a channel monitor's input (DeviceClient.registerChannelMonitor).
 DEFAULT_CONFIG = {"dataDistribution": "copy", "onSlowness": "drop", "maxQueueLength": 2,
@@ -212,10 +210,7 @@ class ChannelMonitor:
     def _ask(self):
         """The reply values of ``slotGetOutputChannelInformation``; asks again (at most a few
         times) when the output's instance announces itself meanwhile."""
-        arg = Hash()
-        arg.set("channelId", self.channel, type=HashType.STRING)
-        arg.set("processId", self._owner.pid & 0x7FFFFFFF, type=HashType.INT32)
-        arg.set("hostname", self._owner.hostname, type=HashType.STRING)
+        arg = info_request(self.channel, self._owner.pid, self._owner.hostname)
         for _ in range(4):
             if self._stop.is_set():
                 raise _Stopped()
@@ -246,37 +241,7 @@ class ChannelMonitor:
 
     def _details(self, reply):
         """The input's connection info from the reply, or a typed error."""
-        iid, where = self.instance_id, f"{self.instance_id}.{SLOT}"
-        a1 = reply[0] if reply else None
-        if not isinstance(a1, Hash):
-            raise MessageError(f"{where} answered {type(a1).__name__}, not a Hash")
-        success = a1.get("success")
-        if success is False:
-            raise RemoteError(f"{iid} has no output channel {self.channel!r}", iid, SLOT,
-                              "no such output channel")
-        if success is not True:
-            raise MessageError(f"{where} answered success={success!r}, not a BOOL")
-        info = a1.get("info")
-        if not isinstance(info, Hash):
-            raise MessageError(f"{where} answered info={info!r}, not a Hash")
-        kind = info.get("connectionType", "tcp")
-        if kind != "tcp":
-            raise MessageError(f"{where}: connectionType {kind!r} is not supported (only tcp)")
-        port = info.get("port")
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise MessageError(f"{where}: bad port {port!r}")
-        host = info.get("hostname")
-        address = resolve_host(host, own_hostname=self._owner.hostname) \
-            if isinstance(host, str) else None
-        if address is None:
-            raise MessageError(f"{where}: cannot resolve the output's host {host!r}")
-        out = Hash()
-        out.set("connectionType", "tcp", type=HashType.STRING)
-        out.set("hostname", address, type=HashType.STRING)
-        out.set("port", port, type=HashType.UINT32)
-        out.set("memoryLocation", "remote", type=HashType.STRING)
-        out.set("outputChannelString", self.name, type=HashType.STRING)
-        return out
+        return connection_details(reply[0] if reply else None, self.name, self._owner.hostname)
 
 
 class ChannelMonitors:

@@ -24,7 +24,7 @@ import threading
 
 from kbhash import Hash, HashType
 
-from .errors import BrokerError, InvalidOutputId, RemoteError, RequestTimeout
+from .errors import BrokerError, InvalidOutputId, MessageError, RemoteError, RequestTimeout
 from .protocol import split_output_id
 
 __all__ = ["OutputResolver", "resolve_host", "split_output_id"]
@@ -67,6 +67,66 @@ class _Renewed(Exception):
     """Internal: a pending request is re-sent because its target announced itself."""
 
 
+SLOT = "slotGetOutputChannelInformation"
+
+
+def info_request(channel, pid, hostname) -> Hash:
+    """The argument of ``slotGetOutputChannelInformation`` for output ``channel``, asked by
+    process ``pid`` on ``hostname`` (Karabo's field names and types)."""
+    arg = Hash()
+    arg.set("channelId", channel, type=HashType.STRING)
+    arg.set("processId", pid & 0x7FFFFFFF, type=HashType.INT32)
+    arg.set("hostname", hostname, type=HashType.STRING)
+    return arg
+
+
+def connection_details(a1, output_id, own_hostname) -> Hash:
+    """The connection info an input needs, from the reply ``a1`` (``{success, info}``) of
+    ``slotGetOutputChannelInformation`` for ``output_id``: ``connectionType`` tcp,
+    ``hostname`` (resolved to an address), ``port`` (UINT32), ``memoryLocation`` remote,
+    ``outputChannelString``.
+
+    Raises
+    ------
+    RemoteError
+        The instance has no such output channel (``success`` False).
+    MessageError
+        Anything else that is not a usable answer: not a Hash, ``success`` not a BOOL,
+        no ``info`` Hash, a connection type other than tcp, a bad port, a host that does
+        not resolve.
+    """
+    iid, channel = split_output_id(output_id)
+    where = f"{iid}.{SLOT}"
+    if not isinstance(a1, Hash):
+        raise MessageError(f"{where} answered {type(a1).__name__}, not a Hash")
+    success = a1.get("success")
+    if success is False:
+        raise RemoteError(f"{iid} has no output channel {channel!r}", iid, SLOT,
+                          "no such output channel")
+    if success is not True:
+        raise MessageError(f"{where} answered success={success!r}, not a BOOL")
+    info = a1.get("info")
+    if not isinstance(info, Hash):
+        raise MessageError(f"{where} answered info={info!r}, not a Hash")
+    kind = info.get("connectionType", "tcp")
+    if kind != "tcp":
+        raise MessageError(f"{where}: connectionType {kind!r} is not supported (only tcp)")
+    port = info.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise MessageError(f"{where}: bad port {port!r}")
+    host = info.get("hostname")
+    address = resolve_host(host, own_hostname=own_hostname) if isinstance(host, str) else None
+    if address is None:
+        raise MessageError(f"{where}: cannot resolve the output's host {host!r}")
+    out = Hash()
+    out.set("connectionType", "tcp", type=HashType.STRING)
+    out.set("hostname", address, type=HashType.STRING)
+    out.set("port", int(port), type=HashType.UINT32)
+    out.set("memoryLocation", "remote", type=HashType.STRING)
+    out.set("outputChannelString", output_id, type=HashType.STRING)
+    return out
+
+
 class OutputResolver:
     """``resolver(output_id) -> Hash | None`` on a :class:`BrokerInstance`.
 
@@ -105,10 +165,7 @@ class OutputResolver:
         RequestTimeout, RemoteError, InvalidOutputId, NotStartedError
         """
         iid, channel = split_output_id(output_id)
-        arg = Hash()
-        arg.set("channelId", channel, type=HashType.STRING)
-        arg.set("processId", self.instance.pid & 0x7FFFFFFF, type=HashType.INT32)
-        arg.set("hostname", self.instance.hostname, type=HashType.STRING)
+        arg = info_request(channel, self.instance.pid, self.instance.hostname)
         for _ in range(4):  # at most a few renewals: announcements do not come in storms
             fut = self.instance.request_async(iid, "slotGetOutputChannelInformation", arg,
                                               timeout=self.timeout)
@@ -157,31 +214,8 @@ class OutputResolver:
             log.warning("%s: cannot ask for output %s: %s", self.instance.instance_id,
                         output_id, e)
             return None
-        if a1.get("success") is not True:
-            log.warning("%s: %s has no output channel %r", self.instance.instance_id,
-                        *split_output_id(output_id))
+        try:
+            return connection_details(a1, output_id, self.instance.hostname)
+        except (RemoteError, MessageError) as e:
+            log.warning("%s: %s", self.instance.instance_id, e)
             return None
-        info = a1.get("info")
-        if not isinstance(info, Hash) or info.get("connectionType", "tcp") != "tcp":
-            log.warning("%s: unusable connection info for %s: %r", self.instance.instance_id,
-                        output_id, info)
-            return None
-        port = info.get("port")
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < int(port) < 65536:
-            log.warning("%s: bad port in the connection info of %s: %r",
-                        self.instance.instance_id, output_id, port)
-            return None
-        host = info.get("hostname", "")
-        address = resolve_host(host if isinstance(host, str) else "",
-                               own_hostname=self.instance.hostname)
-        if address is None:
-            log.warning("%s: cannot resolve host %r of output %s", self.instance.instance_id,
-                        host, output_id)
-            return None
-        out = Hash()
-        out.set("connectionType", "tcp", type=HashType.STRING)
-        out.set("hostname", address, type=HashType.STRING)
-        out.set("port", int(port), type=HashType.UINT32)
-        out.set("memoryLocation", "remote", type=HashType.STRING)
-        out.set("outputChannelString", output_id, type=HashType.STRING)
-        return out

@@ -33,7 +33,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections import deque
 
 from kbhash import Hash, HashType, Timestamp
