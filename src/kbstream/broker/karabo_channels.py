@@ -18,11 +18,15 @@ rewire it through ``slotReconfigure``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from kbhash import Hash, HashType, Schema
 
 from ..pipeline.schema import DataSchema
+
+log = logging.getLogger("kbstream.broker.karabo_channels")
 
 __all__ = ["output_parameters", "output_configuration", "input_parameters",
            "input_configuration", "data_parameters", "INIT", "READ", "RECONFIGURABLE"]
@@ -177,7 +181,8 @@ def _connection_rows(source, local_host, local_port):
             rows.append(row)
             read.append(int(st.get("bytes_read", 0)))
             written.append(int(st.get("bytes_written", 0)))
-    except Exception:  # the channel is closing
+    except Exception:  # the channel is closing: an empty table, and a line for debugging
+        log.debug("connections table of an output not available", exc_info=True)
         return [], [], []
     return rows, read, written
 
