@@ -370,3 +370,18 @@ def _tick(driver, tid):
         return config.get_timestamp("doubleProperty").tid == tid
 
     wait_until(stamped, 30, interval=0.05, what=f"kbDev stamping train {tid}")
+
+
+def test_kbstream_bridge_exits_2_when_its_instance_id_is_taken(broker_env, capsys):
+    """docs/matcher-karabo.md: exit status 2 (and a message) for an instance id that is
+    already on the broker, before any source is touched."""
+    from kbstream.matcher.cli import main
+
+    taken = BrokerInstance("kbTakenMatcher", heartbeat_interval=10).start()
+    try:
+        rc = main(["kbNoSuchDevice:output", "--instance-id", "kbTakenMatcher", "--quiet",
+                   "--port", "tcp://127.0.0.1:0"])
+    finally:
+        taken.stop()
+    assert rc == 2
+    assert "kbTakenMatcher" in capsys.readouterr().err
