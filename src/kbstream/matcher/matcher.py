@@ -229,6 +229,12 @@ class _Output:
     def close(self):
         self.monitor.close(linger=0)
         self.sender.close()
+        # the trains still queued stay counted as pending; their arrays (views on the
+        # sources' shared-memory slots) go now, not at a later cyclic garbage collection
+        # (run_args refers back to the matcher)
+        with self.cond:
+            self.queue.clear()
+        self.run_args = None
 
     def next_train(self):
         with self.cond:

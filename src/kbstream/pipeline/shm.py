@@ -572,7 +572,11 @@ class SlotMapper:
                     pass
 
     def close(self):
-        """Close the sockets; mappings stay while arrays use them."""
+        """Close the sockets and drop this side's references to the mappings: a mapping
+        (and its memfd) stays exactly while arrays use it, and goes with the last of them
+        rather than with a later garbage collection of the closed connection."""
         self.closing = True
         _close(self.listener)
         _close(self.peer)
+        self.maps = {}
+        self.held = []
