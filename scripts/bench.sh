@@ -18,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ ! -x .venv-bench/bin/python ]]; then
-    PY312=${KARABO_PY312:-$(PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null || command -v python3.12)}
-    [[ -n "$PY312" ]] || { echo "bench: no Python 3.12 found (pyenv 3.12.1 or python3.12)" >&2; exit 1; }
+    source scripts/python312.sh   # find_python312 (the working directory is the repository)
+    PY312=$(find_python312) || { echo "bench: no working Python 3.12 found (\$KARABO_PY312, pyenv 3.12.1 or python3.12)" >&2; exit 1; }
     "$PY312" -m venv .venv-bench
 fi
 .venv-bench/bin/python -m pip install -q --disable-pip-version-check -U pip "setuptools>=77" wheel

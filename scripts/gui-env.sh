@@ -54,23 +54,7 @@ if [[ -x "$DIR/bin/python" ]] && version=$("$DIR/bin/python" -c "$CHECK" 2>/dev/
 fi
 
 # 3. Python 3.12 and the venv.
-find_python312() {
-    local candidate=""
-    if [[ -n "${KARABO_PY312:-}" ]]; then
-        candidate=$KARABO_PY312
-    elif command -v pyenv >/dev/null 2>&1 &&
-         candidate=$(PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null) &&
-         [[ -n "$candidate" ]]; then
-        :
-    elif command -v python3.12 >/dev/null 2>&1; then
-        candidate=$(command -v python3.12)
-    else
-        return 1
-    fi
-    "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' \
-        >/dev/null 2>&1 || return 1
-    printf '%s\n' "$candidate"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/python312.sh"   # find_python312
 
 if [[ ! -x "$DIR/bin/python" ]]; then
     PY312=$(find_python312) || die "no working Python 3.12 interpreter found (see scripts/karabo-env.sh)"
