@@ -111,3 +111,20 @@ def karabind_client(karabo_python, broker_env, tmp_path):
     for c in clients:
         c.close()
 
+
+@pytest.fixture
+def instances(broker_env):
+    """``make(iid, **kw)``: BrokerInstances on the private broker (not started), stopped
+    after the test in reverse order."""
+    from kbstream.broker import BrokerInstance
+
+    made = []
+
+    def make(iid, **kw):
+        inst = BrokerInstance(iid, **kw)
+        made.append(inst)
+        return inst
+
+    yield make
+    for inst in reversed(made):
+        inst.stop()

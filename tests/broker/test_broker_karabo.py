@@ -64,25 +64,6 @@ def start_all(*instances):
         raise errors[0]
 
 
-def wait_online(inst, iid, timeout=30):
-    """Until ``iid`` answers ``slotPing`` and has left state INIT (broker_stack.wait_ready)."""
-    return wait_ready(inst, iid, timeout)
-
-
-@pytest.fixture
-def instances(broker_env):
-    made = []
-
-    def make(iid, **kw):
-        inst = BrokerInstance(iid, **kw)
-        made.append(inst)
-        return inst
-
-    yield make
-    for inst in reversed(made):
-        inst.stop()
-
-
 # ---- (a) ----------------------------------------------------------------------------------
 
 def test_a_device_client_lists_tracks_and_drops_kbstream(instances, karabind_client):
@@ -119,7 +100,7 @@ def test_c_output_information_from_cpp_device(instances, cpp_server):
     server = cpp_server({"kbDev": PT_DEVICES["kbDev"]})
     peer = instances("kbPeer", heartbeat_interval=10)
     peer.start()
-    wait_online(peer, "kbDev")
+    wait_ready(peer, "kbDev")
 
     a1 = peer.resolver.request_info("kbDev:output")
     assert a1["success"] is True and a1.get_type("success") == HashType.BOOL
@@ -181,7 +162,7 @@ def test_b_cpp_input_asks_after_announcement_and_connects(instances, cpp_server)
         peer.register_slot("slotGetOutputChannelInformation", spy)
         observer = instances("kbObs", heartbeat_interval=10)
         observer.start()
-        wait_online(observer, "kbIn")
+        wait_ready(observer, "kbIn")
         peer.start()  # kbIn asks right after our slotInstanceNew
         conn, _ = lsock.accept()
         with conn:
@@ -213,7 +194,7 @@ def test_b_cpp_input_reads_kbstream_output_by_name(instances, cpp_server, karabi
         peer.add_output_channel("output", out)
         obs = instances("kbObs")
         obs.start()
-        wait_online(obs, "kbIn")
+        wait_ready(obs, "kbIn")
         peer.start()
         out.wait_for_inputs(copy=["kbIn:input"], timeout=20)
         n = 3
@@ -255,7 +236,7 @@ def test_c_kbstream_input_reads_cpp_output_and_reconnects_after_restart(instance
     inp = _input_to_kbdev(p, peer, got, eos)
     try:
         peer.start()
-        wait_online(peer, "kbDev")
+        wait_ready(peer, "kbDev")
         inp.start()
         inp.wait_connected(["kbDev:output"], timeout=20)
         for _ in range(2):
@@ -436,7 +417,7 @@ def test_status_cli_lists_instances_and_outputs(instances, cpp_server, rabbitmq,
     info.set("port", 4321, type=HashType.UINT32)
     peer.add_output_channel("output", info)
     peer.start()
-    wait_online(peer, "kbDev")
+    wait_ready(peer, "kbDev")
     rc = status_main(["--broker", rabbitmq.url, "--topic", topic, "--wait", "1.5",
                       "--channel-info"])
     text = capsys.readouterr().out

@@ -91,11 +91,6 @@ def instance(broker_env):
         i.stop()
 
 
-def wait_online(inst, iid, timeout=30):
-    """Until ``iid`` answers ``slotPing`` and has left state INIT (broker_stack.wait_ready)."""
-    return wait_ready(inst, iid, timeout)
-
-
 def kill_hard(server):
     """SIGKILL the C++ server's process group: no goodbye, sockets closed by the kernel."""
     os.killpg(server.proc.pid, signal.SIGKILL)
@@ -141,7 +136,7 @@ def test_same_items_as_karabind_monitor_also_after_server_restart_and_unregister
         instance, cpp_server, karabind_monitor):
     server = cpp_server(KB_DEV)
     peer = instance("kbMonPy", instance_type="client")
-    wait_online(peer, "kbDev")
+    wait_ready(peer, "kbDev")
     cpp = karabind_monitor("kbMonCpp", "kbDev:output")
     ours, statuses = [], []
 

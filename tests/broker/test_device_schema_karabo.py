@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from kbhash import Hash, HashType
-from kbstream.broker import BrokerInstance, RemoteError
+from kbstream.broker import RemoteError
 from kbstream.pipeline import DataSchema, InputChannel, OutputChannel
 from kbstream.pipeline.schema import Image, Vector
 
@@ -41,25 +41,6 @@ STRUCTURE = ("nodeType", "valueType", "accessMode", "classId", "displayType", "m
              "daqDataType", "defaultValue", "unitSymbol", "metricPrefixSymbol", "assignment")
 
 
-@pytest.fixture
-def instances(broker_env):
-    made = []
-
-    def make(iid, **kw):
-        inst = BrokerInstance(iid, **kw)
-        made.append(inst)
-        return inst
-
-    yield make
-    for inst in reversed(made):
-        inst.stop()
-
-
-def wait_online(inst, iid, timeout=60):
-    """Until ``iid`` answers and has left state INIT (broker_stack.wait_ready)."""
-    return wait_ready(inst, iid, timeout)
-
-
 def test_device_client_sees_kbstream_output_and_server_like_cpp(instances, cpp_server,
                                                                karabind_client):
     cpp_server({"kbDev": KB_DEV,
@@ -69,8 +50,8 @@ def test_device_client_sees_kbstream_output_and_server_like_cpp(instances, cpp_s
     try:
         obs = instances("kbObs")
         obs.start()
-        wait_online(obs, "kbDev")
-        wait_online(obs, "kbIn")
+        wait_ready(obs, "kbDev", 60)
+        wait_ready(obs, "kbIn", 60)
         peer = instances("kbView", heartbeat_interval=10, server="kbViewServer",
                          info_extra={"classId": "KbStreamProbe"})
         peer.add_output_channel("output", out)
@@ -121,7 +102,7 @@ def test_device_client_set_rewires_an_input_and_gets_the_error_reply(instances, 
     cpp_server({"kbDev": KB_DEV})
     obs = instances("kbObs2")
     obs.start()
-    wait_online(obs, "kbDev")
+    wait_ready(obs, "kbDev", 60)
     peer = instances("kbRewire", heartbeat_interval=10)
     inp = InputChannel("kbRewire:input", connectedOutputChannels=["kbDev:output"],
                        resolver=peer.resolver, reconnect_interval=2.0)

@@ -266,17 +266,9 @@ class _Dataset:
         """File bytes ``addr:addr+nbytes`` into ``dest``.  A read past the end of the file
         is short (never a fault): only then is the file's current size looked up, to say
         whether it was truncated, even after it was opened."""
-        fd = self.rf.fd()
-        got = os.preadv(fd, [dest], addr)
+        got = os.preadv(self.rf.fd(), [dest], addr)
         if got != nbytes:
-            size = os.fstat(fd).st_size
-            if addr + nbytes > size:
-                raise TruncatedFileError(
-                    f"{self.rf.path}: {self.name} data at byte {addr}+{nbytes} lies beyond "
-                    f"the end of the file ({size} bytes); the file is truncated", self.rf.path)
-            raise TruncatedFileError(
-                f"{self.rf.path}: short read of {self.name} ({got} of {nbytes} bytes)",
-                self.rf.path)
+            raise self._truncated(addr, nbytes, got)
 
     def _read_rows(self, first, count, out):
         flat = out.reshape(-1).view(np.uint8)
@@ -348,6 +340,8 @@ class _Dataset:
         self.fill(rows[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(starts, sizes))])
 
     def _truncated(self, addr, nbytes, got):
+        """The error for a read of ``nbytes`` at ``addr`` that gave ``got`` (negative: an
+        errno from the compiled core): truncated file, short read or read error."""
         fd = self.rf.fd()
         size = os.fstat(fd).st_size
         if got < 0:
